@@ -1,0 +1,42 @@
+# On a fresh machine: `make bench` runs the main job, `make test` runs the test suite.
+# Both create .venv, install the dependencies and build the package first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MAX_JOBS ?= 2
+export MAX_JOBS
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+BENCH_ARGS ?=
+PYTEST_ARGS ?=
+
+# nvcc from PATH; headers such as cusparse.h come with torch's nvidia wheels.
+NVCC := $(shell command -v nvcc 2>/dev/null)
+ifneq ($(NVCC),)
+export CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(realpath $(NVCC)))
+endif
+
+.PHONY: all venv install test bench clean
+
+all: test
+
+$(VENV)/.deps-installed: requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.deps-installed
+
+install: venv
+	CPATH="$$($(PY) -c 'import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], "cu13", "include"))' 2>/dev/null):$$CPATH" \
+	  $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -m cnnkernels.info
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m pytest benches/bench_ops.py --benchmark-only --benchmark-group-by=group \
+	  --benchmark-columns=median,iqr,min,rounds $(BENCH_ARGS)
+
+clean:
+	rm -rf build *.egg-info cnnkernels/_C*.so .pytest_cache .benchmarks

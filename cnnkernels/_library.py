@@ -1,0 +1,61 @@
+"""Loads the compiled extension cnnkernels._C, which registers every op schema
+(csrc/registration.cpp) and the C++ kernels. When it is missing or broken, it warns
+once and defines the same public schemas from Python, so that the reference and
+Triton backends still work."""
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import torch
+
+# The public schemas as csrc/registration.cpp defines them (a test checks they agree).
+PUBLIC_SCHEMAS = {
+    "conv_bn_act": (
+        "(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
+        "Tensor? running_mean, Tensor? running_var, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups, bool training, float eps, Tensor? residual, "
+        "str activation) -> (Tensor out, Tensor conv_out, Tensor save_mean, Tensor save_var)"
+    ),
+    "conv_bn_act_backward": (
+        "(Tensor grad_out, Tensor out, Tensor x, Tensor weight, Tensor? bias, "
+        "Tensor conv_out, Tensor? bn_weight, Tensor save_mean, Tensor save_var, "
+        "int[2] stride, int[2] padding, int[2] dilation, int groups, bool training, "
+        "float eps, str activation, bool[6] output_mask) -> (Tensor grad_x, "
+        "Tensor grad_weight, Tensor grad_bias, Tensor grad_bn_weight, Tensor grad_bn_bias, "
+        "Tensor grad_residual)"
+    ),
+}
+
+LOAD_ERROR: str | None = None
+_fallback_library: torch.library.Library | None = None
+
+try:
+    importlib.import_module("cnnkernels._C")  # importing registers the ops
+except Exception as error:  # any failure to load means: run without the C++ backends
+    LOAD_ERROR = f"{type(error).__name__}: {error}"
+    warnings.warn(
+        f"cnnkernels: the compiled extension cnnkernels._C could not be loaded ({LOAD_ERROR}); "
+        "the cpu and cuda backends are unavailable, the reference and Triton backends still work. "
+        "Rebuild with `pip install .` (see README).",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    _fallback_library = torch.library.Library("cnnkernels", "DEF")
+    for _name, _schema in PUBLIC_SCHEMAS.items():
+        _fallback_library.define(_name + _schema)
+
+
+def extension_loaded() -> bool:
+    return LOAD_ERROR is None
+
+
+def built_with_cuda() -> bool:
+    return extension_loaded() and bool(torch.ops.cnnkernels._built_with_cuda())
+
+
+def has_native_kernel(op_name: str, dispatch_key: str) -> bool:
+    """Whether the C++ extension registered a kernel of cnnkernels::<op_name> for the key."""
+    if not extension_loaded():
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"cnnkernels::{op_name}", dispatch_key)

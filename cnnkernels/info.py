@@ -1,0 +1,58 @@
+"""`python -m cnnkernels.info`: versions, how cnnkernels._C was built, and for every op
+which backends can run it on this machine and why the others cannot."""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+import cnnkernels
+from cnnkernels import _backends, _library
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError as error:
+        return f"not installed ({error})"
+    return triton.__version__
+
+
+def _sample_inputs(device: str) -> dict[str, tuple]:
+    """One small float32 input per op, to ask each backend whether it can run it here."""
+    x = torch.randn(2, 8, 8, 8, device=device)
+    weight = torch.randn(16, 8, 3, 3, device=device)
+    channel = torch.ones(16, device=device)
+    conv_bn_act = (x, weight, None, channel, channel, channel, channel, [1, 1], [1, 1], [1, 1], 1, False,
+                   1e-5, None, "relu")
+    return {"conv_bn_act": conv_bn_act}
+
+
+def report() -> str:
+    lines = [
+        f"cnnkernels {cnnkernels.__version__}",
+        f"python {platform.python_version()}, torch {torch.__version__}, triton {_triton_version()}",
+        f"torch CUDA build: {torch.version.cuda or 'none (CPU build)'}; "
+        f"CUDA device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}",
+    ]
+    if _library.extension_loaded():
+        lines.append(f"cnnkernels._C: loaded, built {'with' if _library.built_with_cuda() else 'without'} CUDA")
+    else:
+        lines.append(f"cnnkernels._C: NOT loaded ({_library.LOAD_ERROR})")
+    forced = _backends.forced_backend()
+    lines.append(f"forced backend: {forced or 'none (default order)'}")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        for op_name, args in _sample_inputs(device).items():
+            lines.append(f"\n{op_name} on {device} float32 tensors:")
+            verdict = _backends.explain(op_name, args)
+            lines.append(f"  runs: {verdict['backend']} ({verdict['kernel']})")
+            for backend in _backends.BACKENDS:
+                reasons = _backends.reasons_for(op_name, backend, args)
+                status = "can run" if not reasons else "cannot: " + "; ".join(reasons)
+                lines.append(f"  {backend:<10} {status}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())

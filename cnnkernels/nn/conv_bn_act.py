@@ -1,0 +1,59 @@
+"""ConvBNAct: nn.Conv2d + nn.BatchNorm2d + activation, run as one fused op."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cnnkernels.ops.conv_bn_act import conv_bn_act
+
+
+class ConvBNAct(nn.Module):
+    """Conv2d -> BatchNorm2d -> (+ residual) -> activation ("relu" or "none"), fused.
+
+    Holds `conv` (nn.Conv2d) and `bn` (nn.BatchNorm2d), so its state_dict keys are
+    those of the unfused pair (conv.weight, bn.weight, bn.running_mean, ...), and
+    behaves like them in train and eval mode, running statistics and
+    num_batches_tracked included. forward(x [N, C_in, H, W], residual=None)
+    returns [N, C_out, H_out, W_out].
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 groups: int = 1, activation: str = "relu", dilation=1, bias: bool = False,
+                 eps: float = 1e-5, momentum: float | None = 0.1, device=None, dtype=None):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                              bias=bias, device=device, dtype=dtype)
+        self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
+        self.activation = activation
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: str = "relu") -> "ConvBNAct":
+        """Wraps existing modules (shared, not copied)."""
+        if not isinstance(conv.padding, tuple) or conv.padding_mode != "zeros":
+            raise ValueError(f"ConvBNAct needs integer zero padding, got padding={conv.padding!r} "
+                             f"padding_mode={conv.padding_mode!r}")
+        if bn.num_features != conv.out_channels:
+            raise ValueError(f"bn has {bn.num_features} features but conv has {conv.out_channels} output channels")
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.conv, module.bn, module.activation = conv, bn, activation
+        return module
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        conv, bn = self.conv, self.bn
+        use_batch_stats = bn.training or bn.running_mean is None
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        track = not bn.training or bn.track_running_stats
+        return conv_bn_act(
+            x, conv.weight, conv.bias, bn.weight, bn.bias,
+            bn.running_mean if track else None, bn.running_var if track else None,
+            stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+            training=use_batch_stats, momentum=momentum, eps=bn.eps, residual=residual,
+            activation=self.activation)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"

@@ -1,0 +1,18 @@
+"""The public functional ops. Each is a registered torch op (see csrc/registration.cpp)
+with forward, backward, a fake implementation and four backends."""
+from cnnkernels._backends import explain as _explain
+from cnnkernels.ops import conv_bn_act as _conv_bn_act_module
+from cnnkernels.ops.conv_bn_act import conv_bn_act
+
+_NORMALIZERS = {"conv_bn_act": _conv_bn_act_module._normalize_call}
+
+
+def explain(op_name: str, *args, **kwargs) -> dict:
+    """Which backend and kernel would run `cnnkernels.ops.<op_name>(*args, **kwargs)`, and
+    why every other backend would not: {'op', 'backend', 'kernel', 'forced', 'rejected'}."""
+    if op_name not in _NORMALIZERS:
+        raise ValueError(f"unknown op {op_name!r}; known: {', '.join(sorted(_NORMALIZERS))}")
+    return _explain(op_name, _NORMALIZERS[op_name](*args, **kwargs))
+
+
+__all__ = ["conv_bn_act", "explain"]

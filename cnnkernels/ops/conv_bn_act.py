@@ -1,0 +1,251 @@
+"""cnnkernels.ops.conv_bn_act: convolution + BatchNorm + activation (+ residual), fused.
+
+The registered ops (schemas in csrc/registration.cpp):
+  cnnkernels::conv_bn_act           forward, returns (out, conv_out, save_mean, save_var)
+  cnnkernels::conv_bn_act_backward  the six gradients
+Both get their CPU and CUDA kernels here; each kernel picks a backend per call
+(cnnkernels/_backends.py). Fake implementations and autograd are registered here too,
+so torch.compile(fullgraph=True) traces the op without a graph break.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import torch
+
+from cnnkernels import _backends, _library, reference
+from cnnkernels._backends import Implementation
+from cnnkernels.ops import _checks
+
+OP = "conv_bn_act"
+BACKWARD_OP = "conv_bn_act_backward"
+_FORWARD_ARGS = ("x", "weight", "bias", "bn_weight", "bn_bias", "running_mean", "running_var",
+                 "stride", "padding", "dilation", "groups", "training", "eps", "residual", "activation")
+_GRAD_INPUT_INDEX = (0, 1, 2, 3, 4, 13)  # x, weight, bias, bn_weight, bn_bias, residual
+
+
+def conv_bn_act(x, weight, bias=None, bn_weight=None, bn_bias=None, running_mean=None,
+                running_var=None, *, stride=1, padding=0, dilation=1, groups=1, training=False,
+                momentum=0.1, eps=1e-5, residual=None, activation="relu"):
+    """act(batch_norm(conv2d(x, weight, bias)) + residual) in one fused op.
+
+    Shapes: x [N, C_in, H, W]; weight [C_out, C_in/groups, kH, kW]; bias, bn_weight,
+    bn_bias, running_mean, running_var [C_out] (each may be None: no conv bias,
+    gamma = 1, beta = 0, no running statistics); residual [N, C_out, H_out, W_out].
+    Returns [N, C_out, H_out, W_out] in x's dtype and memory format (channels_last in,
+    channels_last out).
+
+    Semantics are exactly those of
+    ``act(F.batch_norm(F.conv2d(x, weight, bias, stride, padding, dilation, groups),
+    running_mean, running_var, bn_weight, bn_bias, training, momentum, eps) + residual)``
+    with activation "relu" or "none": in training the batch statistics normalise and
+    the running statistics (if given) are updated in place with `momentum` and the
+    unbiased batch variance; in eval the running statistics normalise.
+    stride, padding and dilation take an int or a pair. Gradients flow to x, weight,
+    bias, bn_weight, bn_bias and residual. Which backend runs is explained by
+    ``cnnkernels.ops.explain("conv_bn_act", x, weight, ...)``.
+    """
+    args = _normalize(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride,
+                      padding, dilation, groups, training, eps, residual, activation)
+    out, _, save_mean, save_var = torch.ops.cnnkernels.conv_bn_act(*args)
+    if training and running_mean is not None:
+        _update_running_stats(running_mean, running_var, save_mean, save_var, out, momentum)
+    return out
+
+
+def _normalize(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding,
+               dilation, groups, training, eps, residual, activation) -> tuple:
+    """Checks every argument and returns them in the schema's order and types."""
+    stride = _checks.pair(stride, "stride")
+    padding = _checks.pair(padding, "padding")
+    dilation = _checks.pair(dilation, "dilation")
+    _checks.check_positive(stride, "stride")
+    _checks.check_positive(padding, "padding", minimum=0)
+    _checks.check_positive(dilation, "dilation")
+    _checks.check_activation(activation, reference.ACTIVATIONS)
+    _checks.check_tensor(x, "x", ndim=4)
+    _checks.check_tensor(weight, "weight", ndim=4)
+    _checks.check_like(weight, "weight", x)
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    c_in, c_out = x.shape[1], weight.shape[0]
+    if c_in % groups or c_out % groups:
+        raise ValueError(f"groups={groups} must divide both x's channels ({c_in}) and weight's output channels ({c_out})")
+    if weight.shape[1] * groups != c_in:
+        raise ValueError(f"x has {c_in} channels but weight expects {weight.shape[1]} x groups={groups} = "
+                         f"{weight.shape[1] * groups} (weight shape {tuple(weight.shape)})")
+    if bias is not None:
+        _checks.check_tensor(bias, "bias", ndim=1)
+        _checks.check_like(bias, "bias", x)
+        if bias.numel() != c_out:
+            raise ValueError(f"bias must have {c_out} elements, got {bias.numel()}")
+    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        _checks.check_per_channel(t, name, c_out, x)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var are required when training=False")
+    out_shape = reference.conv_output_size(x.shape, weight.shape, stride, padding, dilation)
+    if out_shape[2] < 1 or out_shape[3] < 1:
+        raise ValueError(f"the kernel {tuple(weight.shape[2:])} (dilation {dilation}) does not fit the "
+                         f"padded input {tuple(x.shape[2:])} (padding {padding})")
+    if training and out_shape[0] * out_shape[2] * out_shape[3] < 2:
+        raise ValueError(f"training needs more than 1 value per channel, got output shape {tuple(out_shape)}")
+    if residual is not None:
+        _checks.check_tensor(residual, "residual", ndim=4)
+        _checks.check_like(residual, "residual", x)
+        if list(residual.shape) != out_shape:
+            raise ValueError(f"residual must have the output's shape {tuple(out_shape)}, got {tuple(residual.shape)}")
+    return (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, list(stride), list(padding),
+            list(dilation), groups, bool(training), float(eps), residual, activation)
+
+
+def _normalize_call(*args, **kwargs) -> tuple:
+    """The schema's arguments for a call written like conv_bn_act(*args, **kwargs)."""
+    bound = inspect.signature(conv_bn_act).bind(*args, **kwargs)
+    bound.apply_defaults()
+    values = dict(bound.arguments)
+    values.pop("momentum")
+    return _normalize(*values.values())
+
+
+@torch.no_grad()
+def _update_running_stats(running_mean, running_var, save_mean, save_var, out, momentum):
+    count = out.numel() // out.shape[1]
+    running_mean.lerp_(save_mean.to(running_mean.dtype), momentum)
+    running_var.lerp_((save_var * (count / (count - 1))).to(running_var.dtype), momentum)
+
+
+# --- backends -----------------------------------------------------------------------
+
+def _native_reasons(device_type: str, dispatch_key: str):
+    def reasons(x, *_):
+        found = []
+        if x.device.type != device_type:
+            found.append(f"needs {device_type} tensors, got {x.device.type}")
+        if not _library.extension_loaded():
+            found.append(f"cnnkernels._C is not loaded ({_library.LOAD_ERROR})")
+        elif not _library.has_native_kernel(f"_{OP}_forward_native", dispatch_key):
+            found.append(f"cnnkernels._C was built without {dispatch_key} kernels")
+        return found
+    return reasons
+
+
+def _triton_module():
+    return importlib.import_module("cnnkernels.triton.conv_bn_act")
+
+
+def _triton_reasons(*args):
+    try:
+        module = _triton_module()
+    except ImportError as error:
+        return [f"triton is unavailable ({error})"]
+    return module.unsupported_reasons(*args)
+
+
+def _triton_backward_reasons(grad_out, out, x, weight, bias, conv_out, bn_weight, save_mean, save_var,
+                             stride, padding, dilation, groups, training, eps, activation, output_mask):
+    return _triton_reasons(x, weight, bias, bn_weight, None, None, None, stride, padding, dilation,
+                           groups, training, eps, None, activation)
+
+
+def _no_reasons(*_):
+    return []
+
+
+def _native_backward_reasons(device_type: str, dispatch_key: str):
+    forward_reasons = _native_reasons(device_type, dispatch_key)
+
+    def reasons(grad_out, out, x, *_):
+        return forward_reasons(x)
+    return reasons
+
+
+_backends.register(OP, Implementation("reference", "plain torch: conv2d, batch statistics, affine, activation",
+                                      reference.conv_bn_act_forward, _no_reasons))
+_backends.register(BACKWARD_OP, Implementation("reference", "plain torch", reference.conv_bn_act_backward, _no_reasons))
+for _backend, _device, _key in (("cpu", "cpu", "CPU"), ("cuda", "cuda", "CUDA")):
+    _backends.register(OP, Implementation(
+        _backend, "ATen convolution with BN folded (eval) + one fused stats/normalize/residual/activation pass",
+        lambda *a: torch.ops.cnnkernels._conv_bn_act_forward_native(*a), _native_reasons(_device, _key)))
+    _backends.register(BACKWARD_OP, Implementation(
+        _backend, "fused BN/activation backward pass + ATen convolution_backward",
+        lambda *a: torch.ops.cnnkernels._conv_bn_act_backward_native(*a), _native_backward_reasons(_device, _key)))
+_backends.register(OP, Implementation(
+    "triton", "implicit-GEMM convolution over channels-last data with fused BN/residual/activation epilogue",
+    lambda *a: _triton_module().forward(*a), _triton_reasons))
+_backends.register(BACKWARD_OP, Implementation(
+    "triton", "Triton BN/activation backward kernels + ATen convolution_backward",
+    lambda *a: _triton_module().backward(*a), _triton_backward_reasons))
+
+
+# --- dispatcher registrations ---------------------------------------------------------
+
+@torch.library.register_kernel(f"cnnkernels::{OP}", ("cpu", "cuda"))
+def _forward_kernel(*args):
+    return _backends.select(OP, args).run(*args)
+
+
+@torch.library.register_kernel(f"cnnkernels::{BACKWARD_OP}", ("cpu", "cuda"))
+def _backward_kernel(*args):
+    return _backends.select(BACKWARD_OP, args).run(*args)
+
+
+@torch.library.register_fake(f"cnnkernels::{OP}")
+def _forward_fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding,
+                  dilation, groups, training, eps, residual, activation):
+    fmt = reference.output_memory_format(x)
+    shape = reference.conv_output_size(x.shape, weight.shape, stride, padding, dilation)
+    out = x.new_empty(shape).contiguous(memory_format=fmt)
+    conv_out = torch.empty_like(out) if training else x.new_empty(0)
+    sdtype = reference.stats_dtype(x.dtype)
+    return out, conv_out, x.new_empty(shape[1], dtype=sdtype), x.new_empty(shape[1], dtype=sdtype)
+
+
+@torch.library.register_fake(f"cnnkernels::{BACKWARD_OP}")
+def _backward_fake(grad_out, out, x, weight, bias, conv_out, bn_weight, save_mean, save_var, stride,
+                   padding, dilation, groups, training, eps, activation, output_mask):
+    fmt = reference.output_memory_format(x)
+    c_out = weight.shape[0]
+    wanted = (
+        (lambda: torch.empty_like(x, memory_format=fmt)),
+        (lambda: torch.empty_like(weight, memory_format=torch.contiguous_format)),
+        (lambda: x.new_empty(c_out)),
+        (lambda: save_mean.new_empty(c_out)),
+        (lambda: save_mean.new_empty(c_out)),
+        (lambda: torch.empty_like(out, memory_format=fmt)),
+    )
+    empties = (x, x, x, save_mean, save_mean, x)
+    return tuple(make() if want else like.new_empty(0) for make, want, like in zip(wanted, output_mask, empties))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, bn_weight = inputs[0], inputs[1], inputs[2], inputs[3]
+    out, conv_out, save_mean, save_var = output
+    ctx.save_for_backward(out, x, weight, bias, conv_out, bn_weight, save_mean, save_var)
+    ctx.conv_params = inputs[7:13] + (inputs[14],)  # stride, padding, dilation, groups, training, eps, activation
+    ctx.param_dtypes = {3: inputs[3].dtype if inputs[3] is not None else None,
+                        4: inputs[4].dtype if inputs[4] is not None else None}
+    ctx.mark_non_differentiable(conv_out, save_mean, save_var)
+
+
+def _backward(ctx, grad_out, _grad_conv_out, _grad_mean, _grad_var):
+    out, x, weight, bias, conv_out, bn_weight, save_mean, save_var = ctx.saved_tensors
+    stride, padding, dilation, groups, training, eps, activation = ctx.conv_params
+    mask = [bool(ctx.needs_input_grad[i]) for i in _GRAD_INPUT_INDEX]
+    grads = [None] * len(_FORWARD_ARGS)
+    if not any(mask):
+        return tuple(grads)
+    results = torch.ops.cnnkernels.conv_bn_act_backward(
+        grad_out, out, x, weight, bias, conv_out, bn_weight, save_mean, save_var, stride, padding,
+        dilation, groups, training, eps, activation, mask)
+    for index, wanted, grad in zip(_GRAD_INPUT_INDEX, mask, results):
+        if wanted:
+            dtype = ctx.param_dtypes.get(index)
+            grads[index] = grad.to(dtype) if dtype is not None else grad
+    return tuple(grads)
+
+
+torch.library.register_autograd(f"cnnkernels::{OP}", _backward, setup_context=_setup_context)

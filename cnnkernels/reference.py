@@ -1,0 +1,128 @@
+"""Every op composed from plain torch: the ground truth of the tests and the fallback
+backend. Functions here take and return exactly what the op schemas in
+csrc/registration.cpp take and return.
+
+conv_bn_act contract (shared by every backend):
+
+forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+        stride, padding, dilation, groups, training, eps, residual, activation)
+    -> (out, conv_out, save_mean, save_var)
+  x [N, C_in, H, W]; weight [C_out, C_in/groups, kH, kW]; bias, bn_* [C_out] or None.
+  out [N, C_out, H_out, W_out] = act(bn(conv2d(x) + bias) + residual), in x's dtype and
+    in x's memory format (channels_last when x is channels-last and not contiguous).
+  conv_out: training: conv2d(x) + bias (kept for backward), same shape/format as out;
+    eval: an empty tensor of shape [0].
+  save_mean, save_var [C_out] in the statistics dtype (float64 for float64 input,
+    float32 otherwise): training: the batch mean and the biased batch variance;
+    eval: copies of running_mean and running_var.
+  Running statistics are never touched here: ops/conv_bn_act.py updates them.
+
+backward(grad_out, out, x, weight, bias, conv_out, bn_weight, save_mean, save_var,
+         stride, padding, dilation, groups, training, eps, activation, output_mask)
+    -> (grad_x, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias, grad_residual)
+  output_mask [6] says which of the six are wanted; an unwanted one is an empty [0]
+  tensor. grad_x and grad_residual come in x's memory format, the rest contiguous.
+  grad_bn_weight and grad_bn_bias are in the statistics dtype. In eval, an empty
+  conv_out means "recompute it from x" (needed only for grad_bn_weight).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("relu", "none")
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def conv_output_size(x_shape, weight_shape, stride, padding, dilation) -> list[int]:
+    n, _, h, w = x_shape
+    c_out, _, kh, kw = weight_shape
+    h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return [n, c_out, h_out, w_out]
+
+
+def _activate(z: torch.Tensor, activation: str) -> torch.Tensor:
+    return torch.relu(z) if activation == "relu" else z
+
+
+def _bn_scale_shift(bn_weight, bn_bias, mean, var, eps, c_out, sdtype, device):
+    invstd = torch.rsqrt(var.to(sdtype) + eps)
+    gamma = bn_weight.to(sdtype) if bn_weight is not None else torch.ones(c_out, dtype=sdtype, device=device)
+    beta = bn_bias.to(sdtype) if bn_bias is not None else torch.zeros(c_out, dtype=sdtype, device=device)
+    scale = gamma * invstd
+    return scale, beta - mean.to(sdtype) * scale
+
+
+def conv_bn_act_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                        stride, padding, dilation, groups, training, eps, residual, activation):
+    fmt = output_memory_format(x)
+    sdtype = stats_dtype(x.dtype)
+    y = F.conv2d(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
+    c_out = y.shape[1]
+    if training:
+        y32 = y.to(sdtype)
+        save_var, save_mean = torch.var_mean(y32, dim=(0, 2, 3), unbiased=False)
+    else:
+        save_mean, save_var = running_mean.to(sdtype).clone(), running_var.to(sdtype).clone()
+    scale, shift = _bn_scale_shift(bn_weight, bn_bias, save_mean, save_var, eps, c_out, sdtype, x.device)
+    z = y.to(sdtype) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    if residual is not None:
+        z = z + residual.to(sdtype)
+    out = _activate(z, activation).to(x.dtype).contiguous(memory_format=fmt)
+    conv_out = y.contiguous(memory_format=fmt) if training else x.new_empty(0)
+    return out, conv_out, save_mean, save_var
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0)
+
+
+def conv_bn_act_backward(grad_out, out, x, weight, bias, conv_out, bn_weight, save_mean, save_var,
+                         stride, padding, dilation, groups, training, eps, activation, output_mask):
+    fmt = output_memory_format(x)
+    sdtype = stats_dtype(x.dtype)
+    c_out = weight.shape[0]
+    g = grad_out.to(sdtype)
+    if activation == "relu":
+        g = torch.where(out > 0, g, torch.zeros_like(g))
+    invstd = torch.rsqrt(save_var.to(sdtype) + eps)
+    mean = save_mean.to(sdtype)
+    gamma = bn_weight.to(sdtype) if bn_weight is not None else torch.ones(c_out, dtype=sdtype, device=x.device)
+    need_y = training or output_mask[3]
+    if need_y:
+        y = conv_out if conv_out.numel() > 0 else F.conv2d(
+            x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
+        xhat = (y.to(sdtype) - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
+    grad_beta = g.sum(dim=(0, 2, 3))
+    grad_gamma = (g * xhat).sum(dim=(0, 2, 3)) if need_y else None
+    if training:
+        count = g.numel() // c_out
+        dy = (gamma * invstd).view(1, -1, 1, 1) * (
+            g - (grad_beta / count).view(1, -1, 1, 1) - xhat * (grad_gamma / count).view(1, -1, 1, 1))
+    else:
+        dy = g * (gamma * invstd).view(1, -1, 1, 1)
+    dy = dy.to(x.dtype)
+
+    grad_x = grad_w = grad_b = None
+    if any(output_mask[:3]):
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            dy, x, weight, [c_out] if bias is not None else None, list(stride), list(padding),
+            list(dilation), False, [0, 0], groups, [output_mask[0], output_mask[1], output_mask[2]])
+    return (
+        grad_x.contiguous(memory_format=fmt) if output_mask[0] else _empty(x),
+        grad_w.contiguous() if output_mask[1] else _empty(x),
+        grad_b.contiguous() if output_mask[2] else _empty(x),
+        grad_gamma.contiguous() if output_mask[3] else _empty(save_mean),
+        grad_beta.contiguous() if output_mask[4] else _empty(save_mean),
+        g.to(x.dtype).contiguous(memory_format=fmt) if output_mask[5] else _empty(x),
+    )

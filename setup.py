@@ -1,0 +1,56 @@
+"""Builds cnnkernels._C: the C++ sources always, the CUDA sources wherever nvcc and a
+CUDA build of torch are present (no GPU is queried or needed).
+
+Environment:
+  CNNKERNELS_SKIP_CUDA_BUILD=1  build the C++ (CPU) part only
+  TORCH_CUDA_ARCH_LIST          CUDA architectures (default "8.0;9.0")
+  MAX_JOBS                      parallel compile jobs (read by torch's ninja builder)
+"""
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_build_wanted() -> tuple[bool, str]:
+    if os.environ.get("CNNKERNELS_SKIP_CUDA_BUILD", "0") == "1":
+        return False, "CNNKERNELS_SKIP_CUDA_BUILD=1"
+    import torch
+
+    if torch.version.cuda is None:
+        return False, "torch is a CPU-only build"
+    if cpp_extension.CUDA_HOME is None or shutil.which("nvcc", path=os.path.join(cpp_extension.CUDA_HOME, "bin")) is None:
+        return False, "nvcc not found (set CUDA_HOME)"
+    return True, f"nvcc in {cpp_extension.CUDA_HOME}, torch CUDA {torch.version.cuda}"
+
+
+def _extension():
+    with_cuda, why = _cuda_build_wanted()
+    print(f"cnnkernels: CUDA sources {'included' if with_cuda else 'skipped'} ({why})")
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    define_macros = []
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if not with_cuda:
+        return cpp_extension.CppExtension(
+            "cnnkernels._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    return cpp_extension.CUDAExtension(
+        "cnnkernels._C", sources, include_dirs=include_dirs,
+        define_macros=define_macros + [("CNNKERNELS_WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx + ["-DCNNKERNELS_WITH_CUDA"], "nvcc": nvcc + ["-DCNNKERNELS_WITH_CUDA"]},
+        extra_link_args=["-fopenmp"])
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,81 @@
+"""Shared test helpers: relative error and the conv_bn_act case list."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||, computed in float64."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+@dataclass(frozen=True)
+class ConvCase:
+    """One conv_bn_act configuration."""
+    name: str
+    n: int = 2
+    c_in: int = 8
+    c_out: int = 16
+    hw: int = 8
+    kernel: int = 3
+    stride: int = 1
+    padding: int = 1
+    dilation: int = 1
+    groups: int = 1
+    channels_last: bool = False
+    residual: bool = False
+    activation: str = "relu"
+    bias: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def make(self, dtype=torch.float32, device="cpu", requires_grad=True, seed=0):
+        """Fresh random inputs: x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual."""
+        gen = torch.Generator().manual_seed(seed)
+
+        def rand(*shape, scale=1.0, offset=0.0):
+            return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + offset).to(device)
+
+        x = rand(self.n, self.c_in, self.hw, self.hw).to(dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        weight = rand(self.c_out, self.c_in // self.groups, self.kernel, self.kernel,
+                      scale=(self.c_in // self.groups * self.kernel ** 2) ** -0.5).to(dtype)
+        bias = rand(self.c_out, scale=0.1).to(dtype) if self.bias else None
+        bn_weight = rand(self.c_out, scale=0.3, offset=1.0).to(dtype)
+        bn_bias = rand(self.c_out, scale=0.3).to(dtype)
+        running_mean = rand(self.c_out, scale=0.2).to(dtype)
+        running_var = (rand(self.c_out, scale=0.3).abs() + 0.5).to(dtype)
+        h_out = (self.hw + 2 * self.padding - self.dilation * (self.kernel - 1) - 1) // self.stride + 1
+        residual = rand(self.n, self.c_out, h_out, h_out).to(dtype) if self.residual else None
+        tensors = [x, weight, bias, bn_weight, bn_bias]
+        if requires_grad:
+            for t in tensors + [residual]:
+                if t is not None:
+                    t.requires_grad_(True)
+        return x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual
+
+    def kwargs(self):
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation,
+                    groups=self.groups, activation=self.activation)
+
+
+CASES = [
+    ConvCase("1x1", kernel=1, padding=0, residual=True),
+    ConvCase("3x3"),
+    ConvCase("stem7x7s2", c_in=3, c_out=8, hw=12, kernel=7, stride=2, padding=3),
+    ConvCase("3x3s2", stride=2, bias=True),
+    ConvCase("dilation2", padding=2, dilation=2, activation="none"),
+    ConvCase("groups2", groups=2, residual=True),
+    ConvCase("groups32", c_in=64, c_out=64, hw=4, groups=32),
+    ConvCase("depthwise", c_in=16, c_out=16, groups=16),
+    ConvCase("channels_last", channels_last=True, residual=True),
+    ConvCase("batch1", n=1, hw=6),
+    ConvCase("odd_channels", c_in=3, c_out=5, hw=7, bias=True, residual=True, activation="none"),
+    ConvCase("1x1s2_channels_last", kernel=1, padding=0, stride=2, channels_last=True),
+]

@@ -1,0 +1,63 @@
+"""cnnkernels.nn.ConvBNAct behaves like nn.Conv2d + nn.BatchNorm2d + ReLU, keys included."""
+import pytest
+import torch
+from torch import nn
+
+from cnnkernels.nn import ConvBNAct
+from helpers import rel_err
+
+
+def unfused(module: ConvBNAct) -> nn.Module:
+    twin = nn.Sequential()
+    twin.conv = nn.Conv2d(module.conv.in_channels, module.conv.out_channels, module.conv.kernel_size,
+                          module.conv.stride, module.conv.padding, module.conv.dilation, module.conv.groups,
+                          bias=module.conv.bias is not None)
+    twin.bn = nn.BatchNorm2d(module.bn.num_features, module.bn.eps, module.bn.momentum)
+    twin.load_state_dict(module.state_dict())
+    return twin
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_matches_unfused_modules_over_train_steps_and_eval(groups, momentum):
+    torch.manual_seed(0)
+    fused = ConvBNAct(8, 12, 3, stride=2, padding=1, groups=groups, momentum=momentum)
+    twin = unfused(fused)
+    assert list(fused.state_dict()) == list(twin.state_dict())
+    for step in range(3):
+        x = torch.randn(4, 8, 9, 9)
+        out, ref = fused(x), torch.relu(twin.bn(twin.conv(x)))
+        assert rel_err(out, ref) < 1e-5, step
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, list(fused.parameters()), grad)
+        want = torch.autograd.grad(ref, list(twin.parameters()), grad)
+        for g, w in zip(got, want):
+            assert rel_err(g, w) < 1e-4
+    for key, value in twin.state_dict().items():
+        assert torch.allclose(fused.state_dict()[key].float(), value.float(), rtol=1e-5, atol=1e-6), key
+    fused.eval(), twin.eval()
+    x = torch.randn(2, 8, 9, 9)
+    assert rel_err(fused(x), torch.relu(twin.bn(twin.conv(x)))) < 1e-5
+
+
+def test_residual_and_no_activation():
+    fused = ConvBNAct(6, 6, 1, activation="none").eval()
+    twin = unfused(fused).eval()
+    x, residual = torch.randn(2, 6, 5, 5), torch.randn(2, 6, 5, 5)
+    assert rel_err(fused(x, residual=residual), twin.bn(twin.conv(x)) + residual) < 1e-5
+
+
+def test_without_running_stats_uses_batch_statistics_in_eval():
+    fused = ConvBNAct(4, 4, 3, padding=1)
+    fused.bn = nn.BatchNorm2d(4, track_running_stats=False)
+    twin = unfused(ConvBNAct(4, 4, 3, padding=1))
+    twin.conv.load_state_dict(fused.conv.state_dict())
+    twin.bn = nn.BatchNorm2d(4, track_running_stats=False)
+    fused.eval(), twin.eval()
+    x = torch.randn(3, 4, 6, 6)
+    assert rel_err(fused(x), torch.relu(twin.bn(twin.conv(x)))) < 1e-5
+
+
+def test_from_modules_rejects_string_padding():
+    with pytest.raises(ValueError, match="integer zero padding"):
+        ConvBNAct.from_modules(nn.Conv2d(4, 4, 3, padding="same"), nn.BatchNorm2d(4))
