@@ -33,7 +33,7 @@ def _extension():
     with_cuda, why = _cuda_build_wanted()
     print(f"cnnkernels: CUDA sources {'included' if with_cuda else 'skipped'} ({why})")
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
     define_macros = []
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not with_cuda:
@@ -42,7 +42,7 @@ def _extension():
             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
     return cpp_extension.CUDAExtension(
         "cnnkernels._C", sources, include_dirs=include_dirs,
         define_macros=define_macros + [("CNNKERNELS_WITH_CUDA", None)],
