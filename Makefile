@@ -32,7 +32,7 @@ install: venv
 	$(PY) -m cnnkernels.info
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	CNNKERNELS_REQUIRE_EXTENSION=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m pytest benches/bench_ops.py --benchmark-only --benchmark-group-by=group \

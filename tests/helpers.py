@@ -1,9 +1,19 @@
 """Shared test helpers: relative error and the conv_bn_act case list."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
+import pytest
 import torch
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skips a test that needs the compiled extension, or fails it where the build is
+    required to provide one (CNNKERNELS_REQUIRE_EXTENSION=1, as `make test` sets)."""
+    if os.environ.get("CNNKERNELS_REQUIRE_EXTENSION") == "1":
+        pytest.fail(f"required by CNNKERNELS_REQUIRE_EXTENSION=1: {reason}")
+    pytest.skip(reason)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

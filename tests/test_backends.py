@@ -8,6 +8,7 @@ import torch
 
 import cnnkernels
 from cnnkernels import _backends, ops
+from helpers import skip_or_fail
 
 
 def sample():
@@ -84,7 +85,7 @@ def test_import_without_extension_warns_and_reference_still_works(tmp_path):
 def test_fallback_schemas_match_the_extension():
     from cnnkernels import _library
     if not _library.extension_loaded():
-        pytest.skip(f"cnnkernels._C is not built here: {_library.LOAD_ERROR}")
+        skip_or_fail(f"cnnkernels._C is not built here: {_library.LOAD_ERROR}")
     for name, schema in _library.PUBLIC_SCHEMAS.items():
         registered = getattr(torch.ops.cnnkernels, name).default._schema
         assert str(registered) == str(torch._C.parse_schema(f"cnnkernels::{name}{schema}"))
