@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cnnkernels.ops.conv_bn_act import conv_bn_act
+from cnnkernels.nn.functional import conv_bn_act_modules
 
 
 class ConvBNAct(nn.Module):
@@ -29,8 +29,8 @@ class ConvBNAct(nn.Module):
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: str = "relu") -> "ConvBNAct":
         """Wraps existing modules (shared, not copied)."""
-        if not isinstance(conv.padding, tuple) or conv.padding_mode != "zeros":
-            raise ValueError(f"ConvBNAct needs integer zero padding, got padding={conv.padding!r} "
+        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+            raise ValueError(f"fused conv needs integer zero padding, got padding={conv.padding!r} "
                              f"padding_mode={conv.padding_mode!r}")
         if bn.num_features != conv.out_channels:
             raise ValueError(f"bn has {bn.num_features} features but conv has {conv.out_channels} output channels")
@@ -40,20 +40,7 @@ class ConvBNAct(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        conv, bn = self.conv, self.bn
-        use_batch_stats = bn.training or bn.running_mean is None
-        momentum = 0.0 if bn.momentum is None else bn.momentum
-        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:
-                momentum = 1.0 / float(bn.num_batches_tracked)
-        track = not bn.training or bn.track_running_stats
-        return conv_bn_act(
-            x, conv.weight, conv.bias, bn.weight, bn.bias,
-            bn.running_mean if track else None, bn.running_var if track else None,
-            stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-            training=use_batch_stats, momentum=momentum, eps=bn.eps, residual=residual,
-            activation=self.activation)
+        return conv_bn_act_modules(self.conv, self.bn, x, residual, self.activation)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"

@@ -1,0 +1,35 @@
+"""Fused ops applied to existing torch modules, so that networks can keep torchvision's
+module names (conv1, bn1, ...) and still run the fused kernels."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cnnkernels.ops.conv_bn_act import conv_bn_act
+
+
+def batch_norm_mode(bn: nn.BatchNorm2d) -> tuple[bool, float, torch.Tensor | None, torch.Tensor | None]:
+    """What nn.BatchNorm2d.forward would do now: (use batch statistics, momentum,
+    running_mean, running_var), counting num_batches_tracked as it does."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    use_batch_stats = bn.training or bn.running_mean is None
+    track = not bn.training or bn.track_running_stats
+    return use_batch_stats, momentum, bn.running_mean if track else None, bn.running_var if track else None
+
+
+def conv_bn_act_modules(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor,
+                        residual: torch.Tensor | None = None, activation: str = "relu") -> torch.Tensor:
+    """act(bn(conv(x)) + residual) with the modules' parameters and buffers, fused; same
+    results and running-statistics updates as calling the modules in turn."""
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ValueError(f"fused conv needs integer zero padding, got padding={conv.padding!r} "
+                         f"padding_mode={conv.padding_mode!r}")
+    training, momentum, running_mean, running_var = batch_norm_mode(bn)
+    return conv_bn_act(x, conv.weight, conv.bias, bn.weight, bn.bias, running_mean, running_var,
+                       stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                       training=training, momentum=momentum, eps=bn.eps, residual=residual,
+                       activation=activation)
