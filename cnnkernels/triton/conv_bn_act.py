@@ -1,0 +1,566 @@
+"""Triton backend of conv_bn_act: implicit-GEMM convolution with a fused BatchNorm /
+residual / activation epilogue, and the BN / activation part of the backward.
+
+Kernels (each launched compiled on CUDA tensors, through Triton's interpreter on CPU
+tensors, see cnnkernels/triton/_launch.py):
+  _conv_fwd_kernel       rows = output pixels (N*H_out*W_out), columns = output channels
+                         of one group (grid axis 2 = group), reduction over
+                         (kh, kw, C_in/groups) with tl.dot; when C_in/groups <= 4
+                         (depthwise, narrow groups) "direct" instead: columns span all
+                         output channels, each reading its own group's few inputs,
+                         with multiply-adds (tensor-core tiles would be mostly padding).
+                         Eval epilogue: act(acc*scale + shift + residual) -> out.
+                         Training epilogue: y = acc + bias -> conv_out, and per
+                         (row tile, channel) count/sum/M2 partial statistics.
+  _bn_stats_kernel       Chan's parallel combination of the partials -> mean, biased var,
+                         and the per-channel scale/shift of the normalisation.
+  _bn_act_fwd_kernel     out = act(y*scale + shift + residual) (training).
+  _bn_bwd_reduce_kernel  per (row split, channel) partial sums of g and g*(y - mean),
+                         g = grad_out masked by out > 0 for relu.
+  _bn_bwd_finalize_kernel  sums the partials -> grad_bn_bias, grad_bn_weight.
+  _bn_bwd_elementwise_kernel  grad_y (input of the convolution's backward) and
+                         grad_residual in one pass.
+The convolution's own backward (grad_x, grad_weight, grad_bias) is
+torch.ops.aten.convolution_backward (cuDNN on GPU).
+
+Accumulation is float32 (float64 for float64 input, which only the interpreter runs).
+float32 tl.dot runs with input_precision FP32_DOT_PRECISION on GPU ("ieee" by default,
+exact like the reference; set it to "tf32" or "tf32x3" for tensor cores); the
+interpreter always computes in full precision.
+"""
+from __future__ import annotations
+
+import torch
+
+from cnnkernels import reference
+
+try:
+    import triton
+    import triton.language as tl
+
+    from cnnkernels.triton._launch import kernel
+except ImportError as _error:  # unsupported_reasons() reports it; nothing here can launch
+    triton = tl = None
+    _IMPORT_ERROR = str(_error)
+
+    def kernel(fn):
+        return fn
+
+FP32_DOT_PRECISION = "ieee"
+_BN_BLOCK_M = 64  # rows per program of the elementwise and reduction kernels
+_BN_BLOCK_C = 32  # channels per program of the elementwise and reduction kernels
+_STATS_BLOCK_T = 64  # partial-statistics rows combined at once
+_MAX_SPLITS = 256  # row splits of the backward reduction
+_DIRECT_MAX_CIN_G = 4  # up to this many input channels per group: multiply-adds, not tl.dot
+
+
+# --- kernels --------------------------------------------------------------------------
+
+@kernel
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, psum_ptr, pm2_ptr,
+    M, H, W, H_OUT, W_OUT, CIN_G, COUT_G, C_OUT, KH, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sx_n, sx_c, sx_h, sx_w,
+    sr_n, sr_c, sr_h, sr_w,
+    so_n, so_c, so_h, so_w,
+    TRAINING: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    DIRECT: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """x [N, C_in, H, W] (any strides; channels-last reads coalesce), w [C_out, KH, KW,
+    C_in/groups] contiguous. Training: out_ptr gets y = conv + bias, psum/pm2
+    [cdiv(M, BLOCK_M), C_out] the per-tile sum and sum of squared deviations from the
+    tile mean. Eval: out_ptr gets act(conv*scale + shift + residual)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    group = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    n = rows // (H_OUT * W_OUT)
+    hw = rows % (H_OUT * W_OUT)
+    oh = hw // W_OUT
+    ow = hw % W_OUT
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if DIRECT:
+        co = cols
+        col_mask = co < C_OUT
+    else:
+        co = group * COUT_G + cols
+        col_mask = cols < COUT_G
+    n64 = n.to(tl.int64)
+    x_rows = x_ptr + n64 * sx_n
+    out_rows = n64 * so_n + oh * so_h + ow * so_w
+    k_taps = KH * KW
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    if DIRECT:
+        w_cols = w_ptr + co.to(tl.int64) * (k_taps * CIN_G)
+        x_cols = ((co // COUT_G) * CIN_G) * sx_c
+        for tap in range(0, k_taps):
+            ih = oh * stride_h - pad_h + (tap // KW) * dil_h
+            iw = ow * stride_w - pad_w + (tap % KW) * dil_w
+            in_mask = row_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_tap = x_rows + (ih * sx_h + iw * sx_w)
+            tap_mask = in_mask[:, None] & col_mask[None, :]
+            for ci in range(0, CIN_G):
+                a = tl.load(x_tap[:, None] + (x_cols + ci * sx_c)[None, :], mask=tap_mask, other=0.0)
+                b = tl.load(w_cols + (tap * CIN_G + ci), mask=col_mask, other=0.0)
+                acc += a.to(ACC_DTYPE) * b.to(ACC_DTYPE)[None, :]
+    else:
+        c_blocks = tl.cdiv(CIN_G, BLOCK_K)
+        w_cols = w_ptr + co.to(tl.int64) * (k_taps * CIN_G)
+        for step in range(0, k_taps * c_blocks):
+            tap = step // c_blocks
+            ks = (step % c_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_mask = ks < CIN_G
+            ih = oh * stride_h - pad_h + (tap // KW) * dil_h
+            iw = ow * stride_w - pad_w + (tap % KW) * dil_w
+            in_mask = row_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(x_rows[:, None] + (ih * sx_h + iw * sx_w)[:, None] + (group * CIN_G + ks)[None, :] * sx_c,
+                        mask=in_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(w_cols[None, :] + (tap * CIN_G + ks)[:, None],
+                        mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    out_offsets = out_rows[:, None] + co[None, :] * so_c
+    mask = row_mask[:, None] & col_mask[None, :]
+    if TRAINING:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + co, mask=col_mask, other=0.0).to(ACC_DTYPE)[None, :]
+        y = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + out_offsets, y, mask=mask)
+        # Statistics of the values actually stored, as the reference computes them.
+        y = tl.where(row_mask[:, None], y.to(ACC_DTYPE), 0.0)
+        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(ACC_DTYPE)
+        tile_sum = tl.sum(y, axis=0)
+        deviation = tl.where(row_mask[:, None], y - (tile_sum / count)[None, :], 0.0)
+        tile_m2 = tl.sum(deviation * deviation, axis=0)
+        stat_offsets = pid_m.to(tl.int64) * C_OUT + co
+        tl.store(psum_ptr + stat_offsets, tile_sum, mask=col_mask)
+        tl.store(pm2_ptr + stat_offsets, tile_m2, mask=col_mask)
+    else:
+        scale = tl.load(scale_ptr + co, mask=col_mask, other=0.0).to(ACC_DTYPE)
+        shift = tl.load(shift_ptr + co, mask=col_mask, other=0.0).to(ACC_DTYPE)
+        z = acc * scale[None, :] + shift[None, :]
+        if HAS_RESIDUAL:
+            res_offsets = (n.to(tl.int64) * sr_n + oh * sr_h + ow * sr_w)[:, None] + co[None, :] * sr_c
+            z += tl.load(res_ptr + res_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+        if RELU:
+            z = tl.where(z < 0.0, 0.0, z)
+        tl.store(out_ptr + out_offsets, z.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@kernel
+def _bn_stats_kernel(
+    psum_ptr, pm2_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, scale_ptr, shift_ptr,
+    M, C, TILES, eps,
+    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    TILE_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Combines [TILES, C] partial (sum, M2) of row tiles of TILE_M rows (the last one
+    shorter) into mean, biased var, scale = gamma/sqrt(var+eps), shift = beta - mean*scale."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    count = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
+    mean = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
+    m2 = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
+    for t0 in range(0, TILES, BLOCK_T):
+        tiles = t0 + tl.arange(0, BLOCK_T)
+        tile_mask = tiles < TILES
+        tile_count = tl.where(tile_mask, tl.minimum(M - tiles * TILE_M, TILE_M), 0).to(ACC_DTYPE)
+        offsets = tiles.to(tl.int64)[:, None] * C + cols[None, :]
+        mask = tile_mask[:, None] & col_mask[None, :]
+        tile_sum = tl.load(psum_ptr + offsets, mask=mask, other=0.0)
+        tile_m2 = tl.load(pm2_ptr + offsets, mask=mask, other=0.0)
+        chunk_count = tl.sum(tile_count, axis=0)
+        chunk_mean = tl.sum(tile_sum, axis=0) / chunk_count
+        tile_mean = tile_sum / tl.maximum(tile_count, 1.0)[:, None]
+        spread = tl.where(mask, tile_mean - chunk_mean[None, :], 0.0)
+        chunk_m2 = tl.sum(tile_m2 + tile_count[:, None] * spread * spread, axis=0)
+        total = count + chunk_count
+        delta = chunk_mean - mean
+        mean += delta * (chunk_count / total)
+        m2 += chunk_m2 + delta * delta * (count * chunk_count / total)
+        count = total
+    var = m2 / count
+    tl.store(mean_ptr + cols, mean, mask=col_mask)
+    tl.store(var_ptr + cols, var, mask=col_mask)
+    scale = 1.0 / tl.sqrt(var + eps)
+    if HAS_GAMMA:
+        scale = scale * tl.load(gamma_ptr + cols, mask=col_mask, other=0.0).to(ACC_DTYPE)
+    shift = -mean * scale
+    if HAS_BETA:
+        shift += tl.load(beta_ptr + cols, mask=col_mask, other=0.0).to(ACC_DTYPE)
+    tl.store(scale_ptr + cols, scale, mask=col_mask)
+    tl.store(shift_ptr + cols, shift, mask=col_mask)
+
+
+@kernel
+def _bn_act_fwd_kernel(
+    y_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
+    M, C, HW, W,
+    sy_n, sy_c, sy_h, sy_w,
+    sr_n, sr_c, sr_h, sr_w,
+    so_n, so_c, so_h, so_w,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out = act(y*scale + shift + residual) over [N, C, H, W] tensors of any strides."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_mask = rows < M
+    col_mask = cols < C
+    mask = row_mask[:, None] & col_mask[None, :]
+    n = (rows // HW).to(tl.int64)
+    h = (rows % HW) // W
+    w = rows % W
+    y = tl.load(y_ptr + (n * sy_n + h * sy_h + w * sy_w)[:, None] + cols[None, :] * sy_c, mask=mask, other=0.0)
+    scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)
+    shift = tl.load(shift_ptr + cols, mask=col_mask, other=0.0)
+    z = y.to(ACC_DTYPE) * scale[None, :] + shift[None, :]
+    if HAS_RESIDUAL:
+        z += tl.load(res_ptr + (n * sr_n + h * sr_h + w * sr_w)[:, None] + cols[None, :] * sr_c,
+                     mask=mask, other=0.0).to(ACC_DTYPE)
+    if RELU:
+        z = tl.where(z < 0.0, 0.0, z)
+    tl.store(out_ptr + (n * so_n + h * so_h + w * so_w)[:, None] + cols[None, :] * so_c,
+             z.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@kernel
+def _bn_bwd_reduce_kernel(
+    grad_ptr, out_ptr, y_ptr, mean_ptr, pg_ptr, pgy_ptr,
+    M, C, HW, W, ROWS_PER_SPLIT,
+    sg_n, sg_c, sg_h, sg_w,
+    so_n, so_c, so_h, so_w,
+    sy_n, sy_c, sy_h, sy_w,
+    HAS_Y: tl.constexpr, RELU: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """For rows [split*ROWS_PER_SPLIT, ...) : pg[split, c] = sum g, pgy[split, c] =
+    sum g*(y - mean) (when HAS_Y), with g = grad_out, zeroed where out <= 0 for relu."""
+    split = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(ACC_DTYPE)
+    sum_g = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC_DTYPE)
+    sum_gy = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC_DTYPE)
+    start = split * ROWS_PER_SPLIT
+    for r0 in range(start, start + ROWS_PER_SPLIT, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        mask = row_mask[:, None] & col_mask[None, :]
+        n = (rows // HW).to(tl.int64)
+        h = (rows % HW) // W
+        w = rows % W
+        g = tl.load(grad_ptr + (n * sg_n + h * sg_h + w * sg_w)[:, None] + cols[None, :] * sg_c,
+                    mask=mask, other=0.0).to(ACC_DTYPE)
+        if RELU:
+            o = tl.load(out_ptr + (n * so_n + h * so_h + w * so_w)[:, None] + cols[None, :] * so_c,
+                        mask=mask, other=0.0)
+            g = tl.where(o.to(ACC_DTYPE) > 0, g, 0.0)
+        sum_g += g
+        if HAS_Y:
+            y = tl.load(y_ptr + (n * sy_n + h * sy_h + w * sy_w)[:, None] + cols[None, :] * sy_c,
+                        mask=mask, other=0.0).to(ACC_DTYPE)
+            sum_gy += tl.where(mask, g * (y - mean[None, :]), 0.0)
+    offsets = split.to(tl.int64) * C + cols
+    tl.store(pg_ptr + offsets, tl.sum(sum_g, axis=0), mask=col_mask)
+    if HAS_Y:
+        tl.store(pgy_ptr + offsets, tl.sum(sum_gy, axis=0), mask=col_mask)
+
+
+@kernel
+def _bn_bwd_finalize_kernel(
+    pg_ptr, pgy_ptr, var_ptr, grad_beta_ptr, grad_gamma_ptr,
+    C, SPLITS, eps,
+    HAS_Y: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """grad_beta[c] = sum_s pg[s, c]; grad_gamma[c] = sum_s pgy[s, c] / sqrt(var[c] + eps)."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    sum_g = tl.zeros((BLOCK_S, BLOCK_C), dtype=ACC_DTYPE)
+    sum_gy = tl.zeros((BLOCK_S, BLOCK_C), dtype=ACC_DTYPE)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        splits = s0 + tl.arange(0, BLOCK_S)
+        mask = (splits < SPLITS)[:, None] & col_mask[None, :]
+        offsets = splits.to(tl.int64)[:, None] * C + cols[None, :]
+        sum_g += tl.load(pg_ptr + offsets, mask=mask, other=0.0)
+        if HAS_Y:
+            sum_gy += tl.load(pgy_ptr + offsets, mask=mask, other=0.0)
+    tl.store(grad_beta_ptr + cols, tl.sum(sum_g, axis=0), mask=col_mask)
+    if HAS_Y:
+        var = tl.load(var_ptr + cols, mask=col_mask, other=1.0).to(ACC_DTYPE)
+        tl.store(grad_gamma_ptr + cols, tl.sum(sum_gy, axis=0) / tl.sqrt(var + eps), mask=col_mask)
+
+
+@kernel
+def _bn_bwd_elementwise_kernel(
+    grad_ptr, out_ptr, y_ptr, mean_ptr, var_ptr, gamma_ptr, sum_g_ptr, sum_gxhat_ptr,
+    dy_ptr, gres_ptr,
+    M, C, HW, W, eps,
+    sg_n, sg_c, sg_h, sg_w,
+    so_n, so_c, so_h, so_w,
+    sy_n, sy_c, sy_h, sy_w,
+    sd_n, sd_c, sd_h, sd_w,
+    se_n, se_c, se_h, se_w,
+    TRAINING: tl.constexpr, HAS_GAMMA: tl.constexpr, RELU: tl.constexpr,
+    WRITE_DY: tl.constexpr, WRITE_GRES: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """g = grad_out (masked by out > 0 for relu); grad_residual = g;
+    grad_y = gamma*invstd * (g - sum_g/M - xhat*sum_gxhat/M) in training, else
+    gamma*invstd*g, with xhat = (y - mean)*invstd."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_mask = rows < M
+    col_mask = cols < C
+    mask = row_mask[:, None] & col_mask[None, :]
+    n = (rows // HW).to(tl.int64)
+    h = (rows % HW) // W
+    w = rows % W
+    g = tl.load(grad_ptr + (n * sg_n + h * sg_h + w * sg_w)[:, None] + cols[None, :] * sg_c,
+                mask=mask, other=0.0).to(ACC_DTYPE)
+    if RELU:
+        o = tl.load(out_ptr + (n * so_n + h * so_h + w * so_w)[:, None] + cols[None, :] * so_c,
+                    mask=mask, other=0.0)
+        g = tl.where(o.to(ACC_DTYPE) > 0, g, 0.0)
+    if WRITE_GRES:
+        tl.store(gres_ptr + (n * se_n + h * se_h + w * se_w)[:, None] + cols[None, :] * se_c,
+                 g.to(gres_ptr.dtype.element_ty), mask=mask)
+    if WRITE_DY:
+        invstd = 1.0 / tl.sqrt(tl.load(var_ptr + cols, mask=col_mask, other=1.0).to(ACC_DTYPE) + eps)
+        k = invstd
+        if HAS_GAMMA:
+            k = k * tl.load(gamma_ptr + cols, mask=col_mask, other=0.0).to(ACC_DTYPE)
+        if TRAINING:
+            mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(ACC_DTYPE)
+            mean_g = tl.load(sum_g_ptr + cols, mask=col_mask, other=0.0).to(ACC_DTYPE) / M
+            mean_gxhat = tl.load(sum_gxhat_ptr + cols, mask=col_mask, other=0.0).to(ACC_DTYPE) / M
+            y = tl.load(y_ptr + (n * sy_n + h * sy_h + w * sy_w)[:, None] + cols[None, :] * sy_c,
+                        mask=mask, other=0.0).to(ACC_DTYPE)
+            xhat = (y - mean[None, :]) * invstd[None, :]
+            g = g - mean_g[None, :] - xhat * mean_gxhat[None, :]
+        tl.store(dy_ptr + (n * sd_n + h * sd_h + w * sd_w)[:, None] + cols[None, :] * sd_c,
+                 (g * k[None, :]).to(dy_ptr.dtype.element_ty), mask=mask)
+
+
+# --- launchers ------------------------------------------------------------------------
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _dot_precision(device: torch.device) -> str:
+    return FP32_DOT_PRECISION if device.type == "cuda" else "ieee"
+
+
+def _conv_config(dtype: torch.dtype, cin_g: int, cout_g: int, c_out: int, precision: str) -> dict:
+    """Block sizes, warps and stages of _conv_fwd_kernel for one layer shape, from a
+    small fixed table (tests/triton/test_conv_bn_act_aot.py compiles every entry for
+    sm_80 and sm_90):
+      direct  C_in/groups <= 4: multiply-adds on 256 x 16 (C_out <= 16) or 64 x 64 tiles;
+      narrow  C_in/groups <= 16 or C_out/groups <= 16: 16 x 16 dot tiles;
+      wide    BLOCK_N 64 (C_out/groups <= 64) or 128 (tensor cores only), BLOCK_K 64
+              (16-bit) or 32 (float32).
+    dot BLOCK_M is 128 on tensor cores (16-bit, or float32 with a tf32 precision), else 64."""
+    if cin_g <= _DIRECT_MAX_CIN_G:  # no tl.dot: PRECISION is unused
+        narrow = c_out <= 16
+        return dict(DIRECT=True, BLOCK_M=256 if narrow else 64, BLOCK_N=16 if narrow else 64, BLOCK_K=16,
+                    PRECISION="ieee", num_warps=4, num_stages=2)
+    tensor_cores = dtype != torch.float32 or precision != "ieee"
+    if cin_g <= 16 or cout_g <= 16:
+        block_n = block_k = 16
+    elif tensor_cores:
+        block_n, block_k = (64 if cout_g <= 64 else 128), (32 if dtype == torch.float32 else 64)
+    else:
+        block_n, block_k = 64, 32
+    return dict(DIRECT=False, BLOCK_M=128 if tensor_cores else 64, BLOCK_N=block_n, BLOCK_K=block_k,
+                PRECISION=precision if dtype == torch.float32 else "ieee",
+                num_warps=8 if block_n == 128 else 4, num_stages=3 if tensor_cores else 2)
+
+
+def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
+    return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
+
+
+def unsupported_reasons(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding,
+                        dilation, groups, training, eps, residual, activation) -> list[str]:
+    """Why the Triton backend cannot run these conv_bn_act arguments ([] when it can).
+
+    CUDA tensors run compiled; CPU tensors run through Triton's interpreter (slow, for
+    tests). float64 runs only in the interpreter."""
+    if triton is None:
+        return [f"triton is not installed ({_IMPORT_ERROR})"]
+    reasons = []
+    if x.device.type not in ("cpu", "cuda"):
+        reasons.append(f"tensors on {x.device.type} are not supported (cuda, or cpu via the interpreter)")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        reasons.append(f"{x.dtype} is not supported")
+    if x.dtype == torch.float64 and x.device.type == "cuda":
+        reasons.append("float64 is not supported on GPU (only in the interpreter on CPU tensors)")
+    if activation not in reference.ACTIVATIONS:
+        reasons.append(f"activation {activation!r} is not supported")
+    if x.dim() != 4 or weight.dim() != 4:
+        reasons.append("x and weight must be 4-D")
+    elif x.numel() == 0 or weight.numel() == 0:
+        reasons.append("zero-size input or weight")
+    elif any(v < 1 for v in reference.conv_output_size(x.shape, weight.shape, stride, padding, dilation)):
+        reasons.append("zero-size output")
+    return reasons
+
+
+def forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
+            groups, training, eps, residual, activation):
+    """conv_bn_act forward; arguments and results exactly as reference.conv_bn_act_forward.
+
+    x [N, C_in, H, W] (a contiguous NCHW x is first converted to channels-last, so the
+    kernel's reduction reads are contiguous in C); weight [C_out, C_in/groups, kH, kW];
+    bias, bn_* [C_out] or None; residual [N, C_out, H_out, W_out] or None.
+    Returns out [N, C_out, H_out, W_out] (x's dtype, reference.output_memory_format(x)),
+    conv_out (training: conv + bias, same shape and format; eval: empty [0]),
+    save_mean, save_var [C_out] (statistics dtype: batch mean and biased variance in
+    training, copies of the running statistics in eval).
+    """
+    fmt = reference.output_memory_format(x)
+    sdtype = reference.stats_dtype(x.dtype)
+    n, c_out, h_out, w_out = reference.conv_output_size(x.shape, weight.shape, stride, padding, dilation)
+    out = torch.empty((n, c_out, h_out, w_out), dtype=x.dtype, device=x.device, memory_format=fmt)
+    conv_args = dict(x=x, weight=weight, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    if not training:
+        invstd = torch.rsqrt(running_var.to(sdtype) + eps)
+        scale = invstd * bn_weight.to(sdtype) if bn_weight is not None else invstd
+        shift = -running_mean.to(sdtype) * scale
+        if bias is not None:
+            shift = shift + bias.to(sdtype) * scale
+        if bn_bias is not None:
+            shift = shift + bn_bias.to(sdtype)
+        _conv(**conv_args, bias=None, scale=scale.contiguous(), shift=shift.contiguous(), residual=residual,
+              out=out, training=False, activation=activation)
+        return out, x.new_empty(0), running_mean.to(sdtype).clone(), running_var.to(sdtype).clone()
+
+    y = torch.empty_like(out)
+    psum, pm2, tile_m = _conv(**conv_args, bias=bias, scale=None, shift=None, residual=None, out=y,
+                              training=True, activation=activation)
+    m = n * h_out * w_out
+    save_mean = torch.empty(c_out, dtype=sdtype, device=x.device)
+    save_var = torch.empty_like(save_mean)
+    scale = torch.empty_like(save_mean)
+    shift = torch.empty_like(save_mean)
+    acc = _acc_dtype(x.dtype)
+    _bn_stats_kernel[(triton.cdiv(c_out, _BN_BLOCK_C),)](
+        psum, pm2, bn_weight if bn_weight is not None else scale, bn_bias if bn_bias is not None else scale,
+        save_mean, save_var, scale, shift, m, c_out, psum.shape[0], eps,
+        HAS_GAMMA=bn_weight is not None, HAS_BETA=bn_bias is not None, ACC_DTYPE=acc,
+        TILE_M=tile_m, BLOCK_T=_STATS_BLOCK_T, BLOCK_C=_BN_BLOCK_C)
+    res = residual if residual is not None else y
+    _bn_act_fwd_kernel[(triton.cdiv(m, _BN_BLOCK_M), triton.cdiv(c_out, _BN_BLOCK_C))](
+        y, scale, shift, res, out, m, c_out, h_out * w_out, w_out,
+        *y.stride(), *res.stride(), *out.stride(),
+        HAS_RESIDUAL=residual is not None, RELU=activation == "relu", ACC_DTYPE=acc,
+        BLOCK_M=_BN_BLOCK_M, BLOCK_C=_BN_BLOCK_C)
+    return out, y, save_mean, save_var
+
+
+def _conv(x, weight, bias, scale, shift, residual, out, stride, padding, dilation, groups, training, activation):
+    """Launches _conv_fwd_kernel into `out` ([N, C_out, H_out, W_out], any strides).
+    Training: returns the partial statistics (psum, pm2) and their row tile size."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    c_out, cin_g, kh, kw = weight.shape
+    cout_g = c_out // groups
+    w = weight.permute(0, 2, 3, 1).contiguous()
+    n, _, h_out, w_out = out.shape
+    m = n * h_out * w_out
+    cfg = _conv_config(x.dtype, cin_g, cout_g, c_out, _dot_precision(x.device))
+    num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    tiles = triton.cdiv(m, cfg["BLOCK_M"])
+    if cfg["DIRECT"]:
+        grid = (tiles, triton.cdiv(c_out, cfg["BLOCK_N"]), 1)
+    else:
+        grid = (tiles, triton.cdiv(cout_g, cfg["BLOCK_N"]), groups)
+    psum = pm2 = None
+    if training:
+        psum = torch.empty((tiles, c_out), dtype=reference.stats_dtype(x.dtype), device=x.device)
+        pm2 = torch.empty_like(psum)
+    dummy = out
+    _conv_fwd_kernel[grid](
+        x, w, bias if bias is not None else dummy, scale if scale is not None else dummy,
+        shift if shift is not None else dummy, residual if residual is not None else dummy, out,
+        psum if psum is not None else dummy, pm2 if pm2 is not None else dummy,
+        m, x.shape[2], x.shape[3], h_out, w_out, cin_g, cout_g, c_out, kh, kw,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        *x.stride(), *_strides4(residual), *out.stride(),
+        TRAINING=training, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        RELU=activation == "relu", ACC_DTYPE=_acc_dtype(x.dtype), **cfg,
+        num_warps=num_warps, num_stages=num_stages)
+    return psum, pm2, cfg["BLOCK_M"]
+
+
+def backward(grad_out, out, x, weight, bias, conv_out, bn_weight, save_mean, save_var, stride, padding,
+             dilation, groups, training, eps, activation, output_mask):
+    """conv_bn_act backward; arguments and results exactly as reference.conv_bn_act_backward.
+
+    grad_out, out [N, C_out, H_out, W_out]; conv_out the forward's y (empty in eval:
+    recomputed with the forward kernel when grad_bn_weight is wanted); save_mean,
+    save_var [C_out]. Returns (grad_x, grad_weight, grad_bias, grad_bn_weight,
+    grad_bn_bias, grad_residual), unwanted ones (output_mask False) as empty [0].
+    Triton computes the BN / activation part (per-channel sums of g and g*xhat, then
+    grad_y and grad_residual in one elementwise pass); grad_x, grad_weight and grad_bias
+    come from torch.ops.aten.convolution_backward on grad_y (cuDNN on GPU).
+    """
+    fmt = reference.output_memory_format(x)
+    sdtype = reference.stats_dtype(x.dtype)
+    acc = _acc_dtype(x.dtype)
+    n, c_out, h_out, w_out = grad_out.shape
+    m = n * h_out * w_out
+    want_conv = any(output_mask[:3])
+    relu = activation == "relu"
+    need_y = training or output_mask[3]
+    need_sums = (training and want_conv) or output_mask[3] or output_mask[4]
+    y = conv_out
+    if need_y and y.numel() == 0:
+        y = torch.empty((n, c_out, h_out, w_out), dtype=x.dtype, device=x.device, memory_format=fmt)
+        _conv(x, weight, bias, None, None, None, y, stride, padding, dilation, groups, True, activation)
+    y_arg = y if need_y else grad_out
+    grad_beta = torch.empty(c_out, dtype=sdtype, device=x.device)
+    grad_gamma = torch.empty_like(grad_beta)
+    if need_sums:
+        splits = min(triton.cdiv(m, _BN_BLOCK_M), _MAX_SPLITS)
+        rows_per_split = triton.cdiv(triton.cdiv(m, splits), _BN_BLOCK_M) * _BN_BLOCK_M
+        splits = triton.cdiv(m, rows_per_split)
+        pg = torch.empty((splits, c_out), dtype=sdtype, device=x.device)
+        pgy = torch.empty_like(pg)
+        _bn_bwd_reduce_kernel[(splits, triton.cdiv(c_out, _BN_BLOCK_C))](
+            grad_out, out, y_arg, save_mean, pg, pgy, m, c_out, h_out * w_out, w_out, rows_per_split,
+            *grad_out.stride(), *out.stride(), *y_arg.stride(),
+            HAS_Y=need_y, RELU=relu, ACC_DTYPE=acc, BLOCK_M=_BN_BLOCK_M, BLOCK_C=_BN_BLOCK_C)
+        _bn_bwd_finalize_kernel[(triton.cdiv(c_out, _BN_BLOCK_C),)](
+            pg, pgy, save_var, grad_beta, grad_gamma, c_out, splits, eps,
+            HAS_Y=need_y, ACC_DTYPE=acc, BLOCK_S=16, BLOCK_C=_BN_BLOCK_C)
+
+    dy = torch.empty((n, c_out, h_out, w_out), dtype=x.dtype, device=x.device, memory_format=fmt) if want_conv else None
+    grad_res = torch.empty((n, c_out, h_out, w_out), dtype=x.dtype, device=x.device,
+                           memory_format=fmt) if output_mask[5] else None
+    if want_conv or output_mask[5]:
+        dy_arg = dy if dy is not None else grad_res
+        gres_arg = grad_res if grad_res is not None else dy
+        _bn_bwd_elementwise_kernel[(triton.cdiv(m, _BN_BLOCK_M), triton.cdiv(c_out, _BN_BLOCK_C))](
+            grad_out, out, y_arg, save_mean, save_var, bn_weight if bn_weight is not None else save_var,
+            grad_beta, grad_gamma, dy_arg, gres_arg, m, c_out, h_out * w_out, w_out, eps,
+            *grad_out.stride(), *out.stride(), *y_arg.stride(), *dy_arg.stride(), *gres_arg.stride(),
+            TRAINING=training, HAS_GAMMA=bn_weight is not None, RELU=relu, WRITE_DY=want_conv,
+            WRITE_GRES=output_mask[5], ACC_DTYPE=acc, BLOCK_M=_BN_BLOCK_M, BLOCK_C=_BN_BLOCK_C)
+
+    empty_x, empty_s = x.new_empty(0), save_mean.new_empty(0)
+    grad_x = grad_w = grad_b = empty_x
+    if want_conv:
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            dy, x, weight, [c_out] if bias is not None else None, list(stride), list(padding), list(dilation),
+            False, [0, 0], groups, [output_mask[0], output_mask[1], output_mask[2]])
+        grad_x = gx.contiguous(memory_format=fmt) if output_mask[0] else empty_x
+        grad_w = gw.contiguous() if output_mask[1] else empty_x
+        grad_b = gb.contiguous() if output_mask[2] else empty_x
+    return (grad_x, grad_w, grad_b,
+            grad_gamma if output_mask[3] else empty_s,
+            grad_beta if output_mask[4] else empty_s,
+            grad_res if output_mask[5] else empty_x)
