@@ -9,12 +9,6 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
-# nvcc from PATH; headers such as cusparse.h come with torch's nvidia wheels.
-NVCC := $(shell command -v nvcc 2>/dev/null)
-ifneq ($(NVCC),)
-export CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(realpath $(NVCC)))
-endif
-
 .PHONY: all venv install test bench clean
 
 all: test
@@ -27,8 +21,7 @@ $(VENV)/.deps-installed: requirements-dev.txt
 venv: $(VENV)/.deps-installed
 
 install: venv
-	CPATH="$$($(PY) -c 'import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], "cu13", "include"))' 2>/dev/null):$$CPATH" \
-	  $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PY) -m cnnkernels.info
 
 test: install

@@ -9,12 +9,42 @@ Environment:
 import glob
 import os
 import shutil
+import subprocess
 
 from setuptools import setup
 
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _find_cuda_home() -> str | None:
+    """The CUDA toolkit folder (holding bin/nvcc and lib64/libcudart.so). torch guesses it
+    from nvcc's location, which is wrong when nvcc on PATH is a wrapper script; ask nvcc."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        try:
+            dryrun = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True).stderr
+            candidates += [os.path.normpath(line.split("=", 1)[1].strip().strip('"'))
+                           for line in dryrun.splitlines() if line.startswith("#$ TOP=")]
+        except OSError:
+            pass
+    candidates += [cpp_extension.CUDA_HOME, "/usr/local/cuda"]
+    for home in candidates:
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")) and glob.glob(
+                os.path.join(home, "lib*", "libcudart.so*")):
+            return home
+    return None
+
+
+def _nvidia_wheel_includes() -> list[str]:
+    """Headers such as cusparse.h that ship in torch's nvidia wheels (nvidia/cu13/include)."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    return sorted(glob.glob(os.path.join(list(nvidia.__path__)[0], "cu*", "include")))
 
 
 def _cuda_build_wanted() -> tuple[bool, str]:
@@ -24,8 +54,10 @@ def _cuda_build_wanted() -> tuple[bool, str]:
 
     if torch.version.cuda is None:
         return False, "torch is a CPU-only build"
-    if cpp_extension.CUDA_HOME is None or shutil.which("nvcc", path=os.path.join(cpp_extension.CUDA_HOME, "bin")) is None:
-        return False, "nvcc not found (set CUDA_HOME)"
+    home = _find_cuda_home()
+    if home is None:
+        return False, "no CUDA toolkit with nvcc and libcudart found (set CUDA_HOME)"
+    os.environ["CUDA_HOME"] = cpp_extension.CUDA_HOME = home
     return True, f"nvcc in {cpp_extension.CUDA_HOME}, torch CUDA {torch.version.cuda}"
 
 
@@ -42,6 +74,7 @@ def _extension():
             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    include_dirs += _nvidia_wheel_includes()
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
     return cpp_extension.CUDAExtension(
         "cnnkernels._C", sources, include_dirs=include_dirs,
