@@ -1,0 +1,229 @@
+// CUDA backend of conv_bn_act: the convolution runs through ATen (at::convolution ->
+// cuDNN) in csrc/common/conv_bn_act_driver.h; this file launches the four per-channel
+// passes of csrc/cuda/conv_bn_act_kernels.cuh on the current stream and registers the
+// _native ops for the CUDA dispatch key.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <string_view>
+#include <tuple>
+
+#include "common/conv_bn_act_driver.h"
+#include "cuda/conv_bn_act_kernels.cuh"
+
+namespace cnnkernels {
+namespace {
+
+namespace k = conv_bn_act_cuda;
+
+// ATen's element types -> the CUDA types the kernels are written for (same bits).
+template <typename T>
+struct DeviceType {
+  using type = T;
+};
+template <>
+struct DeviceType<at::Half> {
+  using type = __half;
+};
+template <>
+struct DeviceType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+// Pointer to t's data as T (dtype-checked by ATen), or nullptr if t is undefined.
+template <typename T>
+const typename DeviceType<T>::type* in_ptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<const typename DeviceType<T>::type*>(t.const_data_ptr<T>()) : nullptr;
+}
+template <typename T>
+typename DeviceType<T>::type* out_ptr(at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<typename DeviceType<T>::type*>(t.mutable_data_ptr<T>()) : nullptr;
+}
+
+// A per-channel vector: C contiguous values of the statistics type (dtype-checked by ATen).
+template <typename acc_t>
+const acc_t* channel_ptr(const at::Tensor& t, int64_t c, const char* name) {
+  TORCH_CHECK(t.defined(), name, " is required here");
+  TORCH_CHECK(t.dim() == 1 && t.numel() == c && t.is_contiguous(), name, " must be a contiguous [", c,
+              "] tensor, got shape ", t.sizes());
+  return t.const_data_ptr<acc_t>();
+}
+
+// [N, C, H, W] dense NCHW or channels_last (the driver guarantees one of the two).
+k::Geometry geometry(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4 && t.is_cuda(), name, " must be a 4-D CUDA tensor");
+  const int64_t n = t.size(0), c = t.size(1), s = t.size(2) * t.size(3);
+  if (t.is_contiguous()) return k::nchw_geometry(n, c, s);
+  TORCH_CHECK(t.is_contiguous(at::MemoryFormat::ChannelsLast), name,
+              " must be contiguous or channels_last-contiguous, got strides ", t.strides());
+  return k::nhwc_geometry(n, c, s);
+}
+
+// An optional activation tensor must share the layout and dtype of the first one.
+void check_like(const at::Tensor& t, const at::Tensor& like, const k::Geometry& g, const char* name) {
+  if (!t.defined()) return;
+  TORCH_CHECK(t.sizes() == like.sizes() && t.scalar_type() == like.scalar_type() && t.device() == like.device(),
+              name, " must match the shape, dtype and device of the other activation tensors");
+  const bool channels_last = g.stride_c == 1 && g.s > 1;  // NCHW has stride_c == 1 only when S == 1
+  const bool ok = channels_last ? t.is_contiguous(at::MemoryFormat::ChannelsLast) : t.is_contiguous();
+  TORCH_CHECK(ok, name, " must have the memory format of the other activation tensors");
+}
+
+// Blocks that fill the GPU once; grids are capped here and loop over the rest.
+int max_blocks() {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  return prop->multiProcessorCount * (prop->maxThreadsPerMultiProcessor / k::kThreads);
+}
+
+void batch_stats_cuda(const at::Tensor& y, at::Tensor& mean, at::Tensor& var) {
+  const k::Geometry g = geometry(y, "y");
+  if (g.c == 0) return;
+  if (g.numel() == 0) {
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    var.fill_(std::numeric_limits<double>::quiet_NaN());
+    return;
+  }
+  const k::ReduceLaunch rl = k::reduce_launch(g, max_blocks());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "conv_bn_act_cuda_batch_stats", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using data_t = typename DeviceType<scalar_t>::type;
+    const auto acc_opts = y.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    at::Tensor p_mean = at::empty({g.c * rl.partials}, acc_opts);
+    at::Tensor p_m2 = at::empty({g.c * rl.partials}, acc_opts);
+    at::Tensor p_count = at::empty({g.c * rl.partials}, y.options().dtype(at::kLong));
+    k::batch_stats_partial_kernel<data_t, acc_t><<<rl.grid, rl.block, 0, stream>>>(
+        in_ptr<scalar_t>(y), g, p_mean.mutable_data_ptr<acc_t>(), p_m2.mutable_data_ptr<acc_t>(),
+        p_count.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    k::batch_stats_finalize_kernel<data_t, acc_t><<<k::elementwise_grid(g.c, max_blocks()), k::kThreads, 0, stream>>>(
+        in_ptr<scalar_t>(y), g, p_mean.const_data_ptr<acc_t>(), p_m2.const_data_ptr<acc_t>(),
+        p_count.const_data_ptr<int64_t>(), rl.partials, mean.mutable_data_ptr<acc_t>(),
+        var.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void scale_shift_act_cuda(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
+                          const at::Tensor& residual, bool relu, at::Tensor& out) {
+  const k::Geometry g = geometry(y, "y");
+  check_like(residual, y, g, "residual");
+  check_like(out, y, g, "out");
+  if (g.numel() == 0) return;
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "conv_bn_act_cuda_scale_shift_act", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using data_t = typename DeviceType<scalar_t>::type;
+    k::scale_shift_act_kernel<data_t, acc_t><<<k::elementwise_grid(g.numel(), max_blocks()), k::kThreads, 0, stream>>>(
+        in_ptr<scalar_t>(y), channel_ptr<acc_t>(scale, g.c, "scale"), channel_ptr<acc_t>(shift, g.c, "shift"),
+        in_ptr<scalar_t>(residual), g, relu, out_ptr<scalar_t>(out));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void backward_reduce_cuda(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& y,
+                          const at::Tensor& mean, const at::Tensor& invstd, bool relu, at::Tensor& sum_g,
+                          at::Tensor& sum_g_xhat) {
+  const k::Geometry g = geometry(grad_out, "grad_out");
+  if (relu) {
+    TORCH_CHECK(out.defined(), "out is required for relu");
+    check_like(out, grad_out, g, "out");
+  }
+  check_like(y, grad_out, g, "y");
+  const bool with_y = y.defined();
+  TORCH_CHECK(!with_y || sum_g_xhat.defined(), "sum_g_xhat must be defined when y is");
+  if (g.c == 0) return;
+  if (g.numel() == 0) {
+    sum_g.zero_();
+    if (with_y) sum_g_xhat.zero_();
+    return;
+  }
+  const k::ReduceLaunch rl = k::reduce_launch(g, max_blocks());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "conv_bn_act_cuda_backward_reduce", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using data_t = typename DeviceType<scalar_t>::type;
+    const auto acc_opts = grad_out.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    at::Tensor p_g = at::empty({g.c * rl.partials}, acc_opts);
+    at::Tensor p_gx = with_y ? at::empty({g.c * rl.partials}, acc_opts) : at::Tensor();
+    k::backward_reduce_partial_kernel<data_t, acc_t><<<rl.grid, rl.block, 0, stream>>>(
+        in_ptr<scalar_t>(grad_out), relu ? in_ptr<scalar_t>(out) : nullptr, in_ptr<scalar_t>(y),
+        with_y ? channel_ptr<acc_t>(mean, g.c, "mean") : nullptr,
+        with_y ? channel_ptr<acc_t>(invstd, g.c, "invstd") : nullptr, g,
+        relu, p_g.mutable_data_ptr<acc_t>(), with_y ? p_gx.mutable_data_ptr<acc_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    k::backward_reduce_finalize_kernel<acc_t><<<k::elementwise_grid(g.c, max_blocks()), k::kThreads, 0, stream>>>(
+        p_g.const_data_ptr<acc_t>(), with_y ? p_gx.const_data_ptr<acc_t>() : nullptr, g.c, rl.partials,
+        sum_g.mutable_data_ptr<acc_t>(), with_y ? sum_g_xhat.mutable_data_ptr<acc_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void backward_elementwise_cuda(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& y,
+                               const at::Tensor& mean, const at::Tensor& g_scale, const at::Tensor& y_scale,
+                               const at::Tensor& shift, bool relu, at::Tensor& grad_y, at::Tensor& grad_pre) {
+  const k::Geometry g = geometry(grad_out, "grad_out");
+  if (relu) {
+    TORCH_CHECK(out.defined(), "out is required for relu");
+    check_like(out, grad_out, g, "out");
+  }
+  check_like(y, grad_out, g, "y");
+  check_like(grad_y, grad_out, g, "grad_y");
+  check_like(grad_pre, grad_out, g, "grad_pre");
+  const bool with_y = y.defined();
+  if (g.numel() == 0 || (!grad_y.defined() && !grad_pre.defined())) return;
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "conv_bn_act_cuda_backward_elementwise", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using data_t = typename DeviceType<scalar_t>::type;
+    k::backward_elementwise_kernel<data_t, acc_t><<<k::elementwise_grid(g.numel(), max_blocks()), k::kThreads, 0, stream>>>(
+        in_ptr<scalar_t>(grad_out), relu ? in_ptr<scalar_t>(out) : nullptr, in_ptr<scalar_t>(y),
+        with_y ? channel_ptr<acc_t>(mean, g.c, "mean") : nullptr, channel_ptr<acc_t>(g_scale, g.c, "g_scale"),
+        with_y ? channel_ptr<acc_t>(y_scale, g.c, "y_scale") : nullptr, channel_ptr<acc_t>(shift, g.c, "shift"), g,
+        relu,
+        out_ptr<scalar_t>(grad_y), out_ptr<scalar_t>(grad_pre));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+const ConvBnActKernels& cuda_kernels() {
+  static const ConvBnActKernels kernels{&batch_stats_cuda, &scale_shift_act_cuda, &backward_reduce_cuda,
+                                        &backward_elementwise_cuda};
+  return kernels;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training,
+    double eps, const std::optional<at::Tensor>& residual, std::string_view activation) {
+  return conv_bn_act_forward(cuda_kernels(), x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                             stride, padding, dilation, groups, training, eps, residual, activation);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& conv_out, const std::optional<at::Tensor>& bn_weight,
+    const at::Tensor& save_mean, const at::Tensor& save_var, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, bool training, double eps, std::string_view activation,
+    std::array<bool, 6> output_mask) {
+  return conv_bn_act_backward(cuda_kernels(), grad_out, out, x, weight, bias, conv_out, bn_weight, save_mean,
+                              save_var, stride, padding, dilation, groups, training, eps, activation, output_mask);
+}
+
+}  // namespace
+}  // namespace cnnkernels
+
+TORCH_LIBRARY_IMPL(cnnkernels, CUDA, m) {
+  m.impl("_conv_bn_act_forward_native", &cnnkernels::forward_cuda);
+  m.impl("_conv_bn_act_backward_native", &cnnkernels::backward_cuda);
+}
