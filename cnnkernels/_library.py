@@ -25,6 +25,19 @@ PUBLIC_SCHEMAS = {
         "Tensor grad_weight, Tensor grad_bias, Tensor grad_bn_weight, Tensor grad_bn_bias, "
         "Tensor grad_residual)"
     ),
+    "add_act": "(Tensor x, Tensor residual, str activation) -> Tensor",
+    "add_act_backward": "(Tensor grad_out, Tensor out, str activation) -> Tensor",
+    "se_excite": (
+        "(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "
+        "Tensor? residual, str activation) -> (Tensor out, Tensor squeezed, Tensor hidden, "
+        "Tensor gate)"
+    ),
+    "se_excite_backward": (
+        "(Tensor grad_out, Tensor out, Tensor x, Tensor fc1_weight, Tensor fc2_weight, "
+        "Tensor squeezed, Tensor hidden, Tensor gate, str activation, bool[6] output_mask) -> "
+        "(Tensor grad_x, Tensor grad_fc1_weight, Tensor grad_fc1_bias, Tensor grad_fc2_weight, "
+        "Tensor grad_fc2_bias, Tensor grad_residual)"
+    ),
 }
 
 LOAD_ERROR: str | None = None

@@ -25,7 +25,10 @@ def _sample_inputs(device: str) -> dict[str, tuple]:
     channel = torch.ones(16, device=device)
     conv_bn_act = (x, weight, None, channel, channel, channel, channel, [1, 1], [1, 1], [1, 1], 1, False,
                    1e-5, None, "relu")
-    return {"conv_bn_act": conv_bn_act}
+    se_excite = (x, torch.randn(2, 8, device=device), torch.zeros(2, device=device),
+                 torch.randn(8, 2, device=device), torch.zeros(8, device=device), None, "none")
+    add_act = (torch.randn(2, 8, 8, 8, device=device), torch.randn(2, 8, 8, 8, device=device), "relu")
+    return {"conv_bn_act": conv_bn_act, "add_act": add_act, "se_excite": se_excite}
 
 
 def report() -> str:

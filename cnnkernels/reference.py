@@ -126,3 +126,88 @@ def conv_bn_act_backward(grad_out, out, x, weight, bias, conv_out, bn_weight, sa
         grad_beta.contiguous() if output_mask[4] else _empty(save_mean),
         g.to(x.dtype).contiguous(memory_format=fmt) if output_mask[5] else _empty(x),
     )
+
+
+# --- add_act ------------------------------------------------------------------------
+# forward(x, residual, activation) -> out = act(x + residual)
+#   x, residual: same shape (any ndim >= 1), dtype and device, any strides; out in x's
+#   dtype and in output_memory_format(x). The sum is formed in the statistics dtype and
+#   rounded once (relu commutes with that rounding).
+# backward(grad_out, out, activation) -> grad = grad_out * (out > 0) for relu, grad_out
+#   for none: the gradient of both x and residual, in output_memory_format(out).
+
+def add_act_forward(x, residual, activation):
+    sdtype = stats_dtype(x.dtype)
+    z = _activate(x.to(sdtype) + residual.to(sdtype), activation)
+    return z.to(x.dtype).contiguous(memory_format=output_memory_format(x))
+
+
+def add_act_backward(grad_out, out, activation):
+    fmt = output_memory_format(out)
+    if activation == "relu":
+        g = torch.where(out > 0, grad_out, torch.zeros((), dtype=grad_out.dtype, device=grad_out.device))
+        return g.to(out.dtype).contiguous(memory_format=fmt)
+    return torch.empty_like(out, memory_format=fmt).copy_(grad_out)  # a new tensor, never an alias
+
+
+# --- se_excite ---------------------------------------------------------------------------
+# forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation)
+#     -> (out, squeezed, hidden, gate)
+#   x [N, C, H, W]; fc1_weight [R, C], fc1_bias [R] or None; fc2_weight [C, R], fc2_bias
+#   [C] or None (the public op flattens 1x1-conv weights to these); residual like x or None.
+#   squeezed [N, C] = mean of x over H, W; hidden [N, R] = relu(fc1(squeezed)) (after the
+#   relu); gate [N, C] = sigmoid(fc2(hidden)); all three in the statistics dtype.
+#   out = act(x * gate[:, :, None, None] + residual), x's dtype and memory format.
+# backward(grad_out, out, x, fc1_weight, fc2_weight, squeezed, hidden, gate, activation,
+#          output_mask) -> (grad_x, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight,
+#                           grad_fc2_bias, grad_residual)
+#   g = grad_out (masked by out > 0 for relu); grad_residual = g;
+#   d_gate = sum_hw g * x; d_z2 = d_gate * gate * (1 - gate); d_hidden = d_z2 @ fc2_weight;
+#   d_z1 = d_hidden * (hidden > 0); grad_x = g * gate + (d_z1 @ fc1_weight) / (H * W);
+#   grad_fc2_weight = d_z2^T @ hidden, grad_fc2_bias = sum_n d_z2, and alike for fc1.
+#   Unwanted outputs (output_mask False) are empty [0]; every gradient in x's dtype,
+#   grad_x and grad_residual in x's memory format, the others contiguous.
+
+def se_excite_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation):
+    fmt = output_memory_format(x)
+    sdtype = stats_dtype(x.dtype)
+    xs = x.to(sdtype)
+    squeezed = xs.mean(dim=(2, 3))
+    hidden = torch.relu(F.linear(squeezed, fc1_weight.to(sdtype),
+                                 fc1_bias.to(sdtype) if fc1_bias is not None else None))
+    gate = torch.sigmoid(F.linear(hidden, fc2_weight.to(sdtype),
+                                  fc2_bias.to(sdtype) if fc2_bias is not None else None))
+    z = xs * gate[:, :, None, None]
+    if residual is not None:
+        z = z + residual.to(sdtype)
+    out = _activate(z, activation).to(x.dtype).contiguous(memory_format=fmt)
+    return out, squeezed.contiguous(), hidden.contiguous(), gate.contiguous()
+
+
+def se_excite_backward(grad_out, out, x, fc1_weight, fc2_weight, squeezed, hidden, gate, activation,
+                       output_mask):
+    fmt = output_memory_format(x)
+    sdtype = stats_dtype(x.dtype)
+    g = grad_out.to(sdtype)
+    if activation == "relu":
+        g = torch.where(out > 0, g, torch.zeros_like(g))
+    gate, hidden, squeezed = gate.to(sdtype), hidden.to(sdtype), squeezed.to(sdtype)
+    d_gate = (g * x.to(sdtype)).sum(dim=(2, 3))
+    d_z2 = d_gate * gate * (1 - gate)
+    d_z1 = (d_z2 @ fc2_weight.to(sdtype)) * (hidden > 0)
+    grad_x = None
+    if output_mask[0]:
+        d_squeezed = (d_z1 @ fc1_weight.to(sdtype)) / (x.shape[2] * x.shape[3])
+        grad_x = g * gate[:, :, None, None] + d_squeezed[:, :, None, None]
+    results = (
+        grad_x,
+        d_z1.t() @ squeezed if output_mask[1] else None,
+        d_z1.sum(dim=0) if output_mask[2] else None,
+        d_z2.t() @ hidden if output_mask[3] else None,
+        d_z2.sum(dim=0) if output_mask[4] else None,
+        g if output_mask[5] else None,
+    )
+    return tuple(
+        _empty(x) if r is None else
+        r.to(x.dtype).contiguous(memory_format=fmt if i in (0, 5) else torch.contiguous_format)
+        for i, r in enumerate(results))

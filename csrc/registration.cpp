@@ -35,10 +35,31 @@ bool built_with_cuda() { return cnnkernels::kBuiltWithCuda; }
   "Tensor grad_weight, Tensor grad_bias, Tensor grad_bn_weight, Tensor grad_bn_bias, "  \
   "Tensor grad_residual)"
 
+#define ADD_ACT_FORWARD_ARGS "(Tensor x, Tensor residual, str activation) -> Tensor"
+#define ADD_ACT_BACKWARD_ARGS "(Tensor grad_out, Tensor out, str activation) -> Tensor"
+
+#define SE_EXCITE_FORWARD_ARGS                                                          \
+  "(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "  \
+  "Tensor? residual, str activation) -> (Tensor out, Tensor squeezed, Tensor hidden, "     \
+  "Tensor gate)"
+#define SE_EXCITE_BACKWARD_ARGS                                                         \
+  "(Tensor grad_out, Tensor out, Tensor x, Tensor fc1_weight, Tensor fc2_weight, "         \
+  "Tensor squeezed, Tensor hidden, Tensor gate, str activation, bool[6] output_mask) -> "  \
+  "(Tensor grad_x, Tensor grad_fc1_weight, Tensor grad_fc1_bias, Tensor grad_fc2_weight, " \
+  "Tensor grad_fc2_bias, Tensor grad_residual)"
+
 TORCH_LIBRARY(cnnkernels, m) {
   m.def("_built_with_cuda() -> bool", &built_with_cuda);
   m.def("conv_bn_act" CONV_BN_ACT_FORWARD_ARGS);
   m.def("conv_bn_act_backward" CONV_BN_ACT_BACKWARD_ARGS);
   m.def("_conv_bn_act_forward_native" CONV_BN_ACT_FORWARD_ARGS);
   m.def("_conv_bn_act_backward_native" CONV_BN_ACT_BACKWARD_ARGS);
+  m.def("add_act" ADD_ACT_FORWARD_ARGS);
+  m.def("add_act_backward" ADD_ACT_BACKWARD_ARGS);
+  m.def("_add_act_forward_native" ADD_ACT_FORWARD_ARGS);
+  m.def("_add_act_backward_native" ADD_ACT_BACKWARD_ARGS);
+  m.def("se_excite" SE_EXCITE_FORWARD_ARGS);
+  m.def("se_excite_backward" SE_EXCITE_BACKWARD_ARGS);
+  m.def("_se_excite_forward_native" SE_EXCITE_FORWARD_ARGS);
+  m.def("_se_excite_backward_native" SE_EXCITE_BACKWARD_ARGS);
 }

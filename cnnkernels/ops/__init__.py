@@ -3,8 +3,14 @@ with forward, backward, a fake implementation and four backends."""
 from cnnkernels._backends import explain as _explain
 from cnnkernels.ops import conv_bn_act as _conv_bn_act_module
 from cnnkernels.ops.conv_bn_act import conv_bn_act
+from cnnkernels.ops import add_act as _add_act_module
+from cnnkernels.ops.add_act import add_act
+from cnnkernels.ops import se_excite as _se_excite_module
+from cnnkernels.ops.se_excite import se_excite
 
 _NORMALIZERS = {"conv_bn_act": _conv_bn_act_module._normalize_call}
+_NORMALIZERS["add_act"] = _add_act_module._normalize_call
+_NORMALIZERS["se_excite"] = _se_excite_module._normalize_call
 
 
 def explain(op_name: str, *args, **kwargs) -> dict:
@@ -16,3 +22,5 @@ def explain(op_name: str, *args, **kwargs) -> dict:
 
 
 __all__ = ["conv_bn_act", "explain"]
+__all__.append("add_act")
+__all__ += ["se_excite"]

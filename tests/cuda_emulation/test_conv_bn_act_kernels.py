@@ -2,31 +2,22 @@
 through the host emulation (csrc/emulation/cuda_host_emulation.h) and checked against
 plain torch in float64.
 
-The harness (conv_bn_act_harness.cpp) is built once with g++ into a cache folder under
-the temp dir keyed by the hash of its sources and flags. Every output buffer is filled
+The harness (conv_bn_act_harness.cpp) is built once with g++ by emulation_build.py into
+a cache folder under the temp dir keyed by the hash of its sources and flags. Every output buffer is filled
 with NaN before the kernels run, so an element they fail to write shows up.
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+import emulation_build
+from emulation_build import ROOT
+
 HARNESS = ROOT / "tests" / "cuda_emulation" / "conv_bn_act_harness.cpp"
-SOURCES = [
-    ROOT / "csrc" / "emulation" / "cuda_host_emulation.h",
-    ROOT / "csrc" / "cuda" / "conv_bn_act_kernels.cuh",
-    HARNESS,
-]
-FLAGS = ["-std=c++20", "-O1", "-pthread", "-shared", "-fPIC"]
+KERNELS = [ROOT / "csrc" / "cuda" / "conv_bn_act_kernels.cuh"]
 
 P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {
@@ -37,41 +28,13 @@ SIGNATURES = {
 }
 
 
-def _build() -> Path:
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("g++ not found: cannot build the CUDA host emulation harness")
-    digest = hashlib.sha256(" ".join([gxx, *FLAGS]).encode())
-    for source in SOURCES:
-        digest.update(source.read_bytes())
-    cache = Path(tempfile.gettempdir()) / "cnnkernels_cuda_emulation" / digest.hexdigest()[:16]
-    library = cache / "conv_bn_act_harness.so"
-    if not library.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        partial = cache / f"build-{os.getpid()}.so"
-        result = subprocess.run(
-            [gxx, *FLAGS, f"-I{ROOT / 'csrc'}", str(HARNESS), "-o", str(partial)],
-            capture_output=True, text=True)
-        if result.returncode != 0:
-            pytest.fail(f"g++ could not build the emulation harness:\n{result.stderr}")
-        os.replace(partial, library)  # atomic: concurrent test runs never load half a file
-    return library
-
-
 @pytest.fixture(scope="module")
 def lib():
-    handle = ctypes.CDLL(str(_build()))
-    for name, argtypes in SIGNATURES.items():
-        for suffix in ("f32", "f64"):
-            fn = getattr(handle, f"{name}_{suffix}")
-            fn.argtypes, fn.restype = argtypes, ctypes.c_int
-    return handle
+    return emulation_build.load(HARNESS, KERNELS, SIGNATURES)
 
 
 def _call(lib, name, dtype, *args):
-    suffix = {torch.float32: "f32", torch.float64: "f64"}[dtype]
-    converted = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
-    assert getattr(lib, f"{name}_{suffix}")(*converted) == 0, f"{name}: launch refused"
+    emulation_build.call(lib, name, dtype, *args)
 
 
 def _layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:

@@ -1,0 +1,230 @@
+"""cnnkernels.ops.se_excite: the Squeeze-and-Excitation gate (+ residual + activation), fused.
+
+The registered ops (schemas in csrc/registration.cpp):
+  cnnkernels::se_excite           forward, returns (out, squeezed, hidden, gate)
+  cnnkernels::se_excite_backward  the six gradients
+Both get their CPU and CUDA kernels here; each kernel picks a backend per call
+(cnnkernels/_backends.py). The forward keeps the per-sample squeeze (mean of x), the
+hidden activations and the gate, so the backward never reduces x twice for them.
+Fake implementations and autograd are registered here too, so torch.compile traces the
+op without a graph break.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import torch
+
+from cnnkernels import _backends, _library, reference
+from cnnkernels._backends import Implementation
+from cnnkernels.ops import _checks
+
+OP = "se_excite"
+BACKWARD_OP = "se_excite_backward"
+_FORWARD_ARGS = ("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "residual", "activation")
+_GRAD_INPUT_INDEX = (0, 1, 2, 3, 4, 5)  # every tensor argument, in schema order
+
+
+def se_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, residual=None, activation="none"):
+    """act(x * sigmoid(fc2(relu(fc1(mean_hw(x))))) + residual) in one fused op.
+
+    Shapes: x [N, C, H, W]; fc1_weight [R, C] or [R, C, 1, 1] (a 1x1 convolution's
+    weight), fc1_bias [R] or None; fc2_weight [C, R] or [C, R, 1, 1], fc2_bias [C] or
+    None; residual [N, C, H, W] or None. The weights and biases have x's dtype and
+    device. Returns [N, C, H, W] in x's dtype and memory format (channels_last in,
+    channels_last out).
+
+    Semantics are exactly those of
+    ``s = x.mean((2, 3)); h = relu(F.linear(s, fc1_weight, fc1_bias));
+    gate = sigmoid(F.linear(h, fc2_weight, fc2_bias));
+    act(x * gate[:, :, None, None] + residual)`` with activation "relu" or "none",
+    computed in float32 (float64 for float64 x). Gradients flow to x, the four fc
+    parameters and residual. Which backend runs is explained by
+    ``cnnkernels.ops.explain("se_excite", x, fc1_weight, ...)``.
+    """
+    args = _normalize(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation)
+    return torch.ops.cnnkernels.se_excite(*args)[0]
+
+
+def _fc_weight(t, name: str, rows: int | None, cols: int | None, x):
+    """A [rows, cols] or [rows, cols, 1, 1] weight, returned as the [rows, cols] view."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() == 4:
+        if tuple(t.shape[2:]) != (1, 1):
+            raise ValueError(f"{name} must be [out, in] or [out, in, 1, 1], got shape {tuple(t.shape)}")
+        t = t.flatten(1)
+    _checks.check_tensor(t, name, ndim=2)
+    _checks.check_like(t, name, x)
+    expected = (rows if rows is not None else t.shape[0], cols if cols is not None else t.shape[1])
+    if tuple(t.shape) != expected:
+        raise ValueError(f"{name} must have shape {expected} (or with trailing 1, 1), got {tuple(t.shape)}")
+    return t
+
+
+def _normalize(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation) -> tuple:
+    """Checks every argument and returns them in the schema's order and types."""
+    _checks.check_activation(activation, reference.ACTIVATIONS)
+    _checks.check_tensor(x, "x", ndim=4)
+    n, c, h, w = x.shape
+    if c < 1 or h * w < 1:
+        raise ValueError(f"x must have at least one channel and one pixel, got shape {tuple(x.shape)}")
+    fc1_weight = _fc_weight(fc1_weight, "fc1_weight", None, c, x)
+    r = fc1_weight.shape[0]
+    if r < 1:
+        raise ValueError(f"fc1_weight must have at least one output row, got shape {tuple(fc1_weight.shape)}")
+    fc2_weight = _fc_weight(fc2_weight, "fc2_weight", c, r, x)
+    for name, bias, size in (("fc1_bias", fc1_bias, r), ("fc2_bias", fc2_bias, c)):
+        if bias is None:
+            continue
+        _checks.check_tensor(bias, name, ndim=1)
+        _checks.check_like(bias, name, x)
+        if bias.numel() != size:
+            raise ValueError(f"{name} must have {size} elements, got {bias.numel()}")
+    if residual is not None:
+        _checks.check_tensor(residual, "residual", ndim=4)
+        _checks.check_like(residual, "residual", x)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    return (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation)
+
+
+def _normalize_call(*args, **kwargs) -> tuple:
+    """The schema's arguments for a call written like se_excite(*args, **kwargs)."""
+    bound = inspect.signature(se_excite).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return _normalize(*bound.arguments.values())
+
+
+# --- backends -----------------------------------------------------------------------
+
+def _native_reasons(device_type: str, dispatch_key: str):
+    def reasons(x, *_):
+        found = []
+        if x.device.type != device_type:
+            found.append(f"needs {device_type} tensors, got {x.device.type}")
+        if not _library.extension_loaded():
+            found.append(f"cnnkernels._C is not loaded ({_library.LOAD_ERROR})")
+        elif not _library.has_native_kernel(f"_{OP}_forward_native", dispatch_key):
+            found.append(f"cnnkernels._C was built without {dispatch_key} kernels of {OP}")
+        return found
+    return reasons
+
+
+def _native_backward_reasons(device_type: str, dispatch_key: str):
+    forward_reasons = _native_reasons(device_type, dispatch_key)
+
+    def reasons(grad_out, out, x, *_):
+        return forward_reasons(x)
+    return reasons
+
+
+def _triton_module():
+    return importlib.import_module("cnnkernels.triton.se_excite")
+
+
+def _triton_reasons(*args):
+    try:
+        module = _triton_module()
+    except ImportError as error:
+        return [f"triton is unavailable ({error})"]
+    return module.unsupported_reasons(*args)
+
+
+def _triton_backward_reasons(grad_out, out, x, fc1_weight, fc2_weight, squeezed, hidden, gate, activation,
+                             output_mask):
+    return _triton_reasons(x, fc1_weight, None, fc2_weight, None, None, activation)
+
+
+def _no_reasons(*_):
+    return []
+
+
+_backends.register(OP, Implementation("reference", "plain torch: mean, linear, sigmoid, scale, activation",
+                                      reference.se_excite_forward, _no_reasons))
+_backends.register(BACKWARD_OP, Implementation("reference", "plain torch", reference.se_excite_backward,
+                                               _no_reasons))
+for _backend, _device, _key, _fwd_kernel, _bwd_kernel in (
+        ("cpu", "cpu", "CPU", "per-sample squeeze + FC + gate (parallel over samples), one fused "
+                              "scale/residual/activation pass",
+         "per-sample reduction of g*x + FC backward, one fused grad_x/grad_residual pass, weight grads by GEMM"),
+        ("cuda", "cuda", "CUDA", "one block per sample for squeeze + FC + gate (shared-memory reductions), one "
+                                 "elementwise scale/residual/activation kernel",
+         "one block per sample for the g*x reduction and FC backward, weight-gradient kernel, one elementwise "
+         "grad_x/grad_residual kernel")):
+    _backends.register(OP, Implementation(
+        _backend, _fwd_kernel, lambda *a: torch.ops.cnnkernels._se_excite_forward_native(*a),
+        _native_reasons(_device, _key)))
+    _backends.register(BACKWARD_OP, Implementation(
+        _backend, _bwd_kernel, lambda *a: torch.ops.cnnkernels._se_excite_backward_native(*a),
+        _native_backward_reasons(_device, _key)))
+_backends.register(OP, Implementation(
+    "triton", "Triton squeeze, fc1, fc2+sigmoid and fused scale/residual/activation kernels",
+    lambda *a: _triton_module().forward(*a), _triton_reasons))
+_backends.register(BACKWARD_OP, Implementation(
+    "triton", "Triton g*x reduction, FC backward, weight-gradient and fused grad_x/grad_residual kernels",
+    lambda *a: _triton_module().backward(*a), _triton_backward_reasons))
+
+
+# --- dispatcher registrations ---------------------------------------------------------
+
+@torch.library.register_kernel(f"cnnkernels::{OP}", ("cpu", "cuda"))
+def _forward_kernel(*args):
+    return _backends.select(OP, args).run(*args)
+
+
+@torch.library.register_kernel(f"cnnkernels::{BACKWARD_OP}", ("cpu", "cuda"))
+def _backward_kernel(*args):
+    return _backends.select(BACKWARD_OP, args).run(*args)
+
+
+@torch.library.register_fake(f"cnnkernels::{OP}")
+def _forward_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation):
+    fmt = reference.output_memory_format(x)
+    sdtype = reference.stats_dtype(x.dtype)
+    n, c = x.shape[0], x.shape[1]
+    r = fc1_weight.shape[0]
+    out = torch.empty_like(x, memory_format=fmt)
+    return (out, x.new_empty((n, c), dtype=sdtype), x.new_empty((n, r), dtype=sdtype),
+            x.new_empty((n, c), dtype=sdtype))
+
+
+@torch.library.register_fake(f"cnnkernels::{BACKWARD_OP}")
+def _backward_fake(grad_out, out, x, fc1_weight, fc2_weight, squeezed, hidden, gate, activation, output_mask):
+    fmt = reference.output_memory_format(x)
+    r, c = fc1_weight.shape
+    wanted = (
+        (lambda: torch.empty_like(x, memory_format=fmt)),
+        (lambda: x.new_empty((r, c))),
+        (lambda: x.new_empty(r)),
+        (lambda: x.new_empty((c, r))),
+        (lambda: x.new_empty(c)),
+        (lambda: torch.empty_like(x, memory_format=fmt)),
+    )
+    return tuple(make() if want else x.new_empty(0) for make, want in zip(wanted, output_mask))
+
+
+def _setup_context(ctx, inputs, output):
+    x, fc1_weight, _, fc2_weight, _, _, activation = inputs
+    out, squeezed, hidden, gate = output
+    ctx.save_for_backward(out, x, fc1_weight, fc2_weight, squeezed, hidden, gate)
+    ctx.activation = activation
+    ctx.mark_non_differentiable(squeezed, hidden, gate)
+
+
+def _backward(ctx, grad_out, _grad_squeezed, _grad_hidden, _grad_gate):
+    out, x, fc1_weight, fc2_weight, squeezed, hidden, gate = ctx.saved_tensors
+    mask = [bool(ctx.needs_input_grad[i]) for i in _GRAD_INPUT_INDEX]
+    grads = [None] * len(_FORWARD_ARGS)
+    if not any(mask):
+        return tuple(grads)
+    results = torch.ops.cnnkernels.se_excite_backward(
+        grad_out, out, x, fc1_weight, fc2_weight, squeezed, hidden, gate, ctx.activation, mask)
+    for index, wanted, grad in zip(_GRAD_INPUT_INDEX, mask, results):
+        if wanted:
+            grads[index] = grad
+    return tuple(grads)
+
+
+torch.library.register_autograd(f"cnnkernels::{OP}", _backward, setup_context=_setup_context)

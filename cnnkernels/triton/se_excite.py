@@ -1,0 +1,403 @@
+"""Triton backend of se_excite: the Squeeze-and-Excitation gate with a fused scale /
+residual / activation pass, and its backward.
+
+Kernels (each launched compiled on CUDA tensors, through Triton's interpreter on CPU
+tensors, see cnnkernels/triton/_launch.py):
+  _se_squeeze_kernel     grid (N, C tiles): squeezed[n, c] = mean over H*W of x.
+  _se_fc1_kernel         grid (N, R tiles): hidden[n, r] = relu(fc1_b[r] + W1[r, :] . squeezed[n, :]).
+  _se_fc2_kernel         grid (N, C tiles): gate[n, c] = sigmoid(fc2_b[c] + W2[c, :] . hidden[n, :]).
+  _se_scale_kernel       grid (row tiles, C tiles) over the N*H*W rows:
+                         out = act(x * gate[n, c] + residual).
+  _se_bwd_reduce_kernel  grid (N, C tiles): d_z2[n, c] = (sum_hw g * x) * gate * (1 - gate),
+                         g = grad_out masked by out > 0 for relu.
+  _se_bwd_fc2_kernel     grid (N, R tiles): d_z1[n, r] = (d_z2[n, :] . W2[:, r]) * (hidden > 0).
+  _se_bwd_fc1_kernel     grid (N, C tiles): d_sq[n, c] = (d_z1[n, :] . W1[:, c]) / (H*W).
+  _se_wgrad_kernel       grid (I tiles, J tiles): grad_w[i, j] = sum_n a[n, i] * b[n, j] and
+                         (first column of tiles) grad_b[i] = sum_n a[n, i].
+  _se_bwd_elementwise_kernel  grid (row tiles, C tiles): grad_x = g * gate + d_sq,
+                         grad_residual = g.
+Every kernel takes the element strides of its 4-D tensors, so NCHW and channels_last
+(and any other layout) work unchanged; outputs are allocated in x's memory format.
+Accumulation is float32 (float64 for float64 input, which only the interpreter runs).
+"""
+from __future__ import annotations
+
+import torch
+
+from cnnkernels import reference
+
+try:
+    import triton
+    import triton.language as tl
+
+    from cnnkernels.triton._launch import kernel
+except ImportError as _error:  # unsupported_reasons() reports it; nothing here can launch
+    triton = tl = None
+    _IMPORT_ERROR = str(_error)
+
+    def kernel(fn):
+        return fn
+
+_BLOCK_S = 64  # pixels per step of the per-sample reductions
+_BLOCK_C = 32  # channels per program
+_BLOCK_K = 32  # reduction step of the fc kernels
+_BLOCK_R = 32  # hidden units per program
+_BLOCK_M = 64  # rows per program of the elementwise kernels
+_BLOCK_W = 32  # rows / columns per program of the weight-gradient kernel
+
+
+# --- kernels --------------------------------------------------------------------------
+
+@kernel
+def _se_squeeze_kernel(
+    x_ptr, sq_ptr, C, S, W,
+    sx_n, sx_c, sx_h, sx_w,
+    ACC_DTYPE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """sq[n, c] = mean over the S = H*W pixels of x[n, c] (sq is [N, C] contiguous)."""
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    acc = tl.zeros((BLOCK_S, BLOCK_C), dtype=ACC_DTYPE)
+    for s0 in range(0, S, BLOCK_S):
+        pix = s0 + tl.arange(0, BLOCK_S)
+        mask = (pix < S)[:, None] & col_mask[None, :]
+        offsets = n * sx_n + ((pix // W) * sx_h + (pix % W) * sx_w)[:, None] + cols[None, :] * sx_c
+        acc += tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+    tl.store(sq_ptr + n * C + cols, tl.sum(acc, axis=0) / S, mask=col_mask)
+
+
+@kernel
+def _se_fc1_kernel(
+    sq_ptr, w_ptr, b_ptr, h_ptr, C, R,
+    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """h[n, r] = relu(b[r] + sum_c w[r, c] * sq[n, c]); w [R, C] contiguous."""
+    n = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC_DTYPE)
+    for k0 in range(0, C, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < C
+        v = tl.load(sq_ptr + n * C + ks, mask=k_mask, other=0.0)
+        w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * C + ks[None, :],
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(ACC_DTYPE)
+        acc += w * v[None, :]
+    h = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        h += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(ACC_DTYPE)
+    tl.store(h_ptr + n * R + rows, tl.maximum(h, 0.0), mask=row_mask)
+
+
+@kernel
+def _se_fc2_kernel(
+    h_ptr, w_ptr, b_ptr, gate_ptr, C, R,
+    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """gate[n, c] = sigmoid(b[c] + sum_r w[c, r] * h[n, r]); w [C, R] contiguous."""
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    acc = tl.zeros((BLOCK_C, BLOCK_K), dtype=ACC_DTYPE)
+    for k0 in range(0, R, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < R
+        v = tl.load(h_ptr + n * R + ks, mask=k_mask, other=0.0)
+        w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * R + ks[None, :],
+                    mask=col_mask[:, None] & k_mask[None, :], other=0.0).to(ACC_DTYPE)
+        acc += w * v[None, :]
+    z = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(ACC_DTYPE)
+    tl.store(gate_ptr + n * C + cols, 1.0 / (1.0 + tl.exp(-z)), mask=col_mask)
+
+
+@kernel
+def _se_scale_kernel(
+    x_ptr, gate_ptr, res_ptr, out_ptr,
+    M, C, S, W,
+    sx_n, sx_c, sx_h, sx_w,
+    sr_n, sr_c, sr_h, sr_w,
+    so_n, so_c, so_h, so_w,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out = act(x * gate[n, c] + residual) over the M = N*H*W rows and C channels."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_mask = rows < M
+    col_mask = cols < C
+    mask = row_mask[:, None] & col_mask[None, :]
+    n = (rows // S).to(tl.int64)
+    h = (rows % S) // W
+    w = rows % W
+    x = tl.load(x_ptr + (n * sx_n + h * sx_h + w * sx_w)[:, None] + cols[None, :] * sx_c,
+                mask=mask, other=0.0).to(ACC_DTYPE)
+    gate = tl.load(gate_ptr + n[:, None] * C + cols[None, :], mask=mask, other=0.0)
+    z = x * gate
+    if HAS_RESIDUAL:
+        z += tl.load(res_ptr + (n * sr_n + h * sr_h + w * sr_w)[:, None] + cols[None, :] * sr_c,
+                     mask=mask, other=0.0).to(ACC_DTYPE)
+    if RELU:
+        z = tl.where(z < 0.0, 0.0, z)
+    tl.store(out_ptr + (n * so_n + h * so_h + w * so_w)[:, None] + cols[None, :] * so_c,
+             z.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@kernel
+def _se_bwd_reduce_kernel(
+    grad_ptr, out_ptr, x_ptr, gate_ptr, dz2_ptr, C, S, W,
+    sg_n, sg_c, sg_h, sg_w,
+    so_n, so_c, so_h, so_w,
+    sx_n, sx_c, sx_h, sx_w,
+    RELU: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dz2[n, c] = (sum_hw g * x) * gate * (1 - gate), g = grad_out (0 where out <= 0 for relu)."""
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    acc = tl.zeros((BLOCK_S, BLOCK_C), dtype=ACC_DTYPE)
+    for s0 in range(0, S, BLOCK_S):
+        pix = s0 + tl.arange(0, BLOCK_S)
+        mask = (pix < S)[:, None] & col_mask[None, :]
+        h = pix // W
+        w = pix % W
+        g = tl.load(grad_ptr + n * sg_n + (h * sg_h + w * sg_w)[:, None] + cols[None, :] * sg_c,
+                    mask=mask, other=0.0).to(ACC_DTYPE)
+        if RELU:
+            o = tl.load(out_ptr + n * so_n + (h * so_h + w * so_w)[:, None] + cols[None, :] * so_c,
+                        mask=mask, other=0.0)
+            g = tl.where(o.to(ACC_DTYPE) > 0, g, 0.0)
+        x = tl.load(x_ptr + n * sx_n + (h * sx_h + w * sx_w)[:, None] + cols[None, :] * sx_c,
+                    mask=mask, other=0.0).to(ACC_DTYPE)
+        acc += g * x
+    gate = tl.load(gate_ptr + n * C + cols, mask=col_mask, other=0.0)
+    tl.store(dz2_ptr + n * C + cols, tl.sum(acc, axis=0) * gate * (1.0 - gate), mask=col_mask)
+
+
+@kernel
+def _se_bwd_fc2_kernel(
+    dz2_ptr, w_ptr, h_ptr, dz1_ptr, C, R,
+    ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dz1[n, r] = (sum_c dz2[n, c] * w[c, r]) * (h[n, r] > 0); w [C, R] contiguous."""
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    col_mask = cols < R
+    acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=ACC_DTYPE)
+    for k0 in range(0, C, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < C
+        v = tl.load(dz2_ptr + n * C + ks, mask=k_mask, other=0.0)
+        w = tl.load(w_ptr + ks.to(tl.int64)[:, None] * R + cols[None, :],
+                    mask=k_mask[:, None] & col_mask[None, :], other=0.0).to(ACC_DTYPE)
+        acc += v[:, None] * w
+    h = tl.load(h_ptr + n * R + cols, mask=col_mask, other=0.0)
+    tl.store(dz1_ptr + n * R + cols, tl.where(h > 0, tl.sum(acc, axis=0), 0.0), mask=col_mask)
+
+
+@kernel
+def _se_bwd_fc1_kernel(
+    dz1_ptr, w_ptr, dsq_ptr, C, R, S,
+    ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dsq[n, c] = (sum_r dz1[n, r] * w[r, c]) / S; w [R, C] contiguous."""
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    acc = tl.zeros((BLOCK_K, BLOCK_C), dtype=ACC_DTYPE)
+    for k0 in range(0, R, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < R
+        v = tl.load(dz1_ptr + n * R + ks, mask=k_mask, other=0.0)
+        w = tl.load(w_ptr + ks.to(tl.int64)[:, None] * C + cols[None, :],
+                    mask=k_mask[:, None] & col_mask[None, :], other=0.0).to(ACC_DTYPE)
+        acc += v[:, None] * w
+    tl.store(dsq_ptr + n * C + cols, tl.sum(acc, axis=0) / S, mask=col_mask)
+
+
+@kernel
+def _se_wgrad_kernel(
+    a_ptr, b_ptr, gw_ptr, gb_ptr, N, I, J,
+    WRITE_W: tl.constexpr, WRITE_B: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """gw[i, j] = sum_n a[n, i] * b[n, j]; gb[i] = sum_n a[n, i] (by the programs of the
+    first J tile). a [N, I], b [N, J], gw [I, J], gb [I], all contiguous."""
+    i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    i_mask = i < I
+    j_mask = j < J
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=ACC_DTYPE)
+    acc_b = tl.zeros((BLOCK_I,), dtype=ACC_DTYPE)
+    for n in range(0, N):
+        a = tl.load(a_ptr + n * I + i, mask=i_mask, other=0.0)
+        if WRITE_W:
+            b = tl.load(b_ptr + n * J + j, mask=j_mask, other=0.0)
+            acc += a[:, None] * b[None, :]
+        acc_b += a
+    if WRITE_W:
+        tl.store(gw_ptr + i.to(tl.int64)[:, None] * J + j[None, :], acc.to(gw_ptr.dtype.element_ty),
+                 mask=i_mask[:, None] & j_mask[None, :])
+    if WRITE_B:
+        if tl.program_id(1) == 0:
+            tl.store(gb_ptr + i, acc_b.to(gb_ptr.dtype.element_ty), mask=i_mask)
+
+
+@kernel
+def _se_bwd_elementwise_kernel(
+    grad_ptr, out_ptr, gate_ptr, dsq_ptr, gx_ptr, gres_ptr,
+    M, C, S, W,
+    sg_n, sg_c, sg_h, sg_w,
+    so_n, so_c, so_h, so_w,
+    sd_n, sd_c, sd_h, sd_w,
+    se_n, se_c, se_h, se_w,
+    RELU: tl.constexpr, WRITE_GX: tl.constexpr, WRITE_GRES: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """g = grad_out (0 where out <= 0 for relu); grad_x = g * gate[n, c] + dsq[n, c];
+    grad_residual = g."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_mask = rows < M
+    col_mask = cols < C
+    mask = row_mask[:, None] & col_mask[None, :]
+    n = (rows // S).to(tl.int64)
+    h = (rows % S) // W
+    w = rows % W
+    g = tl.load(grad_ptr + (n * sg_n + h * sg_h + w * sg_w)[:, None] + cols[None, :] * sg_c,
+                mask=mask, other=0.0).to(ACC_DTYPE)
+    if RELU:
+        o = tl.load(out_ptr + (n * so_n + h * so_h + w * so_w)[:, None] + cols[None, :] * so_c,
+                    mask=mask, other=0.0)
+        g = tl.where(o.to(ACC_DTYPE) > 0, g, 0.0)
+    if WRITE_GRES:
+        tl.store(gres_ptr + (n * se_n + h * se_h + w * se_w)[:, None] + cols[None, :] * se_c,
+                 g.to(gres_ptr.dtype.element_ty), mask=mask)
+    if WRITE_GX:
+        per_sample = n[:, None] * C + cols[None, :]
+        gate = tl.load(gate_ptr + per_sample, mask=mask, other=0.0)
+        dsq = tl.load(dsq_ptr + per_sample, mask=mask, other=0.0)
+        tl.store(gx_ptr + (n * sd_n + h * sd_h + w * sd_w)[:, None] + cols[None, :] * sd_c,
+                 (g * gate + dsq).to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+# --- launchers ------------------------------------------------------------------------
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def unsupported_reasons(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation) -> list[str]:
+    """Why the Triton backend cannot run these se_excite arguments ([] when it can).
+
+    CUDA tensors run compiled; CPU tensors run through Triton's interpreter (slow, for
+    tests). float64 runs only in the interpreter."""
+    if triton is None:
+        return [f"triton is not installed ({_IMPORT_ERROR})"]
+    reasons = []
+    if x.device.type not in ("cpu", "cuda"):
+        reasons.append(f"tensors on {x.device.type} are not supported (cuda, or cpu via the interpreter)")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        reasons.append(f"{x.dtype} is not supported")
+    if x.dtype == torch.float64 and x.device.type == "cuda":
+        reasons.append("float64 is not supported on GPU (only in the interpreter on CPU tensors)")
+    if activation not in reference.ACTIVATIONS:
+        reasons.append(f"activation {activation!r} is not supported")
+    if x.dim() != 4 or fc1_weight.dim() != 2 or fc2_weight.dim() != 2:
+        reasons.append("x must be 4-D and the fc weights 2-D")
+    elif x.shape[1] == 0 or x.shape[2] * x.shape[3] == 0 or fc1_weight.shape[0] == 0:
+        reasons.append("zero channels, pixels or hidden units")
+    return reasons
+
+
+def forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation):
+    """se_excite forward; arguments and results exactly as reference.se_excite_forward."""
+    fmt = reference.output_memory_format(x)
+    sdtype = reference.stats_dtype(x.dtype)
+    acc = _acc_dtype(x.dtype)
+    n, c, h, w = x.shape
+    r = fc1_weight.shape[0]
+    s = h * w
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    squeezed = torch.empty((n, c), dtype=sdtype, device=x.device)
+    hidden = torch.empty((n, r), dtype=sdtype, device=x.device)
+    gate = torch.empty((n, c), dtype=sdtype, device=x.device)
+    if n == 0:
+        return out, squeezed, hidden, gate
+    w1, w2 = fc1_weight.contiguous(), fc2_weight.contiguous()
+    _se_squeeze_kernel[(n, triton.cdiv(c, _BLOCK_C))](
+        x, squeezed, c, s, w, *x.stride(), ACC_DTYPE=acc, BLOCK_S=_BLOCK_S, BLOCK_C=_BLOCK_C)
+    _se_fc1_kernel[(n, triton.cdiv(r, _BLOCK_R))](
+        squeezed, w1, fc1_bias if fc1_bias is not None else w1, hidden, c, r,
+        HAS_BIAS=fc1_bias is not None, ACC_DTYPE=acc, BLOCK_R=_BLOCK_R, BLOCK_K=_BLOCK_K)
+    _se_fc2_kernel[(n, triton.cdiv(c, _BLOCK_C))](
+        hidden, w2, fc2_bias if fc2_bias is not None else w2, gate, c, r,
+        HAS_BIAS=fc2_bias is not None, ACC_DTYPE=acc, BLOCK_C=_BLOCK_C, BLOCK_K=_BLOCK_K)
+    res = residual if residual is not None else x
+    m = n * s
+    _se_scale_kernel[(triton.cdiv(m, _BLOCK_M), triton.cdiv(c, _BLOCK_C))](
+        x, gate, res, out, m, c, s, w, *x.stride(), *res.stride(), *out.stride(),
+        HAS_RESIDUAL=residual is not None, RELU=activation == "relu", ACC_DTYPE=acc,
+        BLOCK_M=_BLOCK_M, BLOCK_C=_BLOCK_C)
+    return out, squeezed, hidden, gate
+
+
+def backward(grad_out, out, x, fc1_weight, fc2_weight, squeezed, hidden, gate, activation, output_mask):
+    """se_excite backward; arguments and results exactly as reference.se_excite_backward."""
+    fmt = reference.output_memory_format(x)
+    sdtype = reference.stats_dtype(x.dtype)
+    acc = _acc_dtype(x.dtype)
+    n, c, h, w = x.shape
+    r = fc1_weight.shape[0]
+    s = h * w
+    m = n * s
+    relu = activation == "relu"
+    need_fc = any(output_mask[:5])
+    empty = x.new_empty(0)
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt) if output_mask[0] else None
+    grad_res = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt) if output_mask[5] else None
+    grads = [None] * 4  # grad_fc1_weight, grad_fc1_bias, grad_fc2_weight, grad_fc2_bias
+    for i, shape in enumerate(((r, c), (r,), (c, r), (c,))):
+        if output_mask[i + 1]:
+            grads[i] = torch.empty(shape, dtype=x.dtype, device=x.device)
+    w1, w2 = fc1_weight.contiguous(), fc2_weight.contiguous()
+    squeezed, hidden, gate = squeezed.contiguous(), hidden.contiguous(), gate.contiguous()
+    out_arg = out if relu else grad_out
+    dsq = None
+    if need_fc and n > 0:
+        dz2 = torch.empty((n, c), dtype=sdtype, device=x.device)
+        dz1 = torch.empty((n, r), dtype=sdtype, device=x.device)
+        _se_bwd_reduce_kernel[(n, triton.cdiv(c, _BLOCK_C))](
+            grad_out, out_arg, x, gate, dz2, c, s, w, *grad_out.stride(), *out_arg.stride(), *x.stride(),
+            RELU=relu, ACC_DTYPE=acc, BLOCK_S=_BLOCK_S, BLOCK_C=_BLOCK_C)
+        _se_bwd_fc2_kernel[(n, triton.cdiv(r, _BLOCK_R))](
+            dz2, w2, hidden, dz1, c, r, ACC_DTYPE=acc, BLOCK_R=_BLOCK_R, BLOCK_K=_BLOCK_K)
+        if output_mask[0]:
+            dsq = torch.empty((n, c), dtype=sdtype, device=x.device)
+            _se_bwd_fc1_kernel[(n, triton.cdiv(c, _BLOCK_C))](
+                dz1, w1, dsq, c, r, s, ACC_DTYPE=acc, BLOCK_C=_BLOCK_C, BLOCK_K=_BLOCK_K)
+        for a, b, gw, gb, size_i, size_j in ((dz1, squeezed, grads[0], grads[1], r, c),
+                                             (dz2, hidden, grads[2], grads[3], c, r)):
+            if gw is None and gb is None:
+                continue
+            dummy = gw if gw is not None else gb
+            _se_wgrad_kernel[(triton.cdiv(size_i, _BLOCK_W), triton.cdiv(size_j, _BLOCK_W) if gw is not None else 1)](
+                a, b, dummy, gb if gb is not None else dummy, n, size_i, size_j,
+                WRITE_W=gw is not None, WRITE_B=gb is not None, ACC_DTYPE=acc, BLOCK_I=_BLOCK_W, BLOCK_J=_BLOCK_W)
+    elif need_fc:  # no samples: the weight gradients are sums over nothing
+        for g in grads:
+            if g is not None:
+                g.zero_()
+    if (grad_x is not None or grad_res is not None) and m > 0:
+        gx_arg = grad_x if grad_x is not None else grad_res
+        gres_arg = grad_res if grad_res is not None else grad_x
+        dsq_arg = dsq if dsq is not None else gate
+        _se_bwd_elementwise_kernel[(triton.cdiv(m, _BLOCK_M), triton.cdiv(c, _BLOCK_C))](
+            grad_out, out_arg, gate, dsq_arg, gx_arg, gres_arg, m, c, s, w,
+            *grad_out.stride(), *out_arg.stride(), *gx_arg.stride(), *gres_arg.stride(),
+            RELU=relu, WRITE_GX=grad_x is not None, WRITE_GRES=grad_res is not None, ACC_DTYPE=acc,
+            BLOCK_M=_BLOCK_M, BLOCK_C=_BLOCK_C)
+    return (grad_x if grad_x is not None else empty, *(g if g is not None else empty for g in grads),
+            grad_res if grad_res is not None else empty)

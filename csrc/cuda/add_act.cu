@@ -1,0 +1,96 @@
+// CUDA backend of add_act: launches the kernels of csrc/cuda/add_act_kernels.cuh on the
+// current stream and registers _add_act_forward_native / _add_act_backward_native for
+// the CUDA dispatch key. Checks and the layout convention: csrc/common/add_act_driver.h.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <string_view>
+
+#include "common/add_act_driver.h"
+#include "cuda/add_act_kernels.cuh"
+
+namespace cnnkernels {
+namespace {
+
+namespace k = add_act_cuda;
+
+// ATen's element types -> the CUDA types the kernels are written for (same bits).
+template <typename T>
+struct DeviceType {
+  using type = T;
+};
+template <>
+struct DeviceType<at::Half> {
+  using type = __half;
+};
+template <>
+struct DeviceType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename T>
+const typename DeviceType<T>::type* in_ptr(const at::Tensor& t) {
+  return reinterpret_cast<const typename DeviceType<T>::type*>(t.const_data_ptr<T>());
+}
+template <typename T>
+typename DeviceType<T>::type* out_ptr(at::Tensor& t) {
+  return reinterpret_cast<typename DeviceType<T>::type*>(t.mutable_data_ptr<T>());
+}
+
+// Blocks that fill the GPU once; the grid is capped here and loops over the rest.
+int max_blocks() {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  return prop->multiProcessorCount * (prop->maxThreadsPerMultiProcessor / k::kThreads);
+}
+
+at::Tensor add_act_forward_cuda(const at::Tensor& x, const at::Tensor& residual, std::string_view activation) {
+  const bool relu = check_activation(activation);
+  check_add_act_pair(x, "x", residual, "residual");
+  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  AddActBuffers b = add_act_buffers(x, residual);
+  const int64_t numel = b.out.numel();
+  if (numel == 0) return b.out;
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "add_act_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using data_t = typename DeviceType<scalar_t>::type;
+    k::add_act_forward_kernel<data_t, acc_t><<<k::add_act_grid(numel, max_blocks()), k::kThreads, 0, stream>>>(
+        in_ptr<scalar_t>(b.first), in_ptr<scalar_t>(b.second), numel, relu, out_ptr<scalar_t>(b.out));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return b.out;
+}
+
+at::Tensor add_act_backward_cuda(const at::Tensor& grad_out, const at::Tensor& out, std::string_view activation) {
+  const bool relu = check_activation(activation);
+  check_add_act_pair(out, "out", grad_out, "grad_out");
+  TORCH_CHECK(out.is_cuda(), "out must be a CUDA tensor, got ", out.device());
+  const c10::cuda::CUDAGuard guard(out.device());
+  AddActBuffers b = add_act_buffers(out, grad_out);  // first = out, second = grad_out
+  const int64_t numel = b.out.numel();
+  if (numel == 0) return b.out;
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "add_act_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using data_t = typename DeviceType<scalar_t>::type;
+    k::add_act_backward_kernel<data_t, acc_t><<<k::add_act_grid(numel, max_blocks()), k::kThreads, 0, stream>>>(
+        in_ptr<scalar_t>(b.second), in_ptr<scalar_t>(b.first), numel, relu, out_ptr<scalar_t>(b.out));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return b.out;
+}
+
+}  // namespace
+}  // namespace cnnkernels
+
+TORCH_LIBRARY_IMPL(cnnkernels, CUDA, m) {
+  m.impl("_add_act_forward_native", &cnnkernels::add_act_forward_cuda);
+  m.impl("_add_act_backward_native", &cnnkernels::add_act_backward_cuda);
+}

@@ -1,0 +1,63 @@
+"""Builds a CUDA-emulation harness (tests/cuda_emulation/<op>_harness.cpp, which includes
+the op's csrc/cuda/<op>_kernels.cuh and csrc/emulation/cuda_host_emulation.h) with g++
+into a shared library and loads it with ctypes.
+
+The library is cached under the temp dir, keyed by the hash of the compiler, its flags
+and the sources, and written atomically (concurrent test runs never load half a file).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+EMULATION_HEADER = ROOT / "csrc" / "emulation" / "cuda_host_emulation.h"
+FLAGS = ["-std=c++20", "-O1", "-pthread", "-shared", "-fPIC"]
+SUFFIXES = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def build(harness: Path, kernel_sources: list[Path]) -> Path:
+    """The path of the built harness library (skips the test when g++ is missing)."""
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ not found: cannot build the CUDA host emulation harness")
+    digest = hashlib.sha256(" ".join([gxx, *FLAGS]).encode())
+    for source in [EMULATION_HEADER, *kernel_sources, harness]:
+        digest.update(source.read_bytes())
+    cache = Path(tempfile.gettempdir()) / "cnnkernels_cuda_emulation" / digest.hexdigest()[:16]
+    library = cache / f"{harness.stem}.so"
+    if not library.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = cache / f"build-{os.getpid()}.so"
+        result = subprocess.run(
+            [gxx, *FLAGS, f"-I{ROOT / 'csrc'}", str(harness), "-o", str(partial)],
+            capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.fail(f"g++ could not build the emulation harness {harness.name}:\n{result.stderr}")
+        os.replace(partial, library)
+    return library
+
+
+def load(harness: Path, kernel_sources: list[Path], signatures: dict[str, list]) -> ctypes.CDLL:
+    """Builds and loads the harness; every `<name>_f32` / `<name>_f64` entry point of
+    `signatures` gets its argtypes and an int return (0 = success)."""
+    handle = ctypes.CDLL(str(build(harness, kernel_sources)))
+    for name, argtypes in signatures.items():
+        for suffix in SUFFIXES.values():
+            fn = getattr(handle, f"{name}_{suffix}")
+            fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return handle
+
+
+def call(lib: ctypes.CDLL, name: str, dtype: torch.dtype, *args) -> None:
+    """Calls `<name>_<f32|f64>` with tensors passed as data pointers (None as null)."""
+    converted = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
+    assert getattr(lib, f"{name}_{SUFFIXES[dtype]}")(*converted) == 0, f"{name}: launch refused"
