@@ -52,7 +52,12 @@ def report() -> str:
             lines.append(f"  runs: {verdict['backend']} ({verdict['kernel']})")
             for backend in _backends.BACKENDS:
                 reasons = _backends.reasons_for(op_name, backend, args)
-                status = "can run" if not reasons else "cannot: " + "; ".join(reasons)
+                if reasons:
+                    status = "cannot: " + "; ".join(reasons)
+                elif backend in _backends.DEFAULT_ORDER.get(device, ()):
+                    status = "can run"
+                else:
+                    status = f"can run when forced (not in the default order for {device} tensors)"
                 lines.append(f"  {backend:<10} {status}")
     return "\n".join(lines)
 
