@@ -33,6 +33,11 @@ class Implementation:
     kernel: str  # what runs, for explain() and cnnkernels.info
     run: Callable
     reasons: Callable[..., list[str]]  # same arguments as run; empty list = can run
+    describe: Callable[..., str] | None = None  # same arguments as run; the kernel picked for them
+
+    def kernel_for(self, args) -> str:
+        """The kernel this implementation runs for args (backends that pick one by shape say which)."""
+        return self.describe(*args) if self.describe is not None else self.kernel
 
 
 _registry: dict[str, dict[str, Implementation]] = {}
@@ -116,7 +121,7 @@ def explain(op_name: str, args) -> dict:
     rejected = {name: reasons for name, reasons in rejected.items() if reasons}
     try:
         chosen = select(op_name, args)
-        backend, kernel = chosen.backend, chosen.kernel
+        backend, kernel = chosen.backend, chosen.kernel_for(args)
     except BackendError:
         backend = kernel = None
     return {"op": op_name, "backend": backend, "kernel": kernel, "forced": forced, "rejected": rejected}
