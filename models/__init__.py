@@ -1,15 +1,32 @@
-"""cnnkernels.models: full networks built on cnnkernels.nn (installed from the models/
-folder). The architectures arrive with the model-zoo issue; the registry starts empty."""
-_REGISTRY: dict = {}
+"""cnnkernels.models: full networks whose layers run the cnnkernels fused ops (installed
+from the models/ folder). One family per file; every builder registers itself:
+
+    from cnnkernels import models
+    net = models.resnext50(num_classes=10)        # every registered name is a builder here too
+    models.list_models()                          # every name, aliases included
+    net = models.create_model("resnet50", num_classes=10)
+    models.load_weights(net, "resnet50.pth")      # torchvision / timm checkpoint, strict
+
+Where torchvision has the architecture, the state_dict keys and shapes are torchvision's;
+the SE models use timm's seresnet / seresnext keys. Nothing is ever downloaded.
+"""
+from ._registry import create_model, extract_state_dict, is_model, list_models, load_weights, register_model
+
+__all__ = ["create_model", "extract_state_dict", "is_model", "list_models", "load_weights", "register_model"]
+
+# The families register their builders on import.
+from . import resnet  # noqa: E402,F401
+from . import preact_resnet  # noqa: E402,F401
+from . import senet  # noqa: E402,F401
+from . import alexnet  # noqa: E402,F401
+from . import vgg  # noqa: E402,F401
+from . import googlenet  # noqa: E402,F401
+from . import inception  # noqa: E402,F401
+from . import densenet  # noqa: E402,F401
 
 
-def list_models() -> list[str]:
-    """Names accepted by create_model(), sorted."""
-    return sorted(_REGISTRY)
-
-
-def create_model(name: str, **kwargs):
-    """Builds the registered model `name` with the builder's keyword arguments."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models()) or 'none yet'}")
-    return _REGISTRY[name](**kwargs)
+# Every registered name is a builder attribute too, as in torchvision.models: models.resnext50()
+# (for alexnet and googlenet this shadows the submodule of the same name, as torchvision's does).
+from ._registry import _REGISTRY  # noqa: E402
+globals().update(_REGISTRY)
+__all__ += list_models()

@@ -1,6 +1,7 @@
 """Shared test helpers: relative error and the conv_bn_act case list."""
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 
@@ -89,3 +90,28 @@ CASES = [
     ConvCase("odd_channels", c_in=3, c_out=5, hw=7, bias=True, residual=True, activation="none"),
     ConvCase("1x1s2_channels_last", kernel=1, padding=0, stride=2, channels_last=True),
 ]
+
+
+def randomize_batchnorm(model: "torch.nn.Module", seed: int = 0) -> None:
+    """Non-trivial BatchNorm affine parameters and running statistics (fresh ones are 1, 0,
+    0, 1, which would hide a normalisation mistake)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(1 + 0.3 * torch.randn(c, generator=gen))
+                m.bias.copy_(0.3 * torch.randn(c, generator=gen))
+                m.running_mean.copy_(0.2 * torch.randn(c, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=gen))
+
+
+class Formula(torch.nn.Module):
+    """A copy of `module` (same parameter order) run through a plain-torch formula(module, x)."""
+
+    def __init__(self, module, formula):
+        super().__init__()
+        self.inner, self.formula = copy.deepcopy(module), formula
+
+    def forward(self, x):
+        return self.formula(self.inner, x)

@@ -1,0 +1,118 @@
+"""The model registry (timm style) and checkpoint loading.
+
+    @register_model                              # registers under the function's name
+    def resnet50(**kwargs): ...
+
+    @register_model(aliases=("resnext50",))      # and under extra names
+    def resnext50_32x4d(**kwargs): ...
+
+    list_models("resnet*")  ->  ["resnet101", "resnet152", "resnet18", ...]
+    create_model("resnet50", num_classes=10)
+    load_weights(model, "resnet50-0676ba61.pth")   # a torchvision or timm checkpoint file
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import os
+from collections import OrderedDict
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_CHECKPOINT_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
+
+
+def register_model(fn: Callable | None = None, *, name: str | None = None, aliases: tuple[str, ...] = ()):
+    """Registers a model builder under `name` (default: the function's name) and under
+    every alias; usable bare (@register_model) or with arguments. Returns the builder
+    unchanged. Registering a name twice raises ValueError."""
+    def decorate(builder: Callable) -> Callable:
+        for key in (name or builder.__name__, *aliases):
+            if key in _REGISTRY and _REGISTRY[key] is not builder:
+                raise ValueError(f"model name {key!r} is already registered (by {_REGISTRY[key].__module__}."
+                                 f"{_REGISTRY[key].__qualname__})")
+            _REGISTRY[key] = builder
+        return builder
+    return decorate(fn) if fn is not None else decorate
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Registered model names (aliases included), sorted; `pattern` filters them with
+    shell-style wildcards, e.g. list_models("se_*")."""
+    names = sorted(_REGISTRY)
+    return names if pattern is None else [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+
+
+def is_model(name: str) -> bool:
+    """Whether create_model(name) knows the name."""
+    return name in _REGISTRY
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Builds the registered model `name`, passing the builder's keyword arguments
+    (num_classes=..., weights=<checkpoint path or state_dict>, ...). An unknown name
+    raises ValueError listing the close matches and every known name."""
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"unknown model {name!r}.{hint} Known models: {', '.join(list_models()) or 'none'}")
+    return _REGISTRY[name](**kwargs)
+
+
+def extract_state_dict(checkpoint: Mapping) -> "OrderedDict[str, torch.Tensor]":
+    """The state_dict inside a checkpoint: the mapping itself when it holds tensors, else
+    its 'state_dict' / 'model' (/ '_ema') entry (timm and training-script checkpoints),
+    with a leading 'module.' (DataParallel / DistributedDataParallel) stripped from every key."""
+    state = checkpoint
+    for _ in range(3):  # a checkpoint may nest once or twice: {"model": {"state_dict": ...}}
+        if any(isinstance(v, torch.Tensor) for v in state.values()):
+            break
+        inner = next((state[k] for k in _CHECKPOINT_KEYS if isinstance(state.get(k), Mapping)), None)
+        if inner is None:
+            break
+        state = inner
+    if not any(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"no state_dict found in the checkpoint: its top-level keys are {sorted(checkpoint)[:20]}, "
+                         f"none of which is a tensor or one of {_CHECKPOINT_KEYS}")
+    prefix = "module."
+    if all(k.startswith(prefix) for k in state):
+        state = OrderedDict((k[len(prefix):], v) for k, v in state.items())
+    return OrderedDict(state)
+
+
+def load_weights(model: nn.Module, path_or_state_dict, strict: bool = True, map_location="cpu"):
+    """Loads a torchvision or timm checkpoint (a file path or an already-loaded mapping)
+    into `model` and returns load_state_dict's result (missing_keys, unexpected_keys).
+
+    Files are read with torch.load(weights_only=True). See extract_state_dict for the
+    layouts accepted (safetensors files are not read). With strict (default), missing or
+    unexpected keys raise a KeyError that names them (the matching entries are loaded
+    first, as with torch's strict load_state_dict), and shape mismatches raise a
+    ValueError naming the parameters before anything is loaded."""
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        checkpoint = torch.load(path_or_state_dict, map_location=map_location, weights_only=True)
+        source = os.fspath(path_or_state_dict)
+    elif isinstance(path_or_state_dict, Mapping):
+        checkpoint, source = path_or_state_dict, "the given state_dict"
+    else:
+        raise TypeError(f"path_or_state_dict must be a path or a mapping, got {type(path_or_state_dict).__name__}")
+    state = extract_state_dict(checkpoint)
+    own = model.state_dict()
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in state.items() if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
+    if mismatched:
+        raise ValueError(f"shape mismatch loading {source} into {type(model).__name__}: " + "; ".join(mismatched))
+    result = model.load_state_dict(state, strict=False)
+    if strict and (result.missing_keys or result.unexpected_keys):
+        raise KeyError(f"loading {source} into {type(model).__name__}: "
+                       f"{len(result.missing_keys)} missing keys {_shorten(result.missing_keys)}, "
+                       f"{len(result.unexpected_keys)} unexpected keys {_shorten(result.unexpected_keys)}")
+    return result
+
+
+def _shorten(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"[{shown}{', ...' if len(keys) > limit else ''}]"

@@ -1,0 +1,190 @@
+"""DenseNet-BC 121/161/169/201 (Huang et al. 2017), in torchvision's layout and keys
+(features.conv0, features.norm0, features.denseblock1.denselayer1.norm1/conv1/norm2/conv2,
+features.transition1.norm/conv, features.norm5, classifier).
+
+The stem (conv0 -> norm0 -> relu0) runs as one fused conv_bn_act op (features is a
+cnnkernels.nn.FusedSequential). The dense layers and transitions are
+pre-activation: BatchNorm -> ReLU -> conv. They are written in plain torch here, and
+every such unit goes through the one function `bn_act_conv` and every concatenation
+through `_DenseBlock.forward` / `_DenseLayer.bottleneck`, so that the fused
+pre-activation op (bn_act_conv) and the concat-in-place dense block can replace exactly
+those two places when they arrive, without touching the rest.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from torch import nn
+
+from cnnkernels.nn import FusedSequential
+
+from ._registry import load_weights, register_model
+
+__all__ = ["DenseNet", "bn_act_conv", "densenet121", "densenet161", "densenet169", "densenet201"]
+
+
+def bn_act_conv(norm: nn.BatchNorm2d, relu: nn.Module, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Pre-activation unit conv(relu(norm(x))), [N, C_in, H, W] -> [N, C_out, H', W'];
+    plain torch for now (the single place a fused bn_act_conv op will plug in)."""
+    return conv(relu(norm(x)))
+
+
+class _DenseLayer(nn.Module):
+    """BN-ReLU-1x1 conv (bn_size * growth_rate) -> BN-ReLU-3x3 conv (growth_rate) over the
+    concatenation of all previous features. forward(list of [N, C_i, H, W]) ->
+    [N, growth_rate, H, W]. memory_efficient recomputes the concat + 1x1 bottleneck in
+    backward (checkpointing) instead of keeping it."""
+
+    def __init__(self, num_input_features: int, growth_rate: int, bn_size: int, drop_rate: float,
+                 memory_efficient: bool = False) -> None:
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(num_input_features)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
+        self.drop_rate = float(drop_rate)
+        self.memory_efficient = memory_efficient
+
+    def bottleneck(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """conv1(relu1(norm1(cat(inputs)))): [N, sum C_i, H, W] -> [N, bn_size * k, H, W]."""
+        return bn_act_conv(self.norm1, self.relu1, self.conv1, torch.cat(inputs, 1))
+
+    def forward(self, inputs: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
+        prev = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+        if self.memory_efficient and any(t.requires_grad for t in prev):
+            out = cp.checkpoint(self.bottleneck, *prev, use_reentrant=False)
+        else:
+            out = self.bottleneck(*prev)
+        out = bn_act_conv(self.norm2, self.relu2, self.conv2, out)
+        if self.drop_rate > 0:
+            out = F.dropout(out, p=self.drop_rate, training=self.training)
+        return out
+
+
+class _DenseBlock(nn.ModuleDict):
+    """num_layers dense layers (denselayer1, ...); each sees the concatenation of the
+    block input and all earlier layers' outputs. [N, C, H, W] -> [N, C + num_layers * k, H, W]."""
+
+    def __init__(self, num_layers: int, num_input_features: int, bn_size: int, growth_rate: int,
+                 drop_rate: float, memory_efficient: bool = False) -> None:
+        super().__init__()
+        for i in range(num_layers):
+            self.add_module(f"denselayer{i + 1}", _DenseLayer(num_input_features + i * growth_rate, growth_rate,
+                                                              bn_size, drop_rate, memory_efficient))
+
+    def forward(self, init_features: torch.Tensor) -> torch.Tensor:
+        features = [init_features]
+        for layer in self.values():
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+class _Transition(nn.Module):
+    """BN-ReLU-1x1 conv then 2x2/2 average pool. [N, C_in, H, W] -> [N, C_out, H/2, W/2]."""
+
+    def __init__(self, num_input_features: int, num_output_features: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(num_input_features)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
+        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(bn_act_conv(self.norm, self.relu, self.conv, x))
+
+
+class DenseNet(nn.Module):
+    """DenseNet-BC.
+
+    Args:
+        growth_rate: channels each dense layer adds (k).
+        block_config: dense layers per block (4 blocks).
+        num_init_features: stem conv channels.
+        bn_size: bottleneck width factor (1x1 conv to bn_size * k channels).
+        drop_rate: dropout after each dense layer.
+        num_classes: classifier outputs.
+        memory_efficient: checkpoint each layer's concat + bottleneck.
+
+    forward(x [N, 3, H, W]) -> [N, num_classes]; H, W >= 29 (torchvision's minimum).
+    At 224x224 the blocks run at 56, 28, 14 and 7.
+    """
+
+    def __init__(self, growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16),
+                 num_init_features: int = 64, bn_size: int = 4, drop_rate: float = 0,
+                 num_classes: int = 1000, memory_efficient: bool = False) -> None:
+        super().__init__()
+        self.features = FusedSequential(OrderedDict([
+            ("conv0", nn.Conv2d(3, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
+            ("norm0", nn.BatchNorm2d(num_init_features)),
+            ("relu0", nn.ReLU(inplace=True)),
+            ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
+        ]))
+        num_features = num_init_features
+        for i, num_layers in enumerate(block_config):
+            block = _DenseBlock(num_layers, num_features, bn_size, growth_rate, drop_rate, memory_efficient)
+            self.features.add_module(f"denseblock{i + 1}", block)
+            num_features += num_layers * growth_rate
+            if i != len(block_config) - 1:
+                self.features.add_module(f"transition{i + 1}", _Transition(num_features, num_features // 2))
+                num_features //= 2
+        self.features.add_module("norm5", nn.BatchNorm2d(num_features))
+        self.classifier = nn.Linear(num_features, num_classes)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.Linear):
+                nn.init.constant_(m.bias, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.features(x), inplace=True)
+        out = torch.flatten(F.adaptive_avg_pool2d(out, (1, 1)), 1)
+        return self.classifier(out)
+
+
+def _densenet(growth_rate: int, block_config: tuple[int, ...], num_init_features: int, weights, **kwargs) -> DenseNet:
+    model = DenseNet(growth_rate, block_config, num_init_features, **kwargs)
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+@register_model
+def densenet121(*, weights=None, **kwargs) -> DenseNet:
+    """DenseNet-121 (k=32, blocks 6-12-24-16), 8.0M parameters at 1000 classes.
+    kwargs: num_classes, bn_size, drop_rate, memory_efficient; weights: a checkpoint path
+    or state_dict (torchvision keys)."""
+    return _densenet(32, (6, 12, 24, 16), 64, weights, **kwargs)
+
+
+@register_model
+def densenet161(*, weights=None, **kwargs) -> DenseNet:
+    """DenseNet-161 (k=48, blocks 6-12-36-24, 96 stem channels), 28.7M parameters.
+    kwargs: num_classes, bn_size, drop_rate, memory_efficient; weights: a checkpoint path
+    or state_dict (torchvision keys)."""
+    return _densenet(48, (6, 12, 36, 24), 96, weights, **kwargs)
+
+
+@register_model
+def densenet169(*, weights=None, **kwargs) -> DenseNet:
+    """DenseNet-169 (k=32, blocks 6-12-32-32), 14.1M parameters at 1000 classes.
+    kwargs: num_classes, bn_size, drop_rate, memory_efficient; weights: a checkpoint path
+    or state_dict (torchvision keys)."""
+    return _densenet(32, (6, 12, 32, 32), 64, weights, **kwargs)
+
+
+@register_model
+def densenet201(*, weights=None, **kwargs) -> DenseNet:
+    """DenseNet-201 (k=32, blocks 6-12-48-32), 20.0M parameters at 1000 classes.
+    kwargs: num_classes, bn_size, drop_rate, memory_efficient; weights: a checkpoint path
+    or state_dict (torchvision keys)."""
+    return _densenet(32, (6, 12, 48, 32), 64, weights, **kwargs)

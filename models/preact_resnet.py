@@ -1,0 +1,202 @@
+"""Pre-activation ResNet (He et al. 2016, "Identity Mappings in Deep Residual Networks").
+
+Each residual unit is BN-ReLU-conv, BN-ReLU-conv (BasicBlock) or three such units
+(Bottleneck, the stride on the 3x3), and the sum with the shortcut is not activated,
+so the identity path runs untouched from the stem to the head. The ImageNet layout
+follows the authors' fb.resnet.torch preresnet: a 7x7/2 Conv-BN-ReLU stem (fused, one
+conv_bn_act op) and 3x3/2 max-pool; the first unit of the first stage gets no
+pre-activation of its own (the stem ends with BN-ReLU); the first unit of every other
+stage pre-activates its input once and feeds it to both its residual branch and its
+projection shortcut (a bare 1x1 conv with the stride, no BN); all other units take the
+raw input as shortcut; after the last stage a final BN-ReLU (`final_bn`), global
+average pool and fc.
+
+Every BN-ReLU-conv of the blocks goes through `bn_act_conv` below, which is plain torch
+for now: switching the blocks to a fused pre-activation op is a change of that one
+line. (Units with a projection shortcut need the pre-activated tensor itself; they
+call `bn_act` and then the conv.)
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnkernels.nn.functional import conv_bn_act_modules
+
+from ._registry import load_weights, register_model
+from .resnet import _batch_norm, conv1x1, conv3x3
+
+__all__ = ["PreActBasicBlock", "PreActBottleneck", "PreActResNet", "bn_act", "bn_act_conv", "preact_resnet18",
+           "preact_resnet34", "preact_resnet50", "preact_resnet101", "preact_resnet152"]
+
+
+def bn_act(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """relu(bn(x)): [N, C, H, W] -> [N, C, H, W]."""
+    return F.relu(bn(x))
+
+
+def bn_act_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(relu(bn(x))): [N, C_in, H, W] -> [N, C_out, H_out, W_out]. The pre-activation
+    unit of every block; the one line to change for a fused BN-ReLU-conv op."""
+    return conv(F.relu(bn(x)))
+
+
+class _PreActBlock(nn.Module):
+    """Shared forward: the shortcut and the first unit, then the block's remaining units
+    (the subclass's `_units`), then the (unactivated) sum with the shortcut."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bn1 is None:  # first unit of the network: the stem already ends with BN-ReLU
+            identity = x if self.downsample is None else self.downsample(x)
+            out = self.conv1(x)
+        elif self.downsample is not None:  # pre-activation shared with the projection shortcut
+            pre = bn_act(self.bn1, x)
+            identity = self.downsample(pre)
+            out = self.conv1(pre)
+        else:
+            identity = x
+            out = bn_act_conv(self.bn1, self.conv1, x)
+        return self._units(out) + identity
+
+
+class PreActBasicBlock(_PreActBlock):
+    """BN-ReLU-conv3x3(stride), BN-ReLU-conv3x3, plus the shortcut (not activated).
+
+    x [N, inplanes, H, W] -> [N, planes, H/stride, W/stride]. preact=False leaves out
+    bn1 (the first block after the stem); downsample is the projection shortcut (a
+    1x1 conv) applied to the pre-activated input, or None for the identity.
+    """
+
+    expansion: int = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 preact: bool = True, norm_layer: Callable[..., nn.Module] | None = None) -> None:
+        super().__init__()
+        self.bn1 = _batch_norm(norm_layer, inplanes) if preact else None
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn2 = _batch_norm(norm_layer, planes)
+        self.conv2 = conv3x3(planes, planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def _units(self, out: torch.Tensor) -> torch.Tensor:
+        return bn_act_conv(self.bn2, self.conv2, out)
+
+
+class PreActBottleneck(_PreActBlock):
+    """BN-ReLU-conv1x1, BN-ReLU-conv3x3(stride), BN-ReLU-conv1x1 (x4), plus the shortcut.
+
+    x [N, inplanes, H, W] -> [N, planes * 4, H/stride, W/stride]. preact and
+    downsample as in PreActBasicBlock.
+    """
+
+    expansion: int = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 preact: bool = True, norm_layer: Callable[..., nn.Module] | None = None) -> None:
+        super().__init__()
+        self.bn1 = _batch_norm(norm_layer, inplanes) if preact else None
+        self.conv1 = conv1x1(inplanes, planes)
+        self.bn2 = _batch_norm(norm_layer, planes)
+        self.conv2 = conv3x3(planes, planes, stride)
+        self.bn3 = _batch_norm(norm_layer, planes)
+        self.conv3 = conv1x1(planes, planes * self.expansion)
+        self.downsample = downsample
+        self.stride = stride
+
+    def _units(self, out: torch.Tensor) -> torch.Tensor:
+        return bn_act_conv(self.bn3, self.conv3, bn_act_conv(self.bn2, self.conv2, out))
+
+
+class PreActResNet(nn.Module):
+    """Pre-activation ResNet for ImageNet-style inputs (see the module docstring).
+
+    x [N, 3, H, W] -> logits [N, num_classes]. Keys: conv1, bn1 (stem), layerL.B.{bn1,
+    conv1, bn2, conv2[, bn3, conv3]}, layerL.0.downsample (1x1 conv), final_bn, fc.
+    Initialisation as torchvision's ResNet: kaiming-normal fan_out convolutions, BN
+    gamma 1 / beta 0, nn.Linear's default.
+    """
+
+    def __init__(self, block: type[PreActBasicBlock | PreActBottleneck], layers: list[int], num_classes: int = 1000,
+                 norm_layer: Callable[..., nn.Module] | None = None) -> None:
+        super().__init__()
+        self._norm_layer = norm_layer
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = _batch_norm(norm_layer, self.inplanes)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, 64, layers[0], stride=1, first_stage=True)
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
+        self.final_bn = _batch_norm(norm_layer, 512 * block.expansion)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+    def _make_layer(self, block: type[PreActBasicBlock | PreActBottleneck], planes: int, blocks: int, stride: int,
+                    first_stage: bool = False) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = conv1x1(self.inplanes, planes * block.expansion, stride)
+        layers = [block(self.inplanes, planes, stride, downsample, preact=not first_stage,
+                        norm_layer=self._norm_layer)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes, norm_layer=self._norm_layer) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, 3, H, W] -> relu(final_bn(last stage)) [N, 512 * expansion, H/32, W/32]."""
+        x = self.maxpool(conv_bn_act_modules(self.conv1, self.bn1, x))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return bn_act(self.final_bn, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.avgpool(self.forward_features(x))
+        return self.fc(torch.flatten(x, 1))
+
+
+def _build(block, layers, weights, **kwargs) -> PreActResNet:
+    model = PreActResNet(block, layers, **kwargs)
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+@register_model
+def preact_resnet18(*, weights=None, **kwargs) -> PreActResNet:
+    """Pre-activation ResNet-18 (PreActBasicBlock, [2, 2, 2, 2]). kwargs go to PreActResNet
+    (num_classes, norm_layer); weights: a checkpoint path or state_dict."""
+    return _build(PreActBasicBlock, [2, 2, 2, 2], weights, **kwargs)
+
+
+@register_model
+def preact_resnet34(*, weights=None, **kwargs) -> PreActResNet:
+    """Pre-activation ResNet-34 (PreActBasicBlock, [3, 4, 6, 3]). Arguments as preact_resnet18."""
+    return _build(PreActBasicBlock, [3, 4, 6, 3], weights, **kwargs)
+
+
+@register_model
+def preact_resnet50(*, weights=None, **kwargs) -> PreActResNet:
+    """Pre-activation ResNet-50 (PreActBottleneck, [3, 4, 6, 3]). Arguments as preact_resnet18."""
+    return _build(PreActBottleneck, [3, 4, 6, 3], weights, **kwargs)
+
+
+@register_model
+def preact_resnet101(*, weights=None, **kwargs) -> PreActResNet:
+    """Pre-activation ResNet-101 (PreActBottleneck, [3, 4, 23, 3]). Arguments as preact_resnet18."""
+    return _build(PreActBottleneck, [3, 4, 23, 3], weights, **kwargs)
+
+
+@register_model
+def preact_resnet152(*, weights=None, **kwargs) -> PreActResNet:
+    """Pre-activation ResNet-152 (PreActBottleneck, [3, 8, 36, 3]). Arguments as preact_resnet18."""
+    return _build(PreActBottleneck, [3, 8, 36, 3], weights, **kwargs)

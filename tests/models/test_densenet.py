@@ -1,0 +1,110 @@
+"""DenseNet-121/161/169/201: parity with torchvision (keys, parameter counts, eval and train
+outputs, gradients, running statistics; dropout and checkpointing variants), the single
+pre-activation entry point, and torch.compile(fullgraph=True) without a graph break."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from cnnkernels import models
+from cnnkernels.models import densenet
+from cnnkernels.nn import FusedSequential
+from helpers import randomize_batchnorm, rel_err
+
+
+def assert_parity(ours: nn.Module, theirs: nn.Module, x: torch.Tensor) -> None:
+    """torchvision's state_dict loads strictly; eval outputs agree in float32 (< 1e-4); in
+    float64 (training-mode BatchNorm over small batches is ill-conditioned in float32),
+    train outputs (same dropout masks), the input's and every parameter's gradients and
+    the running statistics agree (< 1e-6)."""
+    randomize_batchnorm(theirs)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        assert rel_err(ours(x), theirs(x)) < 1e-4
+
+    ours.double().train(), theirs.double().train()
+    x_ours, x_theirs = x.double().requires_grad_(), x.double().requires_grad_()
+    torch.manual_seed(1)
+    ref = theirs(x_theirs)
+    torch.manual_seed(1)
+    out = ours(x_ours)
+    assert rel_err(out, ref) < 1e-6
+    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ref.backward(grad_out)
+    out.backward(grad_out)
+    assert rel_err(x_ours.grad, x_theirs.grad) < 1e-6
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        assert rel_err(p.grad, q.grad) < 1e-6, name
+    for (name, b), c in zip(ours.named_buffers(), theirs.buffers(), strict=True):
+        assert rel_err(b.double(), c.double()) < 1e-6, name
+
+
+@pytest.mark.parametrize("name", ["densenet121", "densenet161", "densenet169", "densenet201"])
+def test_densenet_parity(name):
+    """64x64 leaves the last block a 2x2 grid: with a 1x1 grid, training-mode BatchNorm
+    normalises 2 values per channel, which amplifies even float64 rounding to ~1e-4."""
+    torch.manual_seed(0)
+    theirs = getattr(torchvision.models, name)(num_classes=10)
+    assert_parity(models.create_model(name, num_classes=10), theirs, torch.randn(2, 3, 64, 64))
+
+
+def test_densenet_parity_with_dropout_and_checkpointing():
+    torch.manual_seed(0)
+    kwargs = dict(num_classes=10, drop_rate=0.2, memory_efficient=True)
+    theirs = torchvision.models.densenet121(**kwargs)
+    assert_parity(models.create_model("densenet121", **kwargs), theirs, torch.randn(2, 3, 64, 64))
+
+
+def test_densenet_parameter_counts_at_1000_classes():
+    expected = {"densenet121": 7_978_856, "densenet161": 28_681_000, "densenet169": 14_149_480,
+                "densenet201": 20_013_928}
+    for name, count in expected.items():
+        with torch.device("meta"):
+            model = models.create_model(name)
+        assert sum(p.numel() for p in model.parameters()) == count, name
+
+
+def test_stem_is_fused_and_pre_activation_goes_through_bn_act_conv(monkeypatch):
+    """Every BN-ReLU-conv unit (2 per dense layer, 1 per transition) calls
+    densenet.bn_act_conv, the one place a fused op replaces."""
+    model = models.create_model("densenet121", num_classes=10).eval()
+    assert type(model.features) is FusedSequential
+    calls = []
+    original = densenet.bn_act_conv
+
+    def counting(norm, relu, conv, x):
+        calls.append(conv)
+        return original(norm, relu, conv, x)
+
+    monkeypatch.setattr(densenet, "bn_act_conv", counting)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    convs = [m for m in model.features.modules() if isinstance(m, nn.Conv2d)]
+    assert len(calls) == 2 * (6 + 12 + 24 + 16) + 3 == len(convs) - 1
+    assert {id(c) for c in calls} == {id(c) for c in convs[1:]}
+
+
+def test_densenet121_compiles_fullgraph():
+    """Dynamo captures the whole training forward as one graph (fullgraph=True raises on
+    any graph break); backend "eager" runs the captured graph as is, which keeps the
+    test fast. Outputs, gradients and running statistics match eager mode."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = models.create_model("densenet121", num_classes=10).train()
+    compiled_model = models.create_model("densenet121", num_classes=10).train()
+    compiled_model.load_state_dict(eager.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    out = torch.compile(compiled_model, fullgraph=True, backend="eager")(x)
+    ref = eager(x)
+    assert rel_err(out, ref) < 1e-4
+    out.sum().backward()
+    ref.sum().backward()
+    assert rel_err(compiled_model.features.conv0.weight.grad, eager.features.conv0.weight.grad) < 1e-4
+    assert rel_err(compiled_model.features.norm0.running_mean, eager.features.norm0.running_mean) < 1e-4
+    assert int(compiled_model.features.norm0.num_batches_tracked) == 1
