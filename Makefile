@@ -1,4 +1,6 @@
-# On a fresh machine: `make bench` runs the main job, `make test` runs the test suite.
+# On a fresh machine: `make bench` runs the main job (cnnkernels-bench: per-architecture
+# throughput and memory against torchvision eager and torch.compile), `make test` the tests;
+# `make bench-ops` runs the per-op pytest-benchmark suite.
 # Both create .venv, install the dependencies and build the package first.
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +11,7 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: all venv install test bench clean
+.PHONY: all venv install test bench bench-ops clean
 
 all: test
 
@@ -28,8 +30,11 @@ test: install
 	CNNKERNELS_REQUIRE_EXTENSION=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: install
+	$(VENV)/bin/cnnkernels-bench --output bench-results $(BENCH_ARGS)
+
+bench-ops: install
 	$(PY) -m pytest benches/bench_ops.py --benchmark-only --benchmark-group-by=group \
-	  --benchmark-columns=median,iqr,min,rounds $(BENCH_ARGS)
+	  --benchmark-columns=median,iqr,min,rounds $(PYTEST_ARGS)
 
 clean:
 	rm -rf build *.egg-info cnnkernels/_C*.so .pytest_cache .benchmarks

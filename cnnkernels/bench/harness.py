@@ -1,0 +1,492 @@
+"""Measuring: builds each variant of a model, runs it, and returns every figure.
+
+A variant is one way of running an architecture: the baseline model eager or under
+torch.compile (default or max-autotune mode), or our model eager or compiled. All
+variants of a model start from the same weights (our state_dict, loaded strict).
+
+Methodology (also written into every JSON file, see METHODOLOGY):
+- one step = a forward pass under no_grad (inference), or zero_grad + forward +
+  cross-entropy + backward + SGD(momentum 0.9) step (train), under torch.autocast when
+  the dtype is not float32;
+- the first call is timed on its own (it includes torch.compile's compilation, cuDNN
+  autotuning, weight prepacking), then `warmup` untimed steps, then `iterations` timed
+  steps; each step reads the next batch of a pool of INPUT_POOL random batches
+  (rotating inputs, so no step finds its input hot in cache);
+- CPU: time.perf_counter around each step (CPU work is synchronous); CUDA: a pair of
+  CUDA events around each step, read after one synchronisation at the end;
+- reported: median step time and its spread (quartiles, min, max, std), throughput =
+  batch / median step time, and the wall-clock throughput of the whole timed loop as
+  a cross-check;
+- peak memory: see cnnkernels.bench.memory.MEMORY_METHOD.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import os
+import statistics
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnkernels.bench.architectures import Architecture, architecture
+from cnnkernels.bench.environment import describe
+from cnnkernels.bench.memory import MEMORY_METHOD, profiled_peak_bytes, state_bytes
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+MODES = ("inference", "train")
+INPUT_POOL = 4
+SGD_LR, SGD_MOMENTUM = 0.01, 0.9
+AUX_WEIGHT = 0.3  # weight of auxiliary classifiers' losses in train mode (GoogLeNet's)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How a model runs: role "baseline" (the architecture's baseline model) or "ours";
+    compile_mode None for eager, else torch.compile's mode ("default", "max-autotune")."""
+    name: str
+    role: str
+    compile_mode: str | None
+    label: str
+
+
+VARIANTS = {v.name: v for v in (
+    Variant("eager", "baseline", None, "baseline eager"),
+    Variant("compile", "baseline", "default", "baseline torch.compile"),
+    Variant("compile-max-autotune", "baseline", "max-autotune", "baseline torch.compile max-autotune"),
+    Variant("cnnkernels", "ours", None, "cnnkernels eager"),
+    Variant("cnnkernels-compile", "ours", "default", "cnnkernels + torch.compile"),
+)}
+BASELINE_VARIANTS = tuple(name for name, v in VARIANTS.items() if v.role == "baseline")
+
+TIMING_METHOD = {
+    "cpu": "time.perf_counter() around each step (CPU execution is synchronous)",
+    "cuda": "a pair of CUDA events recorded around each step on the current stream, read after a single "
+            "torch.cuda.synchronize() at the end of the timed loop",
+}
+METHODOLOGY = {
+    "step": {"inference": "forward pass under torch.no_grad()",
+             "train": f"zero_grad(set_to_none=True) + forward + cross_entropy (plus {AUX_WEIGHT} x each auxiliary "
+                      f"classifier's, for models that return them in training) + backward + "
+                      f"SGD(lr={SGD_LR}, momentum={SGD_MOMENTUM}) step"},
+    "dtype": "float32 runs plainly; bfloat16 / float16 run under torch.autocast(device, dtype) with "
+             "float32 weights (mixed precision)",
+    "order": "first call (timed alone: includes compilation and other one-time work), then the warm-up "
+             "steps (untimed), then the timed steps",
+    "inputs": f"a pool of {INPUT_POOL} random batches (and labels), used in turn (rotating inputs)",
+    "throughput": "images_per_s = batch_size / median step time; images_per_s_quartiles from the step "
+                  "time quartiles; wall_images_per_s = batch_size * iterations / wall time of the whole "
+                  "timed loop",
+    "speedup": "images_per_s of the row / images_per_s of the baseline variant, same model and configuration",
+    "output_rel_err_vs_eager": "||out - out_eager|| / ||out_eager|| of the first call's logits, same "
+                               "weights and input, float64 (agreement check, not a speed figure)",
+    "weights": "every variant of a model loads the same state_dict (ours, seeded), strict=True",
+    "cnnkernels_backends_used": "per cnnkernels op, how many of its calls in the first step ran on each "
+                                "backend (counted at the backend dispatcher)",
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One measured configuration: device ("cpu", "cuda", "cuda:1"), batch size, image
+    side (inputs are [batch, 3, image_size, image_size]), dtype name (DTYPES),
+    memory format name (MEMORY_FORMATS), mode ("inference" or "train")."""
+    device: str
+    batch_size: int
+    image_size: int
+    dtype: str
+    memory_format: str
+    mode: str
+    num_classes: int = 1000
+
+    @property
+    def device_type(self) -> str:
+        return torch.device(self.device).type
+
+    def label(self) -> str:
+        return (f"{self.mode}, {self.dtype}, {self.memory_format}, batch {self.batch_size}, "
+                f"{self.image_size}x{self.image_size}, {self.device}")
+
+
+@dataclass
+class Settings:
+    """Everything one run measures: models x configs x variants, and how."""
+    models: Sequence[str]
+    configs: Sequence[Config]
+    variants: Sequence[str]
+    iterations: int
+    warmup: int
+    backend: str | None = None  # cnnkernels backend forced for our variants (None: default choice)
+    seed: int = 0
+    cudnn_benchmark: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def forced_backend(name: str | None) -> Iterator[None]:
+    """Forces every cnnkernels op onto backend `name` through CNNKERNELS_BACKEND for the
+    block. An environment variable, unlike use_backend()'s context variable, is also
+    seen by the autograd engine's worker threads, where CUDA backward ops run."""
+    if name is None:
+        yield
+        return
+    from cnnkernels._backends import ENV_VAR
+
+    old = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = old
+
+
+@contextlib.contextmanager
+def recording_backends() -> Iterator[dict[str, dict[str, int]]]:
+    """Counts, per cnnkernels op, which backend ran each call made inside the block
+    ({op: {backend: calls}}), by wrapping the dispatcher's backend selection (which
+    every call goes through, eager or compiled)."""
+    from cnnkernels import _backends
+
+    counts: dict[str, dict[str, int]] = {}
+    select = _backends.select
+
+    def counting_select(op_name, args):
+        chosen = select(op_name, args)
+        per_op = counts.setdefault(op_name, {})
+        per_op[chosen.backend] = per_op.get(chosen.backend, 0) + 1
+        return chosen
+
+    _backends.select = counting_select
+    try:
+        yield counts
+    finally:
+        _backends.select = select
+
+
+def synchronize(device: str) -> None:
+    """Waits for the device's queued work (no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def logits_of(output) -> torch.Tensor:
+    """The main logits of a model output: the tensor itself, or the first field of a
+    tuple / namedtuple (torchvision GoogLeNet / Inception with auxiliary heads)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output:
+        return output[0]
+    raise TypeError(f"cannot find the logits in a model output of type {type(output).__name__}")
+
+
+def training_loss(output, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the logits; for a tuple output (main logits first, then
+    auxiliary classifiers, as GoogLeNet / Inception return in training) the main term
+    plus AUX_WEIGHT times each auxiliary term."""
+    if isinstance(output, torch.Tensor):
+        return F.cross_entropy(output, target)
+    main, *aux = output
+    loss = F.cross_entropy(main, target)
+    for extra in aux:
+        if extra is not None:
+            loss = loss + AUX_WEIGHT * F.cross_entropy(extra, target)
+    return loss
+
+
+def make_inputs(config: Config, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """INPUT_POOL (images [batch, 3, H, W] float32 in config's memory format, labels
+    [batch] int64) pairs, drawn from a seeded generator, on config's device."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    pool = []
+    for _ in range(INPUT_POOL):
+        x = torch.randn(config.batch_size, 3, config.image_size, config.image_size, generator=gen)
+        y = torch.randint(0, config.num_classes, (config.batch_size,), generator=gen)
+        x = x.to(config.device).contiguous(memory_format=MEMORY_FORMATS[config.memory_format])
+        pool.append((x, y.to(config.device)))
+    return pool
+
+
+def reference_state(arch: Architecture, num_classes: int, seed: int) -> dict[str, torch.Tensor]:
+    """Our model's state_dict, built with torch.manual_seed(seed): the weights every
+    variant of the architecture loads."""
+    torch.manual_seed(seed)
+    model = arch.ours(num_classes)
+    return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
+def build_model(arch: Architecture, variant: Variant, state: dict[str, torch.Tensor],
+                num_classes: int) -> nn.Module:
+    """A fresh model for the variant (ours or the baseline) holding `state`, strict:
+    ValueError naming the missing and unexpected keys when the baseline's differ."""
+    model = arch.ours(num_classes) if variant.role == "ours" else arch.build_baseline(state, num_classes)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        who = "our model" if variant.role == "ours" else arch.baseline_label
+        raise ValueError(f"{who} does not take {arch.name}'s weights: missing keys {result.missing_keys[:8]}, "
+                         f"unexpected keys {result.unexpected_keys[:8]}")
+    return model
+
+
+@dataclass
+class Prepared:
+    """A variant ready to run: step(x, y) runs one step and returns the logits."""
+    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    backend: str | None
+
+
+def prepare(arch: Architecture, variant: Variant, config: Config, state: dict[str, torch.Tensor],
+            backend: str | None = None) -> Prepared:
+    """Builds the variant's model on config's device, in its memory format and mode,
+    compiled if the variant says so, and the step function that runs it."""
+    model = build_model(arch, variant, state, config.num_classes)
+    model = model.to(config.device, memory_format=MEMORY_FORMATS[config.memory_format])
+    training = config.mode == "train"
+    model.train(training)
+    optimizer = torch.optim.SGD(model.parameters(), lr=SGD_LR, momentum=SGD_MOMENTUM) if training else None
+    runner = model
+    if variant.compile_mode is not None:
+        runner = torch.compile(model, mode=None if variant.compile_mode == "default" else variant.compile_mode)
+    device_type = config.device_type
+    dtype = DTYPES[config.dtype]
+    use_autocast = dtype != torch.float32
+    mark_cudagraph_step = variant.compile_mode is not None and device_type == "cuda"
+    forced = backend if variant.role == "ours" else arch.baseline_backend
+
+    def autocast():
+        return torch.autocast(device_type, dtype=dtype) if use_autocast else contextlib.nullcontext()
+
+    if training:
+        def step(x, y):
+            if mark_cudagraph_step:
+                torch.compiler.cudagraph_mark_step_begin()
+            optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                output = runner(x)
+                loss = training_loss(output, y)
+                logits = logits_of(output)
+            loss.backward()
+            optimizer.step()
+            return logits.detach()
+    else:
+        def step(x, y):
+            if mark_cudagraph_step:
+                torch.compiler.cudagraph_mark_step_begin()
+            with torch.no_grad(), autocast():
+                return logits_of(runner(x))
+    return Prepared(step, model, optimizer, forced)
+
+
+def summarize(times: Sequence[float], batch_size: int) -> dict:
+    """Median, quartiles, min, max, mean, std of step times (s) and the throughputs."""
+    ordered = sorted(times)
+    median = statistics.median(ordered)
+    q1, q3 = _quantile(ordered, 0.25), _quantile(ordered, 0.75)
+    return {
+        "median_s": median, "q1_s": q1, "q3_s": q3, "min_s": ordered[0], "max_s": ordered[-1],
+        "mean_s": statistics.fmean(ordered), "std_s": statistics.stdev(ordered) if len(ordered) > 1 else 0.0,
+        "iqr_percent": 100.0 * (q3 - q1) / median if median > 0 else math.nan,
+        "images_per_s": batch_size / median,
+        "images_per_s_quartiles": [batch_size / q3, batch_size / q1],
+    }
+
+
+def _quantile(ordered: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile of sorted values (numpy's default)."""
+    position = (len(ordered) - 1) * q
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def measure(prepared: Prepared, inputs, config: Config, iterations: int, warmup: int,
+            progress: Callable[[str], None] | None = None) -> dict:
+    """Runs first call, warm-up and timed steps (see the module docstring) and returns
+    {'first_call_s', 'times_s', timing summary..., 'wall_images_per_s', 'memory',
+    'first_output', 'cnnkernels_backends_used' (which backend ran each cnnkernels op in
+    the first call: {op: {backend: calls}})}. progress(phase) is called once per step."""
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    device = config.device
+    tick = progress or (lambda phase: None)
+    with forced_backend(prepared.backend):
+        synchronize(device)
+        with recording_backends() as backends_used:
+            start = time.perf_counter()
+            first_output = prepared.step(*inputs[0])
+            synchronize(device)
+            first_call_s = time.perf_counter() - start
+        first_output = first_output.detach().to("cpu", torch.float64, copy=True)
+        tick("first call")
+        for i in range(warmup):
+            prepared.step(*inputs[(i + 1) % len(inputs)])
+            tick("warm-up")
+        synchronize(device)
+        cuda = config.device_type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            held_at_start = torch.cuda.memory_allocated(device)
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(iterations)]
+        times = []
+        loop_start = time.perf_counter()
+        for i in range(iterations):
+            x, y = inputs[i % len(inputs)]
+            if cuda:
+                events[i][0].record()
+                prepared.step(x, y)
+                events[i][1].record()
+            else:
+                t0 = time.perf_counter()
+                prepared.step(x, y)
+                times.append(time.perf_counter() - t0)
+            tick("timed")
+        synchronize(device)
+        wall_s = time.perf_counter() - loop_start
+        if cuda:
+            times = [begin.elapsed_time(end) / 1e3 for begin, end in events]
+            peak = torch.cuda.max_memory_allocated(device)
+            memory = {"peak_bytes": peak, "state_bytes": held_at_start, "step_peak_bytes": peak - held_at_start,
+                      "method": MEMORY_METHOD["cuda"]}
+        else:
+            step_peak = profiled_peak_bytes(lambda: prepared.step(*inputs[iterations % len(inputs)]))
+            held = state_bytes(prepared.model, prepared.optimizer, inputs)
+            memory = {"peak_bytes": held + step_peak, "state_bytes": held, "step_peak_bytes": step_peak,
+                      "method": MEMORY_METHOD["cpu"]}
+            tick("memory")
+    figures = {"first_call_s": first_call_s, "warmup": warmup, "iterations": iterations, "times_s": times,
+               "cnnkernels_backends_used": backends_used}
+    figures.update(summarize(times, config.batch_size))
+    figures["wall_images_per_s"] = config.batch_size * iterations / wall_s
+    figures["memory"] = memory
+    figures["first_output"] = first_output
+    return figures
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def run_variant(arch: Architecture, variant: Variant, config: Config, state, inputs, settings: Settings,
+                progress: Callable[[str], None] | None = None) -> dict:
+    """Measures one variant; a failure is recorded (status "error", the message and the
+    traceback), not raised, so one broken variant does not stop the run."""
+    record = {"model": arch.name, "baseline": arch.baseline_label, "variant": variant.name,
+              "label": variant.label, "role": variant.role, "compile_mode": variant.compile_mode,
+              "forced_backend": settings.backend if variant.role == "ours" else arch.baseline_backend,
+              **{k: v for k, v in asdict(config).items()}}
+    torch._dynamo.reset()
+    prepared = None
+    try:
+        prepared = prepare(arch, variant, config, state, settings.backend)
+        record.update(measure(prepared, inputs, config, settings.iterations, settings.warmup, progress))
+        record["status"] = "ok"
+    except Exception as error:  # recorded in the results; the run goes on with the next variant
+        record["status"] = "error"
+        record["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+        record["traceback"] = traceback.format_exc()
+    finally:
+        del prepared
+        torch._dynamo.reset()
+        gc.collect()
+        if config.device_type == "cuda":
+            torch.cuda.empty_cache()
+    return record
+
+
+def add_comparisons(records: list[dict]) -> None:
+    """Adds 'speedup' {baseline variant: ratio of images_per_s} and
+    'output_rel_err_vs_eager' to every ok record, within each (model, config)."""
+    groups: dict[tuple, list[dict]] = {}
+    for record in records:
+        key = (record["model"], record["device"], record["batch_size"], record["image_size"], record["dtype"],
+               record["memory_format"], record["mode"])
+        groups.setdefault(key, []).append(record)
+    for group in groups.values():
+        baselines = {r["variant"]: r for r in group if r["role"] == "baseline" and r["status"] == "ok"}
+        for record in group:
+            if record["status"] != "ok":
+                continue
+            record["speedup"] = {name: record["images_per_s"] / base["images_per_s"]
+                                 for name, base in baselines.items()}
+            eager = baselines.get("eager")
+            record["output_rel_err_vs_eager"] = (rel_err(record["first_output"], eager["first_output"])
+                                                 if eager is not None else None)
+    for record in records:
+        record.pop("first_output", None)
+
+
+def run(settings: Settings, progress: bool = True) -> dict:
+    """Measures every model x config x variant of settings and returns the document
+    written to JSON: {'schema', 'created', 'environment', 'settings', 'methodology',
+    'architectures', 'results'}."""
+    from tqdm import tqdm
+
+    device = settings.configs[0].device
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = settings.cudnn_benchmark
+    archs = [architecture(name) for name in settings.models]
+    variants = [VARIANTS[name] for name in settings.variants]
+    created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    records = []
+    total = len(archs) * len(settings.configs) * len(variants)
+    per_variant_steps = 1 + settings.warmup + settings.iterations + (1 if torch.device(device).type == "cpu" else 0)
+    with tqdm(total=total, desc="benchmark", unit="run", disable=not progress, position=0,
+              dynamic_ncols=True) as outer:
+        for arch in archs:
+            outer.set_postfix_str(f"{arch.name}: building weights")
+            state = reference_state(arch, settings.configs[0].num_classes, settings.seed)
+            for config in settings.configs:
+                inputs = make_inputs(config, settings.seed)
+                for variant in variants:
+                    desc = f"{arch.name} {config.mode} {variant.name}"
+                    outer.set_postfix_str(desc)
+                    with tqdm(total=per_variant_steps, desc=desc, unit="step", leave=False, position=1,
+                              disable=not progress, dynamic_ncols=True) as inner:
+                        inner.set_postfix_str("first call" + (" (compiling)" if variant.compile_mode else ""))
+
+                        def tick(phase, inner=inner):
+                            inner.update(1)
+                            inner.set_postfix_str(phase)
+                        record = run_variant(arch, variant, config, state, inputs, settings, tick)
+                    if record["status"] != "ok":
+                        outer.write(f"{desc}: FAILED: {record['error']}")
+                    records.append(record)
+                    outer.update(1)
+                del inputs
+            del state
+            gc.collect()
+    add_comparisons(records)
+    return {
+        "schema": "cnnkernels-bench/1",
+        "created": created,
+        "environment": {**describe(device), "load_average_at_start": load_at_start},
+        "settings": {"models": list(settings.models), "variants": list(settings.variants),
+                     "configs": [asdict(c) for c in settings.configs], "iterations": settings.iterations,
+                     "warmup": settings.warmup, "input_pool": INPUT_POOL, "seed": settings.seed,
+                     "cnnkernels_backend": settings.backend or "default choice per op",
+                     "cudnn_benchmark": settings.cudnn_benchmark if torch.device(device).type == "cuda" else None,
+                     **settings.extra},
+        "methodology": {**METHODOLOGY, "timing": TIMING_METHOD[torch.device(device).type],
+                        "memory": MEMORY_METHOD[torch.device(device).type]},
+        "architectures": {a.name: {"baseline": a.baseline_label, "baseline_backend": a.baseline_backend,
+                                   "note": a.note} for a in archs},
+        "results": records,
+    }
