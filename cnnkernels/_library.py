@@ -39,6 +39,20 @@ PUBLIC_SCHEMAS = {
         "Tensor grad_fc2_bias, Tensor grad_residual)"
     ),
 }
+_BN_ACT_CONV_ARGS = (
+    "Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
+    "Tensor? running_mean, Tensor? running_var, int[2] stride, int[2] padding, "
+    "int[2] dilation, int groups, bool training, float eps, str activation"
+)
+PUBLIC_SCHEMAS["bn_act_conv"] = f"({_BN_ACT_CONV_ARGS}) -> (Tensor out, Tensor save_mean, Tensor save_var)"
+PUBLIC_SCHEMAS["bn_act_conv_into"] = f"(Tensor(a!) out, {_BN_ACT_CONV_ARGS}) -> (Tensor save_mean, Tensor save_var)"
+PUBLIC_SCHEMAS["bn_act_conv_backward"] = (
+    "(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, "
+    "Tensor? bn_bias, Tensor save_mean, Tensor save_var, int[2] stride, int[2] padding, "
+    "int[2] dilation, int groups, bool training, float eps, str activation, "
+    "bool[5] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, "
+    "Tensor grad_bn_weight, Tensor grad_bn_bias)"
+)
 
 LOAD_ERROR: str | None = None
 _fallback_library: torch.library.Library | None = None
@@ -57,6 +71,16 @@ except Exception as error:  # any failure to load means: run without the C++ bac
     _fallback_library = torch.library.Library("cnnkernels", "DEF")
     for _name, _schema in PUBLIC_SCHEMAS.items():
         _fallback_library.define(_name + _schema)
+else:
+    # An extension built from older sources lacks the newer ops: define their public
+    # schemas here, so that their reference and Triton backends still work.
+    _missing = {n: s for n, s in PUBLIC_SCHEMAS.items() if not hasattr(torch.ops.cnnkernels, n)}
+    if _missing:
+        warnings.warn(f"cnnkernels._C predates the ops {', '.join(_missing)}: their cpu and cuda "
+                      "backends are unavailable until it is rebuilt", RuntimeWarning, stacklevel=2)
+        _fallback_library = torch.library.Library("cnnkernels", "FRAGMENT")
+        for _name, _schema in _missing.items():
+            _fallback_library.define(_name + _schema)
 
 
 def extension_loaded() -> bool:

@@ -31,6 +31,16 @@ def _sample_inputs(device: str) -> dict[str, tuple]:
     return {"conv_bn_act": conv_bn_act, "add_act": add_act, "se_excite": se_excite}
 
 
+def _kernel_choices() -> dict[tuple[str, str], list[tuple[str, str]]]:
+    """{(op, backend): [(kernel, when it runs)]} for the backends that pick a kernel by shape."""
+    from cnnkernels.ops import _conv_bn_act_choice
+    from cnnkernels.triton import conv_bn_act as triton_conv_bn_act
+
+    return {("conv_bn_act", "triton"): list(triton_conv_bn_act.KERNEL_CHOICES),
+            ("conv_bn_act", "cuda"): list(_conv_bn_act_choice.CUDA_KERNEL_CHOICES),
+            ("conv_bn_act", "cpu"): list(_conv_bn_act_choice.CPU_KERNEL_CHOICES)}
+
+
 def report() -> str:
     lines = [
         f"cnnkernels {cnnkernels.__version__}",
@@ -59,6 +69,10 @@ def report() -> str:
                 else:
                     status = f"can run when forced (not in the default order for {device} tensors)"
                 lines.append(f"  {backend:<10} {status}")
+    lines.append("\nkernels picked by shape (first match wins):")
+    for (op_name, backend), choices in _kernel_choices().items():
+        lines.append(f"  {op_name} on {backend}:")
+        lines += [f"    {kernel}: {rule}" for kernel, rule in choices]
     return "\n".join(lines)
 
 

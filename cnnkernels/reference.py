@@ -24,6 +24,42 @@ backward(grad_out, out, x, weight, bias, conv_out, bn_weight, save_mean, save_va
   tensor. grad_x and grad_residual come in x's memory format, the rest contiguous.
   grad_bn_weight and grad_bn_bias are in the statistics dtype. In eval, an empty
   conv_out means "recompute it from x" (needed only for grad_bn_weight).
+
+bn_act_conv contract (pre-activation order, DenseNet / pre-act ResNet; every backend):
+
+forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+        stride, padding, dilation, groups, training, eps, activation)
+    -> (out, save_mean, save_var)
+  x [N, C_in, H, W], ANY strides (typically a channel-prefix view buf[:, :C_in] of a
+    wider NCHW or channels_last buffer; never required contiguous);
+  weight [C_out, C_in/groups, kH, kW]; bias [C_out] or None;
+  bn_weight, bn_bias, running_mean, running_var [C_in] or None (BN is over x's channels).
+  a = x * scale + shift with scale = bn_weight * rsqrt(var + eps), shift = bn_bias -
+    mean * scale (per channel, in the statistics dtype); z = act(a) rounded to x's dtype;
+  out [N, C_out, H_out, W_out] = conv2d(z, weight, bias), in x's dtype and in
+    bn_act_conv_memory_format(x): channels_last when x's channel stride is 1 and x is not
+    contiguous (prefix views of a channels_last buffer), contiguous otherwise.
+  save_mean, save_var [C_in] in the statistics dtype: training: the batch mean and the
+    biased batch variance of x; eval: copies of running_mean and running_var.
+  Running statistics are never touched here: ops/bn_act_conv.py updates them.
+
+into(out, <the forward's arguments>) -> (save_mean, save_var)
+  The same, with the result written into `out` ([N, C_out, H_out, W_out], x's dtype,
+  any strides, e.g. the channel slice buf[:, c0:c0 + C_out] of a bigger buffer; not
+  overlapping x); no other element of out's storage is written.
+
+backward(grad_out, x, weight, bias, bn_weight, bn_bias, save_mean, save_var, stride,
+         padding, dilation, groups, training, eps, activation, output_mask)
+    -> (grad_x, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias)
+  Recomputes z from x and the saved statistics (nothing else is kept for backward),
+  takes grad_z, grad_weight, grad_bias from the convolution's backward, then
+  g = grad_z * (a > 0) (relu) or grad_z (none), xhat = (x - mean) * invstd:
+  grad_bn_bias = sum g, grad_bn_weight = sum g * xhat (over N, H, W);
+  grad_x = gamma * invstd * (g - grad_bn_bias / M - xhat * grad_bn_weight / M) in
+  training (M = N*H*W), gamma * invstd * g in eval.
+  output_mask [5] says which are wanted; an unwanted one (or grad_bias without a bias)
+  is an empty [0] tensor. grad_x in bn_act_conv_memory_format(x), the rest contiguous;
+  grad_bn_weight and grad_bn_bias in the statistics dtype.
 """
 from __future__ import annotations
 
@@ -211,3 +247,84 @@ def se_excite_backward(grad_out, out, x, fc1_weight, fc2_weight, squeezed, hidde
         _empty(x) if r is None else
         r.to(x.dtype).contiguous(memory_format=fmt if i in (0, 5) else torch.contiguous_format)
         for i, r in enumerate(results))
+
+
+# --- bn_act_conv ---------------------------------------------------------------------
+# Contract in the module docstring above.
+
+def bn_act_conv_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when x's channel stride is 1 and x is not contiguous, else contiguous."""
+    if x.stride(1) == 1 and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _bn_act_pre_activation(x, bn_weight, bn_bias, mean, var, eps):
+    """a = x * scale + shift in the statistics dtype, with the op's scale and shift."""
+    sdtype = stats_dtype(x.dtype)
+    scale, shift = _bn_scale_shift(bn_weight, bn_bias, mean, var, eps, x.shape[1], sdtype, x.device)
+    return x.to(sdtype) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+
+
+def bn_act_conv_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                        stride, padding, dilation, groups, training, eps, activation):
+    fmt = bn_act_conv_memory_format(x)
+    sdtype = stats_dtype(x.dtype)
+    if training:
+        save_var, save_mean = torch.var_mean(x.to(sdtype), dim=(0, 2, 3), unbiased=False)
+    else:
+        save_mean, save_var = running_mean.to(sdtype).clone(), running_var.to(sdtype).clone()
+    a = _bn_act_pre_activation(x, bn_weight, bn_bias, save_mean, save_var, eps)
+    z = _activate(a, activation).to(x.dtype).contiguous(memory_format=fmt)
+    out = F.conv2d(z, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
+    return out.contiguous(memory_format=fmt), save_mean.contiguous(), save_var.contiguous()
+
+
+def bn_act_conv_into(out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                     stride, padding, dilation, groups, training, eps, activation):
+    result, save_mean, save_var = bn_act_conv_forward(
+        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
+        groups, training, eps, activation)
+    out.copy_(result)
+    return save_mean, save_var
+
+
+def bn_act_conv_backward(grad_out, x, weight, bias, bn_weight, bn_bias, save_mean, save_var,
+                         stride, padding, dilation, groups, training, eps, activation, output_mask):
+    fmt = bn_act_conv_memory_format(x)
+    sdtype = stats_dtype(x.dtype)
+    c_in, c_out = x.shape[1], weight.shape[0]
+    a = _bn_act_pre_activation(x, bn_weight, bn_bias, save_mean, save_var, eps)
+    z = _activate(a, activation).to(x.dtype).contiguous(memory_format=fmt)
+    want_grad_z = output_mask[0] or output_mask[3] or output_mask[4]
+    want_bias = bool(output_mask[2]) and bias is not None
+    grad_z = grad_w = grad_b = None
+    if want_grad_z or output_mask[1] or want_bias:
+        grad_z, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_out.to(x.dtype), z, weight, [c_out] if bias is not None else None, list(stride),
+            list(padding), list(dilation), False, [0, 0], groups,
+            [want_grad_z, bool(output_mask[1]), want_bias])
+    grad_x = grad_gamma = grad_beta = None
+    if want_grad_z:
+        g = grad_z.to(sdtype)
+        if activation == "relu":
+            g = torch.where(a > 0, g, torch.zeros_like(g))
+        invstd = torch.rsqrt(save_var.to(sdtype) + eps)
+        xhat = (x.to(sdtype) - save_mean.to(sdtype).view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
+        grad_beta = g.sum(dim=(0, 2, 3))
+        grad_gamma = (g * xhat).sum(dim=(0, 2, 3))
+        gamma = bn_weight.to(sdtype) if bn_weight is not None else torch.ones(c_in, dtype=sdtype, device=x.device)
+        k = (gamma * invstd).view(1, -1, 1, 1)
+        if training:
+            count = x.numel() // c_in
+            grad_x = k * (g - (grad_beta / count).view(1, -1, 1, 1) - xhat * (grad_gamma / count).view(1, -1, 1, 1))
+        else:
+            grad_x = k * g
+    empty_x, empty_s = x.new_empty(0), save_mean.new_empty(0, dtype=sdtype)
+    return (
+        grad_x.to(x.dtype).contiguous(memory_format=fmt) if output_mask[0] else empty_x,
+        grad_w.contiguous() if output_mask[1] else empty_x,
+        grad_b.contiguous() if want_bias else empty_x,
+        grad_gamma.contiguous() if output_mask[3] else empty_s,
+        grad_beta.contiguous() if output_mask[4] else empty_s,
+    )

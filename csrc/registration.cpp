@@ -48,6 +48,21 @@ bool built_with_cuda() { return cnnkernels::kBuiltWithCuda; }
   "(Tensor grad_x, Tensor grad_fc1_weight, Tensor grad_fc1_bias, Tensor grad_fc2_weight, " \
   "Tensor grad_fc2_bias, Tensor grad_residual)"
 
+#define BN_ACT_CONV_ARGS                                                                \
+  "Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "         \
+  "Tensor? running_mean, Tensor? running_var, int[2] stride, int[2] padding, "          \
+  "int[2] dilation, int groups, bool training, float eps, str activation"
+#define BN_ACT_CONV_FORWARD_ARGS \
+  "(" BN_ACT_CONV_ARGS ") -> (Tensor out, Tensor save_mean, Tensor save_var)"
+#define BN_ACT_CONV_INTO_ARGS \
+  "(Tensor(a!) out, " BN_ACT_CONV_ARGS ") -> (Tensor save_mean, Tensor save_var)"
+#define BN_ACT_CONV_BACKWARD_ARGS                                                       \
+  "(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, "        \
+  "Tensor? bn_bias, Tensor save_mean, Tensor save_var, int[2] stride, int[2] padding, " \
+  "int[2] dilation, int groups, bool training, float eps, str activation, "             \
+  "bool[5] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, "      \
+  "Tensor grad_bn_weight, Tensor grad_bn_bias)"
+
 TORCH_LIBRARY(cnnkernels, m) {
   m.def("_built_with_cuda() -> bool", &built_with_cuda);
   m.def("conv_bn_act" CONV_BN_ACT_FORWARD_ARGS);
@@ -62,4 +77,10 @@ TORCH_LIBRARY(cnnkernels, m) {
   m.def("se_excite_backward" SE_EXCITE_BACKWARD_ARGS);
   m.def("_se_excite_forward_native" SE_EXCITE_FORWARD_ARGS);
   m.def("_se_excite_backward_native" SE_EXCITE_BACKWARD_ARGS);
+  m.def("bn_act_conv" BN_ACT_CONV_FORWARD_ARGS);
+  m.def("bn_act_conv_into" BN_ACT_CONV_INTO_ARGS);
+  m.def("bn_act_conv_backward" BN_ACT_CONV_BACKWARD_ARGS);
+  m.def("_bn_act_conv_forward_native" BN_ACT_CONV_FORWARD_ARGS);
+  m.def("_bn_act_conv_into_native" BN_ACT_CONV_INTO_ARGS);
+  m.def("_bn_act_conv_backward_native" BN_ACT_CONV_BACKWARD_ARGS);
 }

@@ -1,6 +1,8 @@
-"""Shared test helpers: relative error and the conv_bn_act case list."""
+"""Shared test helpers: relative error, the conv_bn_act case list, NaN-filled torch.empty,
+and pieces the conv_bn_act and bn_act_conv op tests share."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from dataclasses import dataclass, field
@@ -21,6 +23,21 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref||, computed in float64."""
     out, ref = out.double(), ref.double()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+@contextlib.contextmanager
+def poisoned_empty():
+    """Inside the block every torch.empty (in the kernels too) comes back NaN-filled
+    (deterministic mode with fill_uninitialized_memory): unwritten output shows."""
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -115,3 +132,64 @@ class Formula(torch.nn.Module):
 
     def forward(self, x):
         return self.formula(self.inner, x)
+
+
+def conv_op_arguments(bn_channels: int, **overrides) -> dict:
+    """Valid arguments of ops.conv_bn_act / ops.bn_act_conv (x [2, 8, 6, 6], weight
+    [16, 8, 3, 3], padding 1, BN parameters and running statistics of bn_channels), with
+    `overrides` replacing or adding some."""
+    args = dict(x=torch.randn(2, 8, 6, 6), weight=torch.randn(16, 8, 3, 3), bn_weight=torch.ones(bn_channels),
+                bn_bias=torch.zeros(bn_channels), running_mean=torch.zeros(bn_channels),
+                running_var=torch.ones(bn_channels), padding=1)
+    args.update(overrides)
+    return args
+
+
+def call_conv_op(op, bn_channels: int, **overrides):
+    """op(x, weight, **rest) on conv_op_arguments(bn_channels, **overrides)."""
+    args = conv_op_arguments(bn_channels, **overrides)
+    return op(args.pop("x"), args.pop("weight"), **args)
+
+
+# (overrides of conv_op_arguments, error, match) that conv_bn_act and bn_act_conv reject alike.
+CONV_ARGUMENT_ERRORS = [
+    (dict(x=torch.randn(8, 6, 6)), ValueError, "x must be 4-D"),
+    (dict(weight=torch.randn(16, 8, 3)), ValueError, "weight must be 4-D"),
+    (dict(x=torch.randint(0, 5, (2, 8, 6, 6))), TypeError, "x must be a floating tensor"),
+    (dict(weight=torch.randn(16, 8, 3, 3, dtype=torch.float64)), TypeError, "weight has dtype torch.float64"),
+    (dict(weight=torch.randn(16, 4, 3, 3)), ValueError, "x has 8 channels but weight expects 4"),
+    (dict(weight=torch.randn(16, 3, 3, 3), groups=3), ValueError, "groups=3 must divide"),
+    (dict(groups=0), ValueError, "groups must be a positive int"),
+    (dict(bias=torch.zeros(15)), ValueError, "bias must have 16 elements"),
+    (dict(activation="gelu"), ValueError, "activation must be one of 'relu', 'none'"),
+    (dict(stride=0), ValueError, "stride must be >= 1"),
+    (dict(padding=(1, 2, 3)), TypeError, "padding must be an int or a pair"),
+    (dict(dilation=-1), ValueError, "dilation must be >= 1"),
+    (dict(running_mean=None), ValueError, "running_mean and running_var must be given together"),
+    (dict(running_mean=None, running_var=None), ValueError, "required when training=False"),
+    (dict(padding=0, x=torch.randn(2, 8, 2, 2)), ValueError, "does not fit"),
+    (dict(x=torch.randn(1, 8, 1, 1), weight=torch.randn(16, 8, 1, 1), padding=0, training=True),
+     ValueError, "more than 1 value per channel"),
+]
+
+
+def check_compile_matches_eager(make_model, training: bool, x_shape: tuple) -> None:
+    """torch.compile(fullgraph=True, backend="aot_eager") of make_model() against a copy run
+    eagerly: output, gradients of x and of every parameter, and the updated state (running
+    statistics), in train or eval mode."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager, compiled_model = make_model(), make_model()
+    compiled_model.load_state_dict(eager.state_dict())
+    eager.train(training), compiled_model.train(training)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(*x_shape, requires_grad=True)
+    expected, got = eager(x), compiled(x)
+    assert rel_err(got, expected) < 1e-6
+    grad = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, [x] + list(eager.parameters()), grad)
+    got_grads = torch.autograd.grad(got, [x] + list(compiled_model.parameters()), grad)
+    for e, g in zip(expected_grads, got_grads):
+        assert rel_err(g, e) < 1e-5
+    for key, value in eager.state_dict().items():  # running statistics were updated alike
+        assert torch.allclose(compiled_model.state_dict()[key].float(), value.float(), atol=1e-6), key

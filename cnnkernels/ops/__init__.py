@@ -7,10 +7,14 @@ from cnnkernels.ops import add_act as _add_act_module
 from cnnkernels.ops.add_act import add_act
 from cnnkernels.ops import se_excite as _se_excite_module
 from cnnkernels.ops.se_excite import se_excite
+from cnnkernels.ops import bn_act_conv as _bn_act_conv_module
+from cnnkernels.ops.bn_act_conv import bn_act_conv
 
 _NORMALIZERS = {"conv_bn_act": _conv_bn_act_module._normalize_call}
 _NORMALIZERS["add_act"] = _add_act_module._normalize_call
 _NORMALIZERS["se_excite"] = _se_excite_module._normalize_call
+_NORMALIZERS["bn_act_conv"] = _bn_act_conv_module._normalize_call
+_NORMALIZERS["bn_act_conv_into"] = _bn_act_conv_module._normalize_into_call
 
 
 def explain(op_name: str, *args, **kwargs) -> dict:
@@ -24,3 +28,4 @@ def explain(op_name: str, *args, **kwargs) -> dict:
 __all__ = ["conv_bn_act", "explain"]
 __all__.append("add_act")
 __all__ += ["se_excite"]
+__all__ += ["bn_act_conv"]

@@ -9,14 +9,12 @@ so torch.compile(fullgraph=True) traces the op without a graph break.
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 
 import torch
 
-from cnnkernels import _backends, _library, reference
-from cnnkernels._backends import Implementation
-from cnnkernels.ops import _checks
+from cnnkernels import reference
+from cnnkernels.ops import _checks, _registration
 
 OP = "add_act"
 BACKWARD_OP = "add_act_backward"
@@ -59,65 +57,23 @@ def _normalize_call(*args, **kwargs) -> tuple:
     return _normalize(*bound.arguments.values())
 
 
-# --- backends -----------------------------------------------------------------------
+# --- backends and dispatcher registrations ---------------------------------------------
 
-def _native_reasons(device_type: str, dispatch_key: str):
-    def reasons(first, *_):
-        found = []
-        if first.device.type != device_type:
-            found.append(f"needs {device_type} tensors, got {first.device.type}")
-        if not _library.extension_loaded():
-            found.append(f"cnnkernels._C is not loaded ({_library.LOAD_ERROR})")
-        elif not _library.has_native_kernel(f"_{OP}_forward_native", dispatch_key):
-            found.append(f"cnnkernels._C was built without {dispatch_key} kernels of {OP}")
-        return found
-    return reasons
+_TRITON = _registration.TritonModule("cnnkernels.triton.add_act")
 
-
-def _triton_module():
-    return importlib.import_module("cnnkernels.triton.add_act")
-
-
-def _triton_reasons(*args):
-    try:
-        module = _triton_module()
-    except ImportError as error:
-        return [f"triton is unavailable ({error})"]
-    return module.unsupported_reasons(*args)
-
-
-def _no_reasons(*_):
-    return []
-
-
-_backends.register(OP, Implementation("reference", "plain torch: add, relu", reference.add_act_forward, _no_reasons))
-_backends.register(BACKWARD_OP, Implementation("reference", "plain torch: where(out > 0)",
-                                               reference.add_act_backward, _no_reasons))
-for _backend, _device, _key in (("cpu", "cpu", "CPU"), ("cuda", "cuda", "CUDA")):
-    _backends.register(OP, Implementation(
-        _backend, "one fused elementwise pass over x and residual in the output's memory format",
-        lambda *a: torch.ops.cnnkernels._add_act_forward_native(*a), _native_reasons(_device, _key)))
-    _backends.register(BACKWARD_OP, Implementation(
-        _backend, "one elementwise pass: grad_out masked by out > 0",
-        lambda *a: torch.ops.cnnkernels._add_act_backward_native(*a), _native_reasons(_device, _key)))
-_backends.register(OP, Implementation(
-    "triton", "flat elementwise Triton kernel over dense tensors in the output's memory format",
-    lambda *a: _triton_module().forward(*a), _triton_reasons))
-_backends.register(BACKWARD_OP, Implementation(
-    "triton", "flat elementwise Triton kernel: grad_out masked by out > 0",
-    lambda *a: _triton_module().backward(*a), _triton_reasons))
-
-
-# --- dispatcher registrations ---------------------------------------------------------
-
-@torch.library.register_kernel(f"cnnkernels::{OP}", ("cpu", "cuda"))
-def _forward_kernel(*args):
-    return _backends.select(OP, args).run(*args)
-
-
-@torch.library.register_kernel(f"cnnkernels::{BACKWARD_OP}", ("cpu", "cuda"))
-def _backward_kernel(*args):
-    return _backends.select(BACKWARD_OP, args).run(*args)
+_registration.register(
+    OP, family=OP,
+    reference=("plain torch: add, relu", reference.add_act_forward),
+    native=("one fused elementwise pass over x and residual in the output's memory format",
+            "_add_act_forward_native"),
+    triton=("flat elementwise Triton kernel over dense tensors in the output's memory format",
+            _TRITON.function("forward"), _TRITON.reasons))
+_registration.register(
+    BACKWARD_OP, family=OP,
+    reference=("plain torch: where(out > 0)", reference.add_act_backward),
+    native=("one elementwise pass: grad_out masked by out > 0", "_add_act_backward_native"),
+    triton=("flat elementwise Triton kernel: grad_out masked by out > 0", _TRITON.function("backward"),
+            _TRITON.reasons))
 
 
 @torch.library.register_fake(f"cnnkernels::{OP}")

@@ -9,14 +9,12 @@ so torch.compile(fullgraph=True) traces the op without a graph break.
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 
 import torch
 
-from cnnkernels import _backends, _library, reference
-from cnnkernels._backends import Implementation
-from cnnkernels.ops import _checks
+from cnnkernels import reference
+from cnnkernels.ops import _checks, _conv_bn_act_choice, _registration
 
 OP = "conv_bn_act"
 BACKWARD_OP = "conv_bn_act_backward"
@@ -118,79 +116,34 @@ def _update_running_stats(running_mean, running_var, save_mean, save_var, out, m
     running_var.lerp_((save_var * (count / (count - 1))).to(running_var.dtype), momentum)
 
 
-# --- backends -----------------------------------------------------------------------
+# --- backends and dispatcher registrations ---------------------------------------------
 
-def _native_reasons(device_type: str, dispatch_key: str):
-    def reasons(x, *_):
-        found = []
-        if x.device.type != device_type:
-            found.append(f"needs {device_type} tensors, got {x.device.type}")
-        if not _library.extension_loaded():
-            found.append(f"cnnkernels._C is not loaded ({_library.LOAD_ERROR})")
-        elif not _library.has_native_kernel(f"_{OP}_forward_native", dispatch_key):
-            found.append(f"cnnkernels._C was built without {dispatch_key} kernels")
-        return found
-    return reasons
-
-
-def _triton_module():
-    return importlib.import_module("cnnkernels.triton.conv_bn_act")
-
-
-def _triton_reasons(*args):
-    try:
-        module = _triton_module()
-    except ImportError as error:
-        return [f"triton is unavailable ({error})"]
-    return module.unsupported_reasons(*args)
+_TRITON = _registration.TritonModule("cnnkernels.triton.conv_bn_act")
 
 
 def _triton_backward_reasons(grad_out, out, x, weight, bias, conv_out, bn_weight, save_mean, save_var,
                              stride, padding, dilation, groups, training, eps, activation, output_mask):
-    return _triton_reasons(x, weight, bias, bn_weight, None, None, None, stride, padding, dilation,
+    return _TRITON.reasons(x, weight, bias, bn_weight, None, None, None, stride, padding, dilation,
                            groups, training, eps, None, activation)
 
 
-def _no_reasons(*_):
-    return []
-
-
-def _native_backward_reasons(device_type: str, dispatch_key: str):
-    forward_reasons = _native_reasons(device_type, dispatch_key)
-
-    def reasons(grad_out, out, x, *_):
-        return forward_reasons(x)
-    return reasons
-
-
-_backends.register(OP, Implementation("reference", "plain torch: conv2d, batch statistics, affine, activation",
-                                      reference.conv_bn_act_forward, _no_reasons))
-_backends.register(BACKWARD_OP, Implementation("reference", "plain torch", reference.conv_bn_act_backward, _no_reasons))
-for _backend, _device, _key in (("cpu", "cpu", "CPU"), ("cuda", "cuda", "CUDA")):
-    _backends.register(OP, Implementation(
-        _backend, "ATen convolution with BN folded (eval) + one fused stats/normalize/residual/activation pass",
-        lambda *a: torch.ops.cnnkernels._conv_bn_act_forward_native(*a), _native_reasons(_device, _key)))
-    _backends.register(BACKWARD_OP, Implementation(
-        _backend, "fused BN/activation backward pass + ATen convolution_backward",
-        lambda *a: torch.ops.cnnkernels._conv_bn_act_backward_native(*a), _native_backward_reasons(_device, _key)))
-_backends.register(OP, Implementation(
-    "triton", "implicit-GEMM convolution over channels-last data with fused BN/residual/activation epilogue",
-    lambda *a: _triton_module().forward(*a), _triton_reasons))
-_backends.register(BACKWARD_OP, Implementation(
-    "triton", "Triton BN/activation backward kernels + ATen convolution_backward",
-    lambda *a: _triton_module().backward(*a), _triton_backward_reasons))
-
-
-# --- dispatcher registrations ---------------------------------------------------------
-
-@torch.library.register_kernel(f"cnnkernels::{OP}", ("cpu", "cuda"))
-def _forward_kernel(*args):
-    return _backends.select(OP, args).run(*args)
-
-
-@torch.library.register_kernel(f"cnnkernels::{BACKWARD_OP}", ("cpu", "cuda"))
-def _backward_kernel(*args):
-    return _backends.select(BACKWARD_OP, args).run(*args)
+_registration.register(
+    OP, family=OP,
+    reference=("plain torch: conv2d, batch statistics, affine, activation", reference.conv_bn_act_forward),
+    native=({"cpu": "oneDNN fused convolution (eval) or ATen convolution + fused C++ "
+                    "stats/normalize/residual/activation pass",
+             "cuda": "kernel picked by shape (1x1 GEMM, grouped 3x3, else cuDNN) + fused BN/residual/activation "
+                     "epilogue"}, "_conv_bn_act_forward_native"),
+    native_describe={"cpu": _conv_bn_act_choice.describe_cpu, "cuda": _conv_bn_act_choice.describe_cuda},
+    triton=("convolution kernel picked by shape (1x1 GEMM, grouped, general implicit GEMM) with fused "
+            "BN/residual/activation epilogue", _TRITON.function("forward"), _TRITON.reasons),
+    triton_describe=_TRITON.function("kernel_name"))
+_registration.register(
+    BACKWARD_OP, family=OP, x_index=2,
+    reference=("plain torch", reference.conv_bn_act_backward),
+    native=("fused BN/activation backward pass + ATen convolution_backward", "_conv_bn_act_backward_native"),
+    triton=("Triton BN/activation backward kernels + ATen convolution_backward", _TRITON.function("backward"),
+            _triton_backward_reasons))
 
 
 @torch.library.register_fake(f"cnnkernels::{OP}")

@@ -11,14 +11,12 @@ op without a graph break.
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 
 import torch
 
-from cnnkernels import _backends, _library, reference
-from cnnkernels._backends import Implementation
-from cnnkernels.ops import _checks
+from cnnkernels import reference
+from cnnkernels.ops import _checks, _registration
 
 OP = "se_excite"
 BACKWARD_OP = "se_excite_backward"
@@ -97,86 +95,34 @@ def _normalize_call(*args, **kwargs) -> tuple:
     return _normalize(*bound.arguments.values())
 
 
-# --- backends -----------------------------------------------------------------------
+# --- backends and dispatcher registrations ---------------------------------------------
 
-def _native_reasons(device_type: str, dispatch_key: str):
-    def reasons(x, *_):
-        found = []
-        if x.device.type != device_type:
-            found.append(f"needs {device_type} tensors, got {x.device.type}")
-        if not _library.extension_loaded():
-            found.append(f"cnnkernels._C is not loaded ({_library.LOAD_ERROR})")
-        elif not _library.has_native_kernel(f"_{OP}_forward_native", dispatch_key):
-            found.append(f"cnnkernels._C was built without {dispatch_key} kernels of {OP}")
-        return found
-    return reasons
-
-
-def _native_backward_reasons(device_type: str, dispatch_key: str):
-    forward_reasons = _native_reasons(device_type, dispatch_key)
-
-    def reasons(grad_out, out, x, *_):
-        return forward_reasons(x)
-    return reasons
-
-
-def _triton_module():
-    return importlib.import_module("cnnkernels.triton.se_excite")
-
-
-def _triton_reasons(*args):
-    try:
-        module = _triton_module()
-    except ImportError as error:
-        return [f"triton is unavailable ({error})"]
-    return module.unsupported_reasons(*args)
+_TRITON = _registration.TritonModule("cnnkernels.triton.se_excite")
 
 
 def _triton_backward_reasons(grad_out, out, x, fc1_weight, fc2_weight, squeezed, hidden, gate, activation,
                              output_mask):
-    return _triton_reasons(x, fc1_weight, None, fc2_weight, None, None, activation)
+    return _TRITON.reasons(x, fc1_weight, None, fc2_weight, None, None, activation)
 
 
-def _no_reasons(*_):
-    return []
-
-
-_backends.register(OP, Implementation("reference", "plain torch: mean, linear, sigmoid, scale, activation",
-                                      reference.se_excite_forward, _no_reasons))
-_backends.register(BACKWARD_OP, Implementation("reference", "plain torch", reference.se_excite_backward,
-                                               _no_reasons))
-for _backend, _device, _key, _fwd_kernel, _bwd_kernel in (
-        ("cpu", "cpu", "CPU", "per-sample squeeze + FC + gate (parallel over samples), one fused "
-                              "scale/residual/activation pass",
-         "per-sample reduction of g*x + FC backward, one fused grad_x/grad_residual pass, weight grads by GEMM"),
-        ("cuda", "cuda", "CUDA", "one block per sample for squeeze + FC + gate (shared-memory reductions), one "
-                                 "elementwise scale/residual/activation kernel",
-         "one block per sample for the g*x reduction and FC backward, weight-gradient kernel, one elementwise "
-         "grad_x/grad_residual kernel")):
-    _backends.register(OP, Implementation(
-        _backend, _fwd_kernel, lambda *a: torch.ops.cnnkernels._se_excite_forward_native(*a),
-        _native_reasons(_device, _key)))
-    _backends.register(BACKWARD_OP, Implementation(
-        _backend, _bwd_kernel, lambda *a: torch.ops.cnnkernels._se_excite_backward_native(*a),
-        _native_backward_reasons(_device, _key)))
-_backends.register(OP, Implementation(
-    "triton", "Triton squeeze, fc1, fc2+sigmoid and fused scale/residual/activation kernels",
-    lambda *a: _triton_module().forward(*a), _triton_reasons))
-_backends.register(BACKWARD_OP, Implementation(
-    "triton", "Triton g*x reduction, FC backward, weight-gradient and fused grad_x/grad_residual kernels",
-    lambda *a: _triton_module().backward(*a), _triton_backward_reasons))
-
-
-# --- dispatcher registrations ---------------------------------------------------------
-
-@torch.library.register_kernel(f"cnnkernels::{OP}", ("cpu", "cuda"))
-def _forward_kernel(*args):
-    return _backends.select(OP, args).run(*args)
-
-
-@torch.library.register_kernel(f"cnnkernels::{BACKWARD_OP}", ("cpu", "cuda"))
-def _backward_kernel(*args):
-    return _backends.select(BACKWARD_OP, args).run(*args)
+_registration.register(
+    OP, family=OP,
+    reference=("plain torch: mean, linear, sigmoid, scale, activation", reference.se_excite_forward),
+    native=({"cpu": "per-sample squeeze + FC + gate (parallel over samples), one fused scale/residual/activation "
+                    "pass",
+             "cuda": "one block per sample for squeeze + FC + gate (shared-memory reductions), one elementwise "
+                     "scale/residual/activation kernel"}, "_se_excite_forward_native"),
+    triton=("Triton squeeze, fc1, fc2+sigmoid and fused scale/residual/activation kernels",
+            _TRITON.function("forward"), _TRITON.reasons))
+_registration.register(
+    BACKWARD_OP, family=OP, x_index=2,
+    reference=("plain torch", reference.se_excite_backward),
+    native=({"cpu": "per-sample reduction of g*x + FC backward, one fused grad_x/grad_residual pass, weight grads "
+                    "by GEMM",
+             "cuda": "one block per sample for the g*x reduction and FC backward, weight-gradient kernel, one "
+                     "elementwise grad_x/grad_residual kernel"}, "_se_excite_backward_native"),
+    triton=("Triton g*x reduction, FC backward, weight-gradient and fused grad_x/grad_residual kernels",
+            _TRITON.function("backward"), _triton_backward_reasons))
 
 
 @torch.library.register_fake(f"cnnkernels::{OP}")

@@ -1,6 +1,19 @@
 """Triton backend of conv_bn_act: implicit-GEMM convolution with a fused BatchNorm /
 residual / activation epilogue, and the BN / activation part of the backward.
 
+The convolution forward runs one of three kernels, picked by shape (_forward_kernel,
+named with the reason by kernel_name(), shown by cnnkernels.ops.explain and
+python -m cnnkernels.info):
+  conv1x1_bn_act.py      1x1, stride 1 or 2, padding 0, groups 1: a GEMM over output
+                         pixels (ResNet / ResNeXt / GoogLeNet reduce and expand convs);
+  grouped_conv_bn_act.py ResNeXt grouped 3x3 (4..32 channels per group): several groups
+                         per tile through block-diagonal weight tiles;
+  _conv_fwd_kernel here  everything else (general implicit GEMM, or direct multiply-adds
+                         for depthwise and other <= 4 channels-per-group convolutions).
+All three share the fused epilogue of _conv_epilogue.py and write the same outputs
+(training: conv_out and per row tile partial statistics), so the statistics merge and
+normalisation passes and the backward below are common to them.
+
 Kernels (each launched compiled on CUDA tensors, through Triton's interpreter on CPU
 tensors, see cnnkernels/triton/_launch.py):
   _conv_fwd_kernel       rows = output pixels (N*H_out*W_out), columns = output channels
@@ -33,11 +46,13 @@ from __future__ import annotations
 import torch
 
 from cnnkernels import reference
+from cnnkernels.triton import conv1x1_bn_act, grouped_conv_bn_act
 
 try:
     import triton
     import triton.language as tl
 
+    from cnnkernels.triton._conv_epilogue import conv_bn_act_epilogue
     from cnnkernels.triton._launch import kernel
 except ImportError as _error:  # unsupported_reasons() reports it; nothing here can launch
     triton = tl = None
@@ -122,32 +137,10 @@ def _conv_fwd_kernel(
                         mask=k_mask[:, None] & col_mask[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
-    out_offsets = out_rows[:, None] + co[None, :] * so_c
-    mask = row_mask[:, None] & col_mask[None, :]
-    if TRAINING:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + co, mask=col_mask, other=0.0).to(ACC_DTYPE)[None, :]
-        y = acc.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + out_offsets, y, mask=mask)
-        # Statistics of the values actually stored, as the reference computes them.
-        y = tl.where(row_mask[:, None], y.to(ACC_DTYPE), 0.0)
-        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(ACC_DTYPE)
-        tile_sum = tl.sum(y, axis=0)
-        deviation = tl.where(row_mask[:, None], y - (tile_sum / count)[None, :], 0.0)
-        tile_m2 = tl.sum(deviation * deviation, axis=0)
-        stat_offsets = pid_m.to(tl.int64) * C_OUT + co
-        tl.store(psum_ptr + stat_offsets, tile_sum, mask=col_mask)
-        tl.store(pm2_ptr + stat_offsets, tile_m2, mask=col_mask)
-    else:
-        scale = tl.load(scale_ptr + co, mask=col_mask, other=0.0).to(ACC_DTYPE)
-        shift = tl.load(shift_ptr + co, mask=col_mask, other=0.0).to(ACC_DTYPE)
-        z = acc * scale[None, :] + shift[None, :]
-        if HAS_RESIDUAL:
-            res_offsets = (n.to(tl.int64) * sr_n + oh * sr_h + ow * sr_w)[:, None] + co[None, :] * sr_c
-            z += tl.load(res_ptr + res_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-        if RELU:
-            z = tl.where(z < 0.0, 0.0, z)
-        tl.store(out_ptr + out_offsets, z.to(out_ptr.dtype.element_ty), mask=mask)
+    conv_bn_act_epilogue(
+        acc, pid_m, co, row_mask, col_mask, out_rows, so_c, n64 * sr_n + oh * sr_h + ow * sr_w, sr_c,
+        M, C_OUT, bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, psum_ptr, pm2_ptr,
+        TRAINING, HAS_BIAS, HAS_RESIDUAL, RELU, ACC_DTYPE, BLOCK_M)
 
 
 @kernel
@@ -414,8 +407,9 @@ def forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stri
             groups, training, eps, residual, activation):
     """conv_bn_act forward; arguments and results exactly as reference.conv_bn_act_forward.
 
-    x [N, C_in, H, W] (a contiguous NCHW x is first converted to channels-last, so the
-    kernel's reduction reads are contiguous in C); weight [C_out, C_in/groups, kH, kW];
+    x [N, C_in, H, W] (the general kernel first converts a contiguous NCHW x to
+    channels-last, so its reduction reads are contiguous in C; the 1x1 and grouped
+    kernels read x through its strides); weight [C_out, C_in/groups, kH, kW];
     bias, bn_* [C_out] or None; residual [N, C_out, H_out, W_out] or None.
     Returns out [N, C_out, H_out, W_out] (x's dtype, reference.output_memory_format(x)),
     conv_out (training: conv + bias, same shape and format; eval: empty [0]),
@@ -462,9 +456,112 @@ def forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stri
     return out, y, save_mean, save_var
 
 
+GENERAL_NAME = "triton implicit GEMM (general)"
+KERNEL_CHOICES = (
+    (conv1x1_bn_act.NAME, conv1x1_bn_act.RULE),
+    (grouped_conv_bn_act.NAME + " (G groups per tile)", grouped_conv_bn_act.RULE),
+    (GENERAL_NAME, "every other convolution (direct multiply-adds when C_in/groups <= 4)"),
+)
+"""(kernel, when it runs) of the forward kernels the Triton backend picks from, first match wins."""
+
+
+def _forward_kernel(weight_shape, stride, padding, dilation, groups) -> tuple[str, list[str]]:
+    """("conv1x1" | "grouped" | "general", why the specialised kernels were passed over)."""
+    passed_over = []
+    for name, module in (("conv1x1", conv1x1_bn_act), ("grouped", grouped_conv_bn_act)):
+        why_not = module.mismatch(weight_shape, stride, padding, dilation, groups)
+        if why_not is None:
+            return name, passed_over
+        passed_over.append(f"not {name}: {why_not}")
+    return "general", passed_over
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """What Triton's specialisation sees as a channels-last tensor whose channel runs
+    can be read and written as vectors: channel stride 1, the other strides and the
+    address 16-aligned (Triton marks ints divisible by 16 and 16-byte aligned pointers)."""
+    return (t.stride(1) == 1 and all(s % 16 == 0 for s in (t.stride(0), t.stride(2), t.stride(3)))
+            and t.data_ptr() % 16 == 0)
+
+
+def _vector_io(x, weight, residual, c_out: int, choice: str) -> bool:
+    """Whether every operand of the 1x1 / grouped kernel is _aligned (the output is
+    channels-last like x, with C_out % 16 == 0): such tiles move contiguous channel
+    runs as vectors; otherwise every element has its own address and the kernels pick
+    smaller tiles so as not to spill registers."""
+    vector = (_aligned(x) and reference.output_memory_format(x) == torch.channels_last and c_out % 16 == 0
+              and (residual is None or _aligned(residual)))
+    if choice == "conv1x1":  # the weight is read in place as [C_out, C_in]
+        vector = vector and weight.stride(1) == 1 and weight.stride(0) % 16 == 0 and weight.data_ptr() % 16 == 0
+    return vector
+
+
+def kernel_name(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
+                groups, training, eps, residual, activation) -> str:
+    """The forward kernel this backend runs for these conv_bn_act arguments (the
+    schema's), with the reason and its tiles, e.g. "triton conv1x1 GEMM + fused
+    BN/residual/act epilogue (1x1 kernel, stride 1, padding 0, groups 1: ...)"."""
+    c_out, cin_g = weight.shape[0], weight.shape[1]
+    precision = _dot_precision(x.device)
+    choice, passed_over = _forward_kernel(weight.shape, stride, padding, dilation, groups)
+    vector = _vector_io(x, weight, residual, c_out, choice)
+    layout = "vector" if vector else "scalar (an operand is not channels-last with 16-aligned strides)"
+    if choice == "conv1x1":
+        return (f"{conv1x1_bn_act.NAME} (1x1 kernel, stride {_pair_text(stride)}, padding 0, groups 1: "
+                f"{conv1x1_bn_act.describe(x.dtype, cin_g, c_out, precision, vector)}, {layout} access)")
+    if choice == "grouped":
+        per_tile = grouped_conv_bn_act.groups_per_tile(cin_g)
+        return (f"{grouped_conv_bn_act.NAME} ({per_tile} groups per tile) + fused BN/residual/act "
+                f"epilogue (groups={groups}, 3x3, stride {_pair_text(stride)}, padding 1: "
+                f"{grouped_conv_bn_act.describe(x.dtype, cin_g, precision, vector)}, "
+                f"{layout} access)")
+    cfg = _conv_config(x.dtype, cin_g, c_out // groups, c_out, precision)
+    how = ("direct multiply-adds, C_in/groups <= 4" if cfg["DIRECT"] else
+           f"tl.dot tiles {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}")
+    return f"{GENERAL_NAME} + fused BN/residual/act epilogue ({'; '.join(passed_over)}; {how})"
+
+
+def _pair_text(pair) -> str:
+    return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}x{pair[1]}"
+
+
 def _conv(x, weight, bias, scale, shift, residual, out, stride, padding, dilation, groups, training, activation):
-    """Launches _conv_fwd_kernel into `out` ([N, C_out, H_out, W_out], any strides).
-    Training: returns the partial statistics (psum, pm2) and their row tile size."""
+    """Runs the forward convolution kernel picked by _forward_kernel into `out` ([N, C_out,
+    H_out, W_out], any strides), with the eval epilogue (scale, shift, residual) or the
+    training one (bias). Training: returns the partial statistics (psum, pm2
+    [row tiles, C_out]) and their row tile size, else (None, None, row tile size)."""
+    choice, _ = _forward_kernel(weight.shape, stride, padding, dilation, groups)
+    if choice == "general":
+        return _conv_general(x, weight, bias, scale, shift, residual, out, stride, padding, dilation, groups,
+                             training, activation)
+    c_out, cin_g = weight.shape[0], weight.shape[1]
+    precision, acc = _dot_precision(x.device), _acc_dtype(x.dtype)
+    vector = _vector_io(x, weight, residual, c_out, choice)
+    if choice == "conv1x1":
+        cfg = conv1x1_bn_act.config(x.dtype, cin_g, c_out, precision, vector)
+    else:
+        cfg = grouped_conv_bn_act.config(x.dtype, cin_g, precision, vector)
+    psum, pm2 = _partial_stats(out, cfg["BLOCK_M"]) if training else (None, None)
+    if choice == "conv1x1":
+        conv1x1_bn_act.launch(x, weight, bias, scale, shift, residual, out, psum, pm2, stride, cfg, acc,
+                              training, activation)
+    else:
+        grouped_conv_bn_act.launch(x, weight, bias, scale, shift, residual, out, psum, pm2, stride, padding,
+                                   groups, cfg, acc, training, activation)
+    return psum, pm2, cfg["BLOCK_M"]
+
+
+def _partial_stats(out: torch.Tensor, tile_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised (psum, pm2) [cdiv(M, tile_m), C_out] for the training epilogue."""
+    n, c_out, h_out, w_out = out.shape
+    psum = torch.empty((triton.cdiv(n * h_out * w_out, tile_m), c_out), dtype=reference.stats_dtype(out.dtype),
+                       device=out.device)
+    return psum, torch.empty_like(psum)
+
+
+def _conv_general(x, weight, bias, scale, shift, residual, out, stride, padding, dilation, groups, training,
+                  activation):
+    """Launches _conv_fwd_kernel (arguments and result as _conv)."""
     x = x.contiguous(memory_format=torch.channels_last)
     c_out, cin_g, kh, kw = weight.shape
     cout_g = c_out // groups
@@ -478,10 +575,7 @@ def _conv(x, weight, bias, scale, shift, residual, out, stride, padding, dilatio
         grid = (tiles, triton.cdiv(c_out, cfg["BLOCK_N"]), 1)
     else:
         grid = (tiles, triton.cdiv(cout_g, cfg["BLOCK_N"]), groups)
-    psum = pm2 = None
-    if training:
-        psum = torch.empty((tiles, c_out), dtype=reference.stats_dtype(x.dtype), device=x.device)
-        pm2 = torch.empty_like(psum)
+    psum, pm2 = _partial_stats(out, cfg["BLOCK_M"]) if training else (None, None)
     dummy = out
     _conv_fwd_kernel[grid](
         x, w, bias if bias is not None else dummy, scale if scale is not None else dummy,

@@ -3,8 +3,9 @@
 // All ATen-level logic lives here: argument checks, memory formats, dtypes, folding
 // the eval BatchNorm into the convolution, at::convolution for the convolution,
 // at::convolution_backward for its gradients, empty [0] tensors for unwanted
-// gradients. A device supplies only the four elementwise/reduction passes of
-// ConvBnActKernels (csrc/cpu/conv_bn_act.cpp, csrc/cuda/conv_bn_act.cu) and wraps
+// gradients. A device supplies the four elementwise/reduction passes of
+// ConvBnActKernels (csrc/cpu/conv_bn_act.cpp, csrc/cuda/conv_bn_act.cu), optionally its
+// own forward convolutions for some shapes (fused eval, or conv + statistics), and wraps
 // conv_bn_act_forward / conv_bn_act_backward in kernels with the schema signature.
 // The contract (shapes, formats, dtypes of the results) is cnnkernels/reference.py's.
 //
@@ -80,6 +81,25 @@ struct ConvBnActKernels {
                                 const at::Tensor& bias, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation,
                                 int64_t groups, const at::Tensor& residual, bool relu) = nullptr;
+
+  // Optional (nullptr: unused). The device's own convolution kernels with the BatchNorm
+  // epilogue fused, for the shapes they cover (the CUDA backend's choice:
+  // csrc/common/conv_bn_act_kernel_choice.h). Each returns an undefined tensor to
+  // decline, and the driver then runs at::convolution and the passes above. weight is
+  // the unfolded weight; residual is as for eval_fused_conv.
+  // Eval: out = act(conv2d(x, weight) * scale[c] + shift[c] + residual) in x's dtype and
+  // output memory format; scale, shift [C_out] in the statistics dtype (the conv bias is
+  // folded into shift).
+  at::Tensor (*eval_conv_epilogue)(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                                   const at::Tensor& shift, at::IntArrayRef stride, at::IntArrayRef padding,
+                                   at::IntArrayRef dilation, int64_t groups, const at::Tensor& residual,
+                                   bool relu) = nullptr;
+  // Training: returns y = conv2d(x, weight) + bias (bias may be undefined) in x's dtype
+  // and output memory format, and writes its biased batch statistics into mean and var
+  // ([C_out], statistics dtype, allocated by the driver).
+  at::Tensor (*train_conv_stats)(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t groups, at::Tensor& mean, at::Tensor& var) = nullptr;
 };
 
 namespace detail {
@@ -193,10 +213,15 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_act_fo
   const at::Tensor beta = detail::per_channel_or(bn_bias, 0.0, c_out, sopts);
 
   if (training) {
-    const at::Tensor y =
-        detail::conv(x, weight, bias, stride, padding, dilation, groups).contiguous(fmt);
     at::Tensor mean = at::empty({c_out}, sopts), var = at::empty({c_out}, sopts);
-    kernels.batch_stats(y, mean, var);
+    at::Tensor y;
+    if (kernels.train_conv_stats != nullptr) {
+      y = kernels.train_conv_stats(x, weight, bias, stride, padding, dilation, groups, mean, var);
+    }
+    if (!y.defined()) {
+      y = detail::conv(x, weight, bias, stride, padding, dilation, groups).contiguous(fmt);
+      kernels.batch_stats(y, mean, var);
+    }
     const at::Tensor scale = gamma * at::rsqrt(var + eps);
     const at::Tensor shift = beta - mean * scale;
     at::Tensor out = at::empty(out_sizes, x.options().memory_format(fmt));
@@ -214,6 +239,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_act_fo
   at::Tensor shift = beta - save_mean * scale;
   if (bias.defined()) shift = shift + bias.to(sopts.dtype()) * scale;
   const at::Tensor empty = x.new_empty({0});
+  if (kernels.eval_conv_epilogue != nullptr) {
+    at::Tensor out = kernels.eval_conv_epilogue(x, weight, scale, shift, stride, padding, dilation, groups, res, relu);
+    if (out.defined()) return {out.contiguous(fmt), empty, save_mean, save_var};
+  }
   at::Tensor folded_weight;
   auto fold = [&] {
     if (!folded_weight.defined()) {

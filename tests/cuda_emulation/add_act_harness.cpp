@@ -7,24 +7,15 @@
 // buffers of numel elements (the launcher makes them dense in one memory format).
 // Each returns 0 on success, 1 if the launch was refused.
 #include <cstdint>
-#include <exception>
 
 #include "cuda/add_act_kernels.cuh"
+#include "harness_common.h"
 
 namespace {
 
 using namespace cnnkernels::add_act_cuda;
+using cnnkernels_harness::guarded;
 using cuda_emulation::launch;
-
-template <typename F>
-int guarded(F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception&) {
-    return 1;
-  }
-}
 
 }  // namespace
 

@@ -9,15 +9,16 @@
 // means "absent" exactly as an undefined tensor does in conv_bn_act_driver.h.
 // Each returns 0 on success, 1 if the launch was refused.
 #include <cstdint>
-#include <exception>
 #include <limits>
 #include <vector>
 
 #include "cuda/conv_bn_act_kernels.cuh"
+#include "harness_common.h"
 
 namespace {
 
 using namespace cnnkernels::conv_bn_act_cuda;
+using cnnkernels_harness::guarded;
 using cuda_emulation::launch;
 
 Geometry geometry(int64_t n, int64_t c, int64_t s, int channels_last) {
@@ -75,16 +76,6 @@ void backward_elementwise(const T* grad_out, const T* out, const T* y, const T* 
   const Geometry g = geometry(n, c, s, channels_last);
   launch(elementwise_grid(g.numel(), max_blocks), dim3(kThreads), backward_elementwise_kernel<T, T>,
          grad_out, out, y, mean, g_scale, y_scale, shift, g, relu != 0, grad_y, grad_pre);
-}
-
-template <typename F>
-int guarded(F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception&) {
-    return 1;
-  }
 }
 
 }  // namespace

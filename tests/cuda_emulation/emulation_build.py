@@ -1,6 +1,6 @@
 """Builds a CUDA-emulation harness (tests/cuda_emulation/<op>_harness.cpp, which includes
-the op's csrc/cuda/<op>_kernels.cuh and csrc/emulation/cuda_host_emulation.h) with g++
-into a shared library and loads it with ctypes.
+the op's csrc/cuda/<op>_kernels.cuh, csrc/emulation/cuda_host_emulation.h and
+harness_common.h) with g++ into a shared library and loads it with ctypes.
 
 The library is cached under the temp dir, keyed by the hash of the compiler, its flags
 and the sources, and written atomically (concurrent test runs never load half a file).
@@ -20,6 +20,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 EMULATION_HEADER = ROOT / "csrc" / "emulation" / "cuda_host_emulation.h"
+HARNESS_HEADER = Path(__file__).with_name("harness_common.h")  # included by every harness
 FLAGS = ["-std=c++20", "-O1", "-pthread", "-shared", "-fPIC"]
 SUFFIXES = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -30,7 +31,7 @@ def build(harness: Path, kernel_sources: list[Path]) -> Path:
     if gxx is None:
         pytest.skip("g++ not found: cannot build the CUDA host emulation harness")
     digest = hashlib.sha256(" ".join([gxx, *FLAGS]).encode())
-    for source in [EMULATION_HEADER, *kernel_sources, harness]:
+    for source in [EMULATION_HEADER, HARNESS_HEADER, *kernel_sources, harness]:
         digest.update(source.read_bytes())
     cache = Path(tempfile.gettempdir()) / "cnnkernels_cuda_emulation" / digest.hexdigest()[:16]
     library = cache / f"{harness.stem}.so"

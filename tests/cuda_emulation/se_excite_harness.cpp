@@ -10,15 +10,16 @@
 // The backward's intermediate buffers start as NaN, so a value the per-sample kernel
 // fails to write poisons the results. Each returns 0 on success, 1 if a launch was refused.
 #include <cstdint>
-#include <exception>
 #include <limits>
 #include <vector>
 
 #include "cuda/se_excite_kernels.cuh"
+#include "harness_common.h"
 
 namespace {
 
 using namespace cnnkernels::se_excite_cuda;
+using cnnkernels_harness::guarded;
 using cuda_emulation::launch;
 
 template <typename T>
@@ -57,16 +58,6 @@ void backward(const T* grad_out, const T* out, const T* x, const T* w1, const T*
   if (grad_x != nullptr || grad_res != nullptr) {
     launch(elementwise_grid(g, max_blocks), dim3(kThreads), backward_elementwise_kernel<T, T>, grad_out, out, gate,
            static_cast<const T*>(dsq), g, relu != 0, grad_x, grad_res);
-  }
-}
-
-template <typename F>
-int guarded(F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception&) {
-    return 1;
   }
 }
 

@@ -5,12 +5,9 @@ No torch headers, so this takes seconds; the full csrc/cuda/se_excite.cu is comp
 the package build."""
 from __future__ import annotations
 
-import re
-import subprocess
-
 import pytest
 
-from test_cuda_source_compiles import ROOT, TORCH_NVCC_FLAGS, _nvcc
+from nvcc import ARCH_STD, compile_kernels
 
 TRANSLATION_UNIT = r"""
 #include "cuda/se_excite_kernels.cuh"
@@ -38,17 +35,6 @@ INSTANTIATE(__nv_bfloat16, float)
 """
 
 
-@pytest.mark.parametrize("arch,std", [("sm_80", "c++17"), ("sm_90", "c++20")])
+@pytest.mark.parametrize("arch,std", ARCH_STD)
 def test_se_excite_kernels_compile(arch, std, tmp_path):
-    source = tmp_path / "se_excite_kernels.cu"
-    source.write_text(TRANSLATION_UNIT)
-    result = subprocess.run(
-        [_nvcc(), f"-std={std}", "-O3", f"-arch={arch}", *TORCH_NVCC_FLAGS, "-Xptxas=-v",
-         "-Werror=all-warnings", f"-I{ROOT / 'csrc'}", "-c", str(source), "-o", str(tmp_path / "kernels.o")],
-        capture_output=True, text=True)
-    assert result.returncode == 0, f"nvcc failed for {arch}:\n{result.stderr}"
-    assert (tmp_path / "kernels.o").stat().st_size > 0
-    spills = re.findall(r"(\d+) bytes spill stores", result.stderr)
-    assert spills and all(int(n) == 0 for n in spills), f"register spills for {arch}:\n{result.stderr}"
-    stacks = re.findall(r"(\d+) bytes stack frame", result.stderr)
-    assert all(int(n) == 0 for n in stacks), f"stack frames for {arch}:\n{result.stderr}"
+    assert len(compile_kernels(TRANSLATION_UNIT, arch, std, tmp_path)) == 5 * 4

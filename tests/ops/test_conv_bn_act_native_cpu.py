@@ -15,7 +15,7 @@ import torch
 
 import cnnkernels  # noqa: F401  (loads cnnkernels._C when it is built)
 from cnnkernels import _library, reference
-from helpers import CASES, TOLERANCE, rel_err
+from helpers import CASES, TOLERANCE, poisoned_empty, rel_err
 
 pytestmark = pytest.mark.skipif(
     not _library.has_native_kernel("_conv_bn_act_forward_native", "CPU"),
@@ -29,13 +29,8 @@ EPS = 1e-5
 @pytest.fixture(autouse=True)
 def poison_empty():
     """Every torch.empty inside the kernels comes back NaN-filled: unwritten output shows."""
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(deterministic)
-    torch.utils.deterministic.fill_uninitialized_memory = fill
+    with poisoned_empty():
+        yield
 
 
 def forward_native(x, weight, bias=None, bn_weight=None, bn_bias=None, running_mean=None, running_var=None,

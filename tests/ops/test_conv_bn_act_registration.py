@@ -5,7 +5,7 @@ import torch
 
 import cnnkernels
 from cnnkernels import ops
-from helpers import CASES, rel_err
+from helpers import CASES, check_compile_matches_eager, rel_err
 from test_conv_bn_act import BACKENDS_ON_CPU, require_backend
 
 OPCHECK_CASES = [c for c in CASES if c.name in ("3x3s2", "channels_last", "odd_channels")]
@@ -55,22 +55,7 @@ class Block(torch.nn.Module):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_compile_fullgraph_forward_and_backward(training):
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    eager, compiled_model = Block(), Block()
-    compiled_model.load_state_dict(eager.state_dict())
-    eager.train(training), compiled_model.train(training)
-    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 8, 6, 6, requires_grad=True)
-    expected, got = eager(x), compiled(x)
-    assert rel_err(got, expected) < 1e-6
-    grad = torch.randn_like(expected)
-    expected_grads = torch.autograd.grad(expected, [x] + list(eager.parameters()), grad)
-    got_grads = torch.autograd.grad(got, [x] + list(compiled_model.parameters()), grad)
-    for e, g in zip(expected_grads, got_grads):
-        assert rel_err(g, e) < 1e-5
-    for key, value in eager.state_dict().items():  # running statistics were updated alike
-        assert torch.allclose(compiled_model.state_dict()[key].float(), value.float(), atol=1e-6), key
+    check_compile_matches_eager(Block, training, (2, 8, 6, 6))
 
 
 def test_compile_inductor_eval_has_no_graph_break():

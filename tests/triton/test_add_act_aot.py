@@ -2,7 +2,7 @@
 GPU: each launch the launchers make (recorded from forward / backward on small CPU
 tensors, every dtype the GPU runs, relu and none) must compile, spill no registers and
 fit the SM's shared memory. Specialisation and the spill check are those of
-test_conv_bn_act_aot.py."""
+tests/triton/aot.py."""
 from __future__ import annotations
 
 import pytest
@@ -16,7 +16,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 
 from cnnkernels.triton import add_act as module  # noqa: E402
 from cnnkernels.triton._launch import DualKernel  # noqa: E402
-from test_conv_bn_act_aot import CAPABILITIES, SHARED_LIMIT, _Recorder, _specialize, _spills  # noqa: E402
+from aot import CAPABILITIES, SHARED_LIMIT, Recorder, specialize, ptxas_usage  # noqa: E402
 
 KERNELS = sorted(name for name, value in vars(module).items() if isinstance(value, DualKernel))
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -27,7 +27,7 @@ def _record_launches() -> list:
     saved = {name: getattr(module, name) for name in KERNELS}
     try:
         for name in KERNELS:
-            setattr(module, name, _Recorder(saved[name], launches))
+            setattr(module, name, Recorder(saved[name], launches))
         for dtype in DTYPES:
             x = torch.randn(2, 8, 5, 7, dtype=dtype).contiguous(memory_format=torch.channels_last)
             residual = torch.randn(2, 8, 5, 7, dtype=dtype)
@@ -45,7 +45,7 @@ def test_every_launched_kernel_compiles_without_spills(capability):
     backend = make_backend(GPUTarget("cuda", capability, 32))
     compiles = {}
     for dual, args, kwargs in _record_launches():
-        options, signature, constexprs, attrs = _specialize(dual, args, kwargs, backend)
+        options, signature, constexprs, attrs = specialize(dual, args, kwargs, backend)
         key = (dual.__name__, tuple(signature.values()), tuple(sorted(map(str, constexprs.items()))))
         compiles.setdefault(key, (dual.jit, signature, constexprs, attrs, options))
     assert {key[0] for key in compiles} == set(KERNELS)
@@ -55,7 +55,7 @@ def test_every_launched_kernel_compiles_without_spills(capability):
         compiled = triton.compile(ASTSource(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs),
                                   target=target, options=options.__dict__)
         assert "ld.global" in compiled.asm["ptx"]
-        stores, loads = _spills(compiled.asm["ptx"], capability)
+        _, stores, loads = ptxas_usage(compiled.asm["ptx"], capability)
         report.append((key, compiled.metadata.shared, stores, loads))
     assert len(report) == 2 * len(DTYPES) * 2  # forward and backward x dtype x activation
     assert [r for r in report if r[2] or r[3]] == []

@@ -6,7 +6,7 @@ on small CPU tensors shaped like SE-ResNet gates (every dtype the GPU path takes
 and channels_last, with and without bias / residual / relu, every subset of gradients
 that changes the constexprs), with every kernel swapped for a recorder. The machinery
 (specialisation exactly as JITFunction.run does it, ptxas -v for the spills) is that of
-tests/triton/test_conv_bn_act_aot.py.
+tests/triton/aot.py.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from cnnkernels import reference  # noqa: E402
 from cnnkernels.triton import se_excite as module  # noqa: E402
 from cnnkernels.triton._launch import DualKernel  # noqa: E402
-from test_conv_bn_act_aot import CAPABILITIES, SHARED_LIMIT, _Recorder, _specialize, _spills  # noqa: E402
+from aot import CAPABILITIES, SHARED_LIMIT, Recorder, specialize, ptxas_usage  # noqa: E402
 
 KERNELS = sorted(name for name, value in vars(module).items() if isinstance(value, DualKernel))
 # (C, R, H): SE-ResNet-50 stages 1 and 4 (reduction 16), and an odd small gate.
@@ -37,7 +37,7 @@ def _record_launches(dtype) -> list:
     saved = {name: getattr(module, name) for name in KERNELS}
     try:
         for name in KERNELS:
-            setattr(module, name, _Recorder(saved[name], launches))
+            setattr(module, name, Recorder(saved[name], launches))
         for (c, r, h), channels_last, variant in itertools.product(GATES, (False, True), (0, 1)):
             fmt = torch.channels_last if channels_last else torch.contiguous_format
             x = torch.randn(2, c, h, h, dtype=dtype).contiguous(memory_format=fmt)
@@ -64,7 +64,7 @@ def _unique_compiles(capability):
     seen = {}
     for dtype in DTYPES:
         for dual, args, kwargs in _record_launches(dtype):
-            options, signature, constexprs, attrs = _specialize(dual, args, kwargs, backend)
+            options, signature, constexprs, attrs = specialize(dual, args, kwargs, backend)
             pointers = tuple(v for v in signature.values() if v.startswith("*"))
             consts = tuple(sorted((dual.jit.arg_names[k[0]], str(v)) for k, v in constexprs.items()
                                   if dual.jit.params[k[0]].is_constexpr))
@@ -83,7 +83,7 @@ def test_every_launched_kernel_compiles_without_spills(capability):
     for key, (jit, signature, constexprs, attrs, options) in compiles.items():
         compiled = triton.compile(ASTSource(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs),
                                   target=target, options=options.__dict__)
-        stores, loads = _spills(compiled.asm["ptx"], capability)
+        _, stores, loads = ptxas_usage(compiled.asm["ptx"], capability)
         report.append((key, compiled.metadata.shared, stores, loads))
     print("\n".join(f"sm_{capability} {k[0]} {dict(k[2])} shared={s} spills={st}/{ld}" for k, s, st, ld in report))
     assert [r for r in report if r[2] or r[3]] == []

@@ -1,0 +1,97 @@
+"""Backend registration shared by the op files (cnnkernels/ops/<op>.py).
+
+Each registered op (a forward, its backward, an out= variant) gets four implementations
+in cnnkernels/_backends.py — reference (plain torch), cpu and cuda (the C++ kernel
+torch.ops.cnnkernels.<native_op>, taken from the compiled extension cnnkernels._C) and
+triton (a function of the op's Triton module, imported on first use) — and one
+dispatcher kernel for cpu and cuda that runs the implementation _backends.select picks.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+
+from cnnkernels import _backends, _library
+from cnnkernels._backends import Implementation
+
+_NATIVE = (("cpu", "CPU", "csrc/cpu/{}.cpp"), ("cuda", "CUDA", "csrc/cuda/{}.cu"))  # backend = device type
+
+
+def no_reasons(*_) -> list[str]:
+    return []
+
+
+def native_reasons(family: str, native_op: str, device_type: str, x_index: int = 0) -> Callable[..., list[str]]:
+    """Why torch.ops.cnnkernels.<native_op> (one of op `family`'s C++ kernels, built from
+    csrc/<cpu|cuda>/<family>) cannot run for device_type; the device is that of argument x_index."""
+    dispatch_key, source = next((key, source.format(family)) for device, key, source in _NATIVE
+                                if device == device_type)
+
+    def reasons(*args):
+        x = args[x_index]
+        found = []
+        if x.device.type != device_type:
+            found.append(f"needs {device_type} tensors, got {x.device.type}")
+        if not _library.extension_loaded():
+            found.append(f"cnnkernels._C is not loaded ({_library.LOAD_ERROR})")
+        elif not hasattr(torch.ops.cnnkernels, native_op):
+            found.append(f"cnnkernels._C predates {family}: rebuild it")
+        elif not _library.has_native_kernel(native_op, dispatch_key):
+            found.append(f"cnnkernels._C was built without {dispatch_key} kernels of {family} ({source})")
+        return found
+    return reasons
+
+
+class TritonModule:
+    """An op's Triton module (cnnkernels.triton.<op>), imported on first use: triton may be missing."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def module(self):
+        return importlib.import_module(self.name)
+
+    def reasons(self, *args) -> list[str]:
+        """The module's unsupported_reasons(*args), or why triton cannot be imported."""
+        try:
+            module = self.module()
+        except ImportError as error:
+            return [f"triton is unavailable ({error})"]
+        return module.unsupported_reasons(*args)
+
+    def function(self, name: str) -> Callable:
+        """Calls the module's function `name`, importing the module at the first call."""
+        return lambda *args: getattr(self.module(), name)(*args)
+
+
+def register(op_name: str, *, family: str, x_index: int = 0,
+             reference: tuple[str, Callable],
+             native: tuple[str | dict[str, str], str],
+             triton: tuple[str, Callable, Callable[..., list[str]]],
+             native_describe: dict[str, Callable[..., str]] | None = None,
+             triton_describe: Callable[..., str] | None = None) -> None:
+    """Registers the four implementations of cnnkernels::<op_name> and its cpu/cuda dispatcher kernel.
+
+    reference = (kernel description, function); native = (kernel description, the same for
+    cpu and cuda or one per backend, name of the native op); triton = (kernel description,
+    function, reasons). All functions and reasons take the op's schema arguments; x_index
+    is the argument whose device the native backends check. native_describe (per backend)
+    and triton_describe name the kernel picked for an input, for ops that pick by shape.
+    """
+    reference_kernel, reference_run = reference
+    _backends.register(op_name, Implementation("reference", reference_kernel, reference_run, no_reasons))
+    native_kernel, native_op = native
+    for backend, _, _ in _NATIVE:
+        _backends.register(op_name, Implementation(
+            backend, native_kernel if isinstance(native_kernel, str) else native_kernel[backend],
+            lambda *args: getattr(torch.ops.cnnkernels, native_op)(*args),
+            native_reasons(family, native_op, backend, x_index),
+            (native_describe or {}).get(backend)))
+    triton_kernel, triton_run, triton_reasons = triton
+    _backends.register(op_name, Implementation("triton", triton_kernel, triton_run, triton_reasons, triton_describe))
+
+    @torch.library.register_kernel(f"cnnkernels::{op_name}", ("cpu", "cuda"))
+    def _kernel(*args):
+        return _backends.select(op_name, args).run(*args)

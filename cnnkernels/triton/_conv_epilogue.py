@@ -1,0 +1,52 @@
+"""The fused epilogue of every conv_bn_act forward kernel (general implicit GEMM,
+1x1 GEMM, grouped): what becomes of one [BLOCK_M, BLOCK_N] tile of convolution sums,
+rows = output pixels, columns = output channels. Imported by the kernel files, so the
+BN / residual / activation / statistics code exists once; Triton inlines it.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def conv_bn_act_epilogue(
+    acc, pid_m, co, row_mask, col_mask, out_rows, so_c, res_rows, sr_c,
+    M, C_OUT, bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, psum_ptr, pm2_ptr,
+    TRAINING: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """acc [BLOCK_M, BLOCK_N] (ACC_DTYPE) holds the convolution of the row tile pid_m
+    (rows pid_m*BLOCK_M + i, valid where row_mask) for channels co [BLOCK_N] (valid
+    where col_mask). out_rows / res_rows [BLOCK_M] are the element offsets of each row's
+    pixel in out / residual, so_c / sr_c their channel strides.
+
+    Training: out = y = acc + bias (in out's dtype), and psum / pm2 [tiles, C_OUT] at
+    [pid_m, co] get the tile's sum of y and its sum of squared deviations from the tile
+    mean, over the values actually stored (what the reference's statistics see).
+    Eval: out = act(acc*scale[co] + shift[co] + residual).
+    """
+    out_offsets = out_rows[:, None] + co[None, :] * so_c
+    mask = row_mask[:, None] & col_mask[None, :]
+    if TRAINING:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + co, mask=col_mask, other=0.0).to(ACC_DTYPE)[None, :]
+        y = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + out_offsets, y, mask=mask)
+        y = tl.where(row_mask[:, None], y.to(ACC_DTYPE), 0.0)
+        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(ACC_DTYPE)
+        tile_sum = tl.sum(y, axis=0)
+        deviation = tl.where(row_mask[:, None], y - (tile_sum / count)[None, :], 0.0)
+        tile_m2 = tl.sum(deviation * deviation, axis=0)
+        stat_offsets = pid_m.to(tl.int64) * C_OUT + co
+        tl.store(psum_ptr + stat_offsets, tile_sum, mask=col_mask)
+        tl.store(pm2_ptr + stat_offsets, tile_m2, mask=col_mask)
+    else:
+        scale = tl.load(scale_ptr + co, mask=col_mask, other=0.0).to(ACC_DTYPE)
+        shift = tl.load(shift_ptr + co, mask=col_mask, other=0.0).to(ACC_DTYPE)
+        z = acc * scale[None, :] + shift[None, :]
+        if HAS_RESIDUAL:
+            z += tl.load(res_ptr + (res_rows[:, None] + co[None, :] * sr_c), mask=mask, other=0.0).to(ACC_DTYPE)
+        if RELU:
+            z = tl.where(z < 0.0, 0.0, z)
+        tl.store(out_ptr + out_offsets, z.to(out_ptr.dtype.element_ty), mask=mask)

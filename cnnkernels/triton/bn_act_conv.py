@@ -1,0 +1,585 @@
+"""Triton backend of bn_act_conv: implicit-GEMM convolution whose x-tile loads apply the
+BatchNorm scale/shift and the activation (a prologue), so the normalised input
+z = act(x * scale + shift) is never written to memory in the forward; plus the batch
+statistics of x and the BN / activation part of the backward.
+
+Kernels (each launched compiled on CUDA tensors, through Triton's interpreter on CPU
+tensors, see cnnkernels/triton/_launch.py):
+  _stats_partial_kernel  per (row split, channel): Chan-merged mean and M2 of x over the
+                         split's rows, x read through its strides (a channel-prefix
+                         view of a wider buffer is read in place).
+  _stats_finalize_kernel Chan's combination of the splits -> mean, biased var.
+  _conv_fwd_kernel       rows = output pixels (N*H_out*W_out), columns = output channels
+                         of one group (grid axis 2 = group), reduction over
+                         (kh, kw, C_in/groups) with tl.dot on A tiles
+                         act(x * scale + shift) (zero where the tap falls in the padding),
+                         rounded to x's dtype like the reference's z; when C_in/groups <= 4
+                         (depthwise, narrow groups) "direct" multiply-adds instead.
+                         Epilogue: + bias, stored through out's strides (any strides:
+                         a channel slice of a bigger buffer is written in place).
+  _bn_act_kernel         z = act(x * scale + shift) (the backward's recomputation).
+  _bn_bwd_reduce_kernel  per (row split, channel) partial sums of g and g*(x - mean),
+                         g = grad_z masked by x * scale + shift > 0 for relu.
+  _bn_bwd_finalize_kernel  sums the partials -> grad_bn_bias, grad_bn_weight.
+  _bn_bwd_elementwise_kernel  grad_x = g*g_scale - (x - mean)*x_scale + g_shift.
+The convolution's own backward (grad_z, grad_weight, grad_bias) is
+torch.ops.aten.convolution_backward on the recomputed z (cuDNN on GPU).
+
+Accumulation is float32 (float64 for float64 input, which only the interpreter runs).
+float32 tl.dot runs with input_precision FP32_DOT_PRECISION on GPU ("ieee" by default,
+exact like the reference; "tf32" / "tf32x3" use tensor cores); the interpreter always
+computes in full precision.
+"""
+from __future__ import annotations
+
+import torch
+
+from cnnkernels import reference
+
+try:
+    import triton
+    import triton.language as tl
+
+    from cnnkernels.triton._launch import kernel
+except ImportError as _error:  # unsupported_reasons() reports it; nothing here can launch
+    triton = tl = None
+    _IMPORT_ERROR = str(_error)
+
+    def kernel(fn):
+        return fn
+
+FP32_DOT_PRECISION = "ieee"
+_BN_BLOCK_M = 64  # rows per program of the elementwise and reduction kernels
+_BN_BLOCK_C = 32  # channels per program of the elementwise and reduction kernels
+_MAX_SPLITS = 256  # row splits of the reductions
+_DIRECT_MAX_CIN_G = 4  # up to this many input channels per group: multiply-adds, not tl.dot
+
+
+# --- kernels --------------------------------------------------------------------------
+
+@kernel
+def _stats_partial_kernel(
+    x_ptr, pmean_ptr, pm2_ptr,
+    M, C, HW, W, ROWS_PER_SPLIT,
+    sx_n, sx_c, sx_h, sx_w,
+    ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """pmean[split, c], pm2[split, c]: mean and sum of squared deviations of x[:, c] over
+    rows [split*ROWS_PER_SPLIT, ...) (rows = (n, h, w)), tiles merged with Chan's formula."""
+    split = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    count = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
+    mean = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
+    m2 = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
+    start = split * ROWS_PER_SPLIT
+    for r0 in range(start, start + ROWS_PER_SPLIT, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        mask = row_mask[:, None] & col_mask[None, :]
+        n = (rows // HW).to(tl.int64)
+        h = (rows % HW) // W
+        w = rows % W
+        x = tl.load(x_ptr + (n * sx_n + h * sx_h + w * sx_w)[:, None] + cols[None, :] * sx_c,
+                    mask=mask, other=0.0).to(ACC_DTYPE)
+        tile_count = tl.maximum(tl.minimum(M - r0, BLOCK_M), 0).to(ACC_DTYPE)
+        tile_mean = tl.sum(x, axis=0) / tl.maximum(tile_count, 1.0)
+        deviation = tl.where(mask, x - tile_mean[None, :], 0.0)
+        tile_m2 = tl.sum(deviation * deviation, axis=0)
+        total = count + tile_count
+        weight = tile_count / tl.maximum(total, 1.0)
+        delta = tile_mean - mean
+        mean += delta * weight
+        m2 += tile_m2 + delta * delta * (count * weight)
+        count = total
+    offsets = split.to(tl.int64) * C + cols
+    tl.store(pmean_ptr + offsets, mean, mask=col_mask)
+    tl.store(pm2_ptr + offsets, m2, mask=col_mask)
+
+
+@kernel
+def _stats_finalize_kernel(
+    pmean_ptr, pm2_ptr, mean_ptr, var_ptr,
+    M, C, SPLITS, ROWS_PER_SPLIT,
+    ACC_DTYPE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Chan's combination of [SPLITS, C] (mean, M2) partials of ROWS_PER_SPLIT rows each
+    (the last split shorter) -> mean[c] and biased var[c] over all M rows."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    count = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
+    mean = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
+    m2 = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        splits = s0 + tl.arange(0, BLOCK_S)
+        split_mask = splits < SPLITS
+        split_count = tl.where(split_mask, tl.minimum(M - splits * ROWS_PER_SPLIT, ROWS_PER_SPLIT), 0)
+        split_count = split_count.to(ACC_DTYPE)
+        mask = split_mask[:, None] & col_mask[None, :]
+        offsets = splits.to(tl.int64)[:, None] * C + cols[None, :]
+        split_mean = tl.load(pmean_ptr + offsets, mask=mask, other=0.0)
+        split_m2 = tl.load(pm2_ptr + offsets, mask=mask, other=0.0)
+        chunk_count = tl.sum(split_count, axis=0)
+        chunk_mean = tl.sum(split_count[:, None] * split_mean, axis=0) / chunk_count
+        spread = tl.where(mask, split_mean - chunk_mean[None, :], 0.0)
+        chunk_m2 = tl.sum(split_m2 + split_count[:, None] * spread * spread, axis=0)
+        total = count + chunk_count
+        delta = chunk_mean - mean
+        mean += delta * (chunk_count / total)
+        m2 += chunk_m2 + delta * delta * (count * chunk_count / total)
+        count = total
+    tl.store(mean_ptr + cols, mean, mask=col_mask)
+    tl.store(var_ptr + cols, m2 / count, mask=col_mask)
+
+
+@kernel
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, out_ptr,
+    M, H, W, H_OUT, W_OUT, CIN_G, COUT_G, C_OUT, KH, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sx_n, sx_c, sx_h, sx_w,
+    so_n, so_c, so_h, so_w,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, DIRECT: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out = conv2d(act(x * scale + shift), w) + bias. x [N, C_in, H, W] and out
+    [N, C_out, H_out, W_out] with any strides (channels-last reads coalesce), w
+    [C_out, KH, KW, C_in/groups] contiguous, scale/shift [C_in] in the accumulation dtype.
+    The padding is zero AFTER the activation, as in conv2d of the activated input."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    group = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    n = rows // (H_OUT * W_OUT)
+    hw = rows % (H_OUT * W_OUT)
+    oh = hw // W_OUT
+    ow = hw % W_OUT
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if DIRECT:
+        co = cols
+        col_mask = co < C_OUT
+    else:
+        co = group * COUT_G + cols
+        col_mask = cols < COUT_G
+    n64 = n.to(tl.int64)
+    x_rows = x_ptr + n64 * sx_n
+    k_taps = KH * KW
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    if DIRECT:
+        w_cols = w_ptr + co.to(tl.int64) * (k_taps * CIN_G)
+        cin0 = (co // COUT_G) * CIN_G
+        for tap in range(0, k_taps):
+            ih = oh * stride_h - pad_h + (tap // KW) * dil_h
+            iw = ow * stride_w - pad_w + (tap % KW) * dil_w
+            in_mask = row_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_tap = x_rows + (ih * sx_h + iw * sx_w)
+            tap_mask = in_mask[:, None] & col_mask[None, :]
+            for ci in range(0, CIN_G):
+                cin = cin0 + ci
+                x = tl.load(x_tap[:, None] + (cin * sx_c)[None, :], mask=tap_mask, other=0.0)
+                scale = tl.load(scale_ptr + cin, mask=col_mask, other=0.0)
+                shift = tl.load(shift_ptr + cin, mask=col_mask, other=0.0)
+                a = x.to(ACC_DTYPE) * scale[None, :] + shift[None, :]
+                if RELU:
+                    a = tl.maximum(a, 0.0)
+                a = tl.where(tap_mask, a, 0.0).to(x_ptr.dtype.element_ty).to(ACC_DTYPE)
+                b = tl.load(w_cols + (tap * CIN_G + ci), mask=col_mask, other=0.0)
+                acc += a * b.to(ACC_DTYPE)[None, :]
+    else:
+        c_blocks = tl.cdiv(CIN_G, BLOCK_K)
+        w_cols = w_ptr + co.to(tl.int64) * (k_taps * CIN_G)
+        for step in range(0, k_taps * c_blocks):
+            tap = step // c_blocks
+            ks = (step % c_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_mask = ks < CIN_G
+            cin = group * CIN_G + ks
+            ih = oh * stride_h - pad_h + (tap // KW) * dil_h
+            iw = ow * stride_w - pad_w + (tap % KW) * dil_w
+            in_mask = row_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            mask = in_mask[:, None] & k_mask[None, :]
+            x = tl.load(x_rows[:, None] + (ih * sx_h + iw * sx_w)[:, None] + (cin * sx_c)[None, :],
+                        mask=mask, other=0.0)
+            scale = tl.load(scale_ptr + cin, mask=k_mask, other=0.0)
+            shift = tl.load(shift_ptr + cin, mask=k_mask, other=0.0)
+            a = x.to(ACC_DTYPE) * scale[None, :] + shift[None, :]
+            if RELU:
+                a = tl.maximum(a, 0.0)
+            a = tl.where(mask, a, 0.0).to(x_ptr.dtype.element_ty)
+            b = tl.load(w_cols[None, :] + (tap * CIN_G + ks)[:, None],
+                        mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + co, mask=col_mask, other=0.0).to(ACC_DTYPE)[None, :]
+    out_offsets = (n64 * so_n + oh * so_h + ow * so_w)[:, None] + co[None, :] * so_c
+    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
+
+
+@kernel
+def _bn_act_kernel(
+    x_ptr, scale_ptr, shift_ptr, z_ptr,
+    M, C, HW, W,
+    sx_n, sx_c, sx_h, sx_w,
+    sz_n, sz_c, sz_h, sz_w,
+    RELU: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """z = act(x * scale + shift) over [N, C, H, W] tensors of any strides."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    mask = (rows < M)[:, None] & col_mask[None, :]
+    n = (rows // HW).to(tl.int64)
+    h = (rows % HW) // W
+    w = rows % W
+    x = tl.load(x_ptr + (n * sx_n + h * sx_h + w * sx_w)[:, None] + cols[None, :] * sx_c, mask=mask, other=0.0)
+    scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)
+    shift = tl.load(shift_ptr + cols, mask=col_mask, other=0.0)
+    a = x.to(ACC_DTYPE) * scale[None, :] + shift[None, :]
+    if RELU:
+        a = tl.maximum(a, 0.0)
+    tl.store(z_ptr + (n * sz_n + h * sz_h + w * sz_w)[:, None] + cols[None, :] * sz_c,
+             a.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+@kernel
+def _bn_bwd_reduce_kernel(
+    grad_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, pg_ptr, pgx_ptr,
+    M, C, HW, W, ROWS_PER_SPLIT,
+    sg_n, sg_c, sg_h, sg_w,
+    sx_n, sx_c, sx_h, sx_w,
+    HAS_X: tl.constexpr, RELU: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """For rows [split*ROWS_PER_SPLIT, ...): pg[split, c] = sum g, pgx[split, c] =
+    sum g*(x - mean) (when HAS_X), with g = grad_z, zeroed where x*scale + shift <= 0
+    for relu."""
+    split = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)
+    shift = tl.load(shift_ptr + cols, mask=col_mask, other=0.0)
+    mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0)
+    sum_g = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC_DTYPE)
+    sum_gx = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC_DTYPE)
+    start = split * ROWS_PER_SPLIT
+    for r0 in range(start, start + ROWS_PER_SPLIT, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & col_mask[None, :]
+        n = (rows // HW).to(tl.int64)
+        h = (rows % HW) // W
+        w = rows % W
+        g = tl.load(grad_ptr + (n * sg_n + h * sg_h + w * sg_w)[:, None] + cols[None, :] * sg_c,
+                    mask=mask, other=0.0).to(ACC_DTYPE)
+        x = tl.load(x_ptr + (n * sx_n + h * sx_h + w * sx_w)[:, None] + cols[None, :] * sx_c,
+                    mask=mask, other=0.0).to(ACC_DTYPE)
+        if RELU:
+            g = tl.where(x * scale[None, :] + shift[None, :] > 0, g, 0.0)
+        sum_g += g
+        if HAS_X:
+            sum_gx += tl.where(mask, g * (x - mean[None, :]), 0.0)
+    offsets = split.to(tl.int64) * C + cols
+    tl.store(pg_ptr + offsets, tl.sum(sum_g, axis=0), mask=col_mask)
+    if HAS_X:
+        tl.store(pgx_ptr + offsets, tl.sum(sum_gx, axis=0), mask=col_mask)
+
+
+@kernel
+def _bn_bwd_finalize_kernel(
+    pg_ptr, pgx_ptr, invstd_ptr, grad_beta_ptr, grad_gamma_ptr,
+    C, SPLITS,
+    HAS_X: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """grad_beta[c] = sum_s pg[s, c]; grad_gamma[c] = invstd[c] * sum_s pgx[s, c]."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    sum_g = tl.zeros((BLOCK_S, BLOCK_C), dtype=ACC_DTYPE)
+    sum_gx = tl.zeros((BLOCK_S, BLOCK_C), dtype=ACC_DTYPE)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        splits = s0 + tl.arange(0, BLOCK_S)
+        mask = (splits < SPLITS)[:, None] & col_mask[None, :]
+        offsets = splits.to(tl.int64)[:, None] * C + cols[None, :]
+        sum_g += tl.load(pg_ptr + offsets, mask=mask, other=0.0)
+        if HAS_X:
+            sum_gx += tl.load(pgx_ptr + offsets, mask=mask, other=0.0)
+    tl.store(grad_beta_ptr + cols, tl.sum(sum_g, axis=0), mask=col_mask)
+    if HAS_X:
+        invstd = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0)
+        tl.store(grad_gamma_ptr + cols, tl.sum(sum_gx, axis=0) * invstd, mask=col_mask)
+
+
+@kernel
+def _bn_bwd_elementwise_kernel(
+    grad_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, g_scale_ptr, x_scale_ptr, g_shift_ptr, dx_ptr,
+    M, C, HW, W,
+    sg_n, sg_c, sg_h, sg_w,
+    sx_n, sx_c, sx_h, sx_w,
+    sd_n, sd_c, sd_h, sd_w,
+    HAS_X: tl.constexpr, RELU: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """grad_x = g*g_scale - (x - mean)*x_scale + g_shift (the x term when HAS_X), with g
+    as in _bn_bwd_reduce_kernel."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    mask = (rows < M)[:, None] & col_mask[None, :]
+    n = (rows // HW).to(tl.int64)
+    h = (rows % HW) // W
+    w = rows % W
+    g = tl.load(grad_ptr + (n * sg_n + h * sg_h + w * sg_w)[:, None] + cols[None, :] * sg_c,
+                mask=mask, other=0.0).to(ACC_DTYPE)
+    x = tl.load(x_ptr + (n * sx_n + h * sx_h + w * sx_w)[:, None] + cols[None, :] * sx_c,
+                mask=mask, other=0.0).to(ACC_DTYPE)
+    if RELU:
+        scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)
+        shift = tl.load(shift_ptr + cols, mask=col_mask, other=0.0)
+        g = tl.where(x * scale[None, :] + shift[None, :] > 0, g, 0.0)
+    dx = g * tl.load(g_scale_ptr + cols, mask=col_mask, other=0.0)[None, :]
+    dx += tl.load(g_shift_ptr + cols, mask=col_mask, other=0.0)[None, :]
+    if HAS_X:
+        mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0)
+        dx -= (x - mean[None, :]) * tl.load(x_scale_ptr + cols, mask=col_mask, other=0.0)[None, :]
+    tl.store(dx_ptr + (n * sd_n + h * sd_h + w * sd_w)[:, None] + cols[None, :] * sd_c,
+             dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# --- launchers ------------------------------------------------------------------------
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _dot_precision(device: torch.device) -> str:
+    return FP32_DOT_PRECISION if device.type == "cuda" else "ieee"
+
+
+def _conv_config(dtype: torch.dtype, cin_g: int, cout_g: int, c_out: int, precision: str) -> dict:
+    """Block sizes, warps and stages of _conv_fwd_kernel for one layer shape, from a
+    small fixed table (tests/triton/test_bn_act_conv_aot.py compiles every entry for
+    sm_80 and sm_90):
+      direct  C_in/groups <= 4: multiply-adds on 256 x 16 (C_out <= 16) or 64 x 64 tiles;
+      narrow  C_in/groups <= 16 or C_out/groups <= 16: 16 x 16 dot tiles;
+      wide    BLOCK_N 32 (DenseNet's growth rate, C_out/groups <= 32), 64, or 128
+              (tensor cores only), BLOCK_K 64 (16-bit), 32 (float32) or 16 (float32
+              "ieee" with 32 columns).
+    dot BLOCK_M is 128 on tensor cores (16-bit, or float32 with a tf32 precision), else 64;
+    8 warps for 128 columns and for 16-bit 64 x 64 (N x K) tiles (the prologue keeps
+    the A tile in registers: 4 warps would spill on sm_80)."""
+    if cin_g <= _DIRECT_MAX_CIN_G:  # no tl.dot: PRECISION is unused
+        narrow = c_out <= 16
+        return dict(DIRECT=True, BLOCK_M=256 if narrow else 64, BLOCK_N=16 if narrow else 64, BLOCK_K=16,
+                    PRECISION="ieee", num_warps=4, num_stages=2)
+    tensor_cores = dtype != torch.float32 or precision != "ieee"
+    if cin_g <= 16 or cout_g <= 16:
+        block_n = block_k = 16
+    elif cout_g <= 32:
+        block_n, block_k = 32, (16 if precision == "ieee" and dtype == torch.float32 else 32 if dtype == torch.float32
+                                else 64)
+    elif tensor_cores:
+        block_n, block_k = (64 if cout_g <= 64 else 128), (32 if dtype == torch.float32 else 64)
+    else:
+        block_n, block_k = 64, 32
+    return dict(DIRECT=False, BLOCK_M=128 if tensor_cores else 64, BLOCK_N=block_n, BLOCK_K=block_k,
+                PRECISION=precision if dtype == torch.float32 else "ieee",
+                num_warps=8 if block_n == 128 or (tensor_cores and block_n * block_k >= 4096) else 4,
+                num_stages=3 if tensor_cores else 2)
+
+
+def describe(x, weight, *_args) -> str:
+    """The convolution kernel variant the launcher picks for this input."""
+    c_out, cin_g = weight.shape[0], weight.shape[1]
+    groups = x.shape[1] // cin_g
+    cfg = _conv_config(x.dtype, cin_g, c_out // groups, c_out, _dot_precision(x.device))
+    kind = "direct multiply-add" if cfg["DIRECT"] else "tl.dot implicit GEMM"
+    return (f"Triton {kind} convolution with BN/activation prologue, tiles "
+            f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}")
+
+
+def unsupported_reasons(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding,
+                        dilation, groups, training, eps, activation) -> list[str]:
+    """Why the Triton backend cannot run these bn_act_conv arguments ([] when it can).
+
+    CUDA tensors run compiled; CPU tensors run through Triton's interpreter (slow, for
+    tests). float64 runs only in the interpreter."""
+    if triton is None:
+        return [f"triton is not installed ({_IMPORT_ERROR})"]
+    reasons = []
+    if x.device.type not in ("cpu", "cuda"):
+        reasons.append(f"tensors on {x.device.type} are not supported (cuda, or cpu via the interpreter)")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        reasons.append(f"{x.dtype} is not supported")
+    if x.dtype == torch.float64 and x.device.type == "cuda":
+        reasons.append("float64 is not supported on GPU (only in the interpreter on CPU tensors)")
+    if activation not in reference.ACTIVATIONS:
+        reasons.append(f"activation {activation!r} is not supported")
+    if x.dim() != 4 or weight.dim() != 4:
+        reasons.append("x and weight must be 4-D")
+    elif x.numel() == 0 or weight.numel() == 0:
+        reasons.append("zero-size input or weight")
+    elif any(v < 1 for v in reference.conv_output_size(x.shape, weight.shape, stride, padding, dilation)):
+        reasons.append("zero-size output")
+    return reasons
+
+
+def _splits(m: int) -> tuple[int, int]:
+    """(splits, rows per split) of a reduction over m rows: at most _MAX_SPLITS splits of
+    whole _BN_BLOCK_M row tiles, none empty."""
+    splits = min(triton.cdiv(m, _BN_BLOCK_M), _MAX_SPLITS)
+    rows_per_split = triton.cdiv(triton.cdiv(m, splits), _BN_BLOCK_M) * _BN_BLOCK_M
+    return triton.cdiv(m, rows_per_split), rows_per_split
+
+
+def _batch_stats(x):
+    """Batch mean and biased variance of x [N, C, H, W] (any strides) over (N, H, W)."""
+    n, c, h, w = x.shape
+    m = n * h * w
+    sdtype = reference.stats_dtype(x.dtype)
+    acc = _acc_dtype(x.dtype)
+    splits, rows_per_split = _splits(m)
+    pmean = torch.empty((splits, c), dtype=sdtype, device=x.device)
+    pm2 = torch.empty_like(pmean)
+    _stats_partial_kernel[(splits, triton.cdiv(c, _BN_BLOCK_C))](
+        x, pmean, pm2, m, c, h * w, w, rows_per_split, *x.stride(),
+        ACC_DTYPE=acc, BLOCK_M=_BN_BLOCK_M, BLOCK_C=_BN_BLOCK_C)
+    mean = torch.empty(c, dtype=sdtype, device=x.device)
+    var = torch.empty_like(mean)
+    _stats_finalize_kernel[(triton.cdiv(c, _BN_BLOCK_C),)](
+        pmean, pm2, mean, var, m, c, splits, rows_per_split, ACC_DTYPE=acc, BLOCK_S=16, BLOCK_C=_BN_BLOCK_C)
+    return mean, var
+
+
+def _statistics(x, running_mean, running_var, training):
+    if training:
+        return _batch_stats(x)
+    sdtype = reference.stats_dtype(x.dtype)
+    return running_mean.to(sdtype).clone(), running_var.to(sdtype).clone()
+
+
+def _scale_shift(x, bn_weight, bn_bias, mean, var, eps):
+    """The op's per-channel scale and shift (reference formula), contiguous, statistics dtype."""
+    scale, shift = reference._bn_scale_shift(bn_weight, bn_bias, mean, var, eps, x.shape[1],
+                                             reference.stats_dtype(x.dtype), x.device)
+    return scale.contiguous(), shift.contiguous()
+
+
+def _conv(x, weight, bias, scale, shift, out, stride, padding, dilation, groups, activation):
+    """Launches _conv_fwd_kernel: out ([N, C_out, H_out, W_out], any strides) =
+    conv2d(act(x * scale + shift), weight) + bias."""
+    c_out, cin_g, kh, kw = weight.shape
+    cout_g = c_out // groups
+    w = weight.permute(0, 2, 3, 1).contiguous()
+    n, _, h_out, w_out = out.shape
+    m = n * h_out * w_out
+    cfg = _conv_config(x.dtype, cin_g, cout_g, c_out, _dot_precision(x.device))
+    num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    tiles = triton.cdiv(m, cfg["BLOCK_M"])
+    if cfg["DIRECT"]:
+        grid = (tiles, triton.cdiv(c_out, cfg["BLOCK_N"]), 1)
+    else:
+        grid = (tiles, triton.cdiv(cout_g, cfg["BLOCK_N"]), groups)
+    _conv_fwd_kernel[grid](
+        x, w, bias if bias is not None else scale, scale, shift, out,
+        m, x.shape[2], x.shape[3], h_out, w_out, cin_g, cout_g, c_out, kh, kw,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        *x.stride(), *out.stride(),
+        HAS_BIAS=bias is not None, RELU=activation == "relu", ACC_DTYPE=_acc_dtype(x.dtype), **cfg,
+        num_warps=num_warps, num_stages=num_stages)
+
+
+def into(out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
+         groups, training, eps, activation):
+    """bn_act_conv_into; arguments and results exactly as reference.bn_act_conv_into:
+    writes conv2d(act(bn(x)), weight) + bias into out ([N, C_out, H_out, W_out], any
+    strides, e.g. a channel slice of a bigger buffer; no other element is touched) and
+    returns save_mean, save_var [C_in] (statistics dtype). x is read through its strides;
+    z = act(bn(x)) is formed in registers while loading x tiles, never stored."""
+    mean, var = _statistics(x, running_mean, running_var, training)
+    scale, shift = _scale_shift(x, bn_weight, bn_bias, mean, var, eps)
+    _conv(x, weight, bias, scale, shift, out, stride, padding, dilation, groups, activation)
+    return mean, var
+
+
+def forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
+            groups, training, eps, activation):
+    """bn_act_conv forward; arguments and results exactly as reference.bn_act_conv_forward:
+    out [N, C_out, H_out, W_out] (x's dtype, reference.bn_act_conv_memory_format(x)),
+    save_mean, save_var [C_in]."""
+    shape = reference.conv_output_size(x.shape, weight.shape, stride, padding, dilation)
+    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=reference.bn_act_conv_memory_format(x))
+    mean, var = into(out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding,
+                     dilation, groups, training, eps, activation)
+    return out, mean, var
+
+
+def backward(grad_out, x, weight, bias, bn_weight, bn_bias, save_mean, save_var, stride, padding, dilation,
+             groups, training, eps, activation, output_mask):
+    """bn_act_conv backward; arguments and results exactly as reference.bn_act_conv_backward.
+
+    Recomputes z = act(x * scale + shift) with _bn_act_kernel, takes grad_z, grad_weight,
+    grad_bias from torch.ops.aten.convolution_backward (cuDNN on GPU), then the BN /
+    activation backward in Triton: per-channel sums of g and g*xhat, and grad_x in one
+    elementwise pass over grad_z and x."""
+    fmt = reference.bn_act_conv_memory_format(x)
+    sdtype = reference.stats_dtype(x.dtype)
+    acc = _acc_dtype(x.dtype)
+    relu = activation == "relu"
+    n, c, h, w = x.shape
+    m = n * h * w
+    c_out = weight.shape[0]
+    mean = save_mean.to(sdtype).contiguous()
+    invstd = torch.rsqrt(save_var.to(sdtype) + eps).contiguous()
+    scale, shift = _scale_shift(x, bn_weight, bn_bias, save_mean, save_var, eps)
+    elementwise_grid = (triton.cdiv(m, _BN_BLOCK_M), triton.cdiv(c, _BN_BLOCK_C))
+
+    want_grad_z = output_mask[0] or output_mask[3] or output_mask[4]
+    want_bias = bool(output_mask[2]) and bias is not None
+    empty_x, empty_s = x.new_empty(0), torch.empty(0, dtype=sdtype, device=x.device)
+    grad_z, grad_w, grad_b = None, empty_x, empty_x
+    if want_grad_z or output_mask[1] or want_bias:
+        z = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+        _bn_act_kernel[elementwise_grid](
+            x, scale, shift, z, m, c, h * w, w, *x.stride(), *z.stride(),
+            RELU=relu, ACC_DTYPE=acc, BLOCK_M=_BN_BLOCK_M, BLOCK_C=_BN_BLOCK_C)
+        gz, gw, gb = torch.ops.aten.convolution_backward(
+            grad_out.to(x.dtype), z, weight, [c_out] if bias is not None else None, list(stride), list(padding),
+            list(dilation), False, [0, 0], groups, [want_grad_z, bool(output_mask[1]), want_bias])
+        grad_z = gz if want_grad_z else None
+        grad_w = gw.contiguous() if output_mask[1] else empty_x
+        grad_b = gb.contiguous() if want_bias else empty_x
+
+    x_term = training and output_mask[0]
+    grad_beta = grad_gamma = None
+    if output_mask[3] or output_mask[4] or x_term:
+        want_x = bool(output_mask[3]) or x_term
+        splits, rows_per_split = _splits(m)
+        pg = torch.empty((splits, c), dtype=sdtype, device=x.device)
+        pgx = torch.empty_like(pg) if want_x else pg
+        _bn_bwd_reduce_kernel[(splits, triton.cdiv(c, _BN_BLOCK_C))](
+            grad_z, x, scale, shift, mean, pg, pgx, m, c, h * w, w, rows_per_split,
+            *grad_z.stride(), *x.stride(),
+            HAS_X=want_x, RELU=relu, ACC_DTYPE=acc, BLOCK_M=_BN_BLOCK_M, BLOCK_C=_BN_BLOCK_C)
+        grad_beta = torch.empty(c, dtype=sdtype, device=x.device)
+        grad_gamma = torch.empty_like(grad_beta) if want_x else None
+        _bn_bwd_finalize_kernel[(triton.cdiv(c, _BN_BLOCK_C),)](
+            pg, pgx, invstd, grad_beta, grad_gamma if want_x else grad_beta, c, splits,
+            HAS_X=want_x, ACC_DTYPE=acc, BLOCK_S=16, BLOCK_C=_BN_BLOCK_C)
+
+    grad_x = empty_x
+    if output_mask[0]:
+        grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+        gamma = bn_weight.to(sdtype) if bn_weight is not None else torch.ones(c, dtype=sdtype, device=x.device)
+        g_scale = (gamma * invstd).contiguous()
+        if training:
+            x_scale = (g_scale * invstd * grad_gamma / m).contiguous()
+            g_shift = (-g_scale * grad_beta / m).contiguous()
+        else:
+            x_scale, g_shift = g_scale, torch.zeros_like(g_scale)
+        _bn_bwd_elementwise_kernel[elementwise_grid](
+            grad_z, x, scale, shift, mean, g_scale, x_scale, g_shift, grad_x, m, c, h * w, w,
+            *grad_z.stride(), *x.stride(), *grad_x.stride(),
+            HAS_X=training, RELU=relu, ACC_DTYPE=acc, BLOCK_M=_BN_BLOCK_M, BLOCK_C=_BN_BLOCK_C)
+    return (grad_x, grad_w, grad_b,
+            grad_gamma if output_mask[3] else empty_s,
+            grad_beta if output_mask[4] else empty_s)
