@@ -3,24 +3,22 @@
 features.transition1.norm/conv, features.norm5, classifier).
 
 The stem (conv0 -> norm0 -> relu0) runs as one fused conv_bn_act op (features is a
-cnnkernels.nn.FusedSequential). The dense layers and transitions are
-pre-activation: BatchNorm -> ReLU -> conv. They are written in plain torch here, and
-every such unit goes through the one function `bn_act_conv` and every concatenation
-through `_DenseBlock.forward` / `_DenseLayer.bottleneck`, so that the fused
-pre-activation op (bn_act_conv) and the concat-in-place dense block can replace exactly
-those two places when they arrive, without touching the rest.
+cnnkernels.nn.FusedSequential). The dense blocks are cnnkernels.nn.DenseBlock: one
+feature buffer per block, each layer reading its channel-prefix view and writing its
+new channels into its own slice (no torch.cat), with a lean backward (memory linear in
+depth). The transitions are pre-activation units (BatchNorm -> ReLU -> 1x1 conv) that
+go through the one function `bn_act_conv` below.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence, Union
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint as cp
 from torch import nn
 
-from cnnkernels.nn import FusedSequential
+from cnnkernels.nn import DenseBlock, FusedSequential
 
 from ._registry import load_weights, register_model
 
@@ -28,61 +26,10 @@ __all__ = ["DenseNet", "bn_act_conv", "densenet121", "densenet161", "densenet169
 
 
 def bn_act_conv(norm: nn.BatchNorm2d, relu: nn.Module, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Pre-activation unit conv(relu(norm(x))), [N, C_in, H, W] -> [N, C_out, H', W'];
-    plain torch for now (the single place a fused bn_act_conv op will plug in)."""
+    """Pre-activation unit conv(relu(norm(x))) of the transitions, [N, C_in, H, W] ->
+    [N, C_out, H', W']; plain torch for now (the single place a fused bn_act_conv op will
+    plug in)."""
     return conv(relu(norm(x)))
-
-
-class _DenseLayer(nn.Module):
-    """BN-ReLU-1x1 conv (bn_size * growth_rate) -> BN-ReLU-3x3 conv (growth_rate) over the
-    concatenation of all previous features. forward(list of [N, C_i, H, W]) ->
-    [N, growth_rate, H, W]. memory_efficient recomputes the concat + 1x1 bottleneck in
-    backward (checkpointing) instead of keeping it."""
-
-    def __init__(self, num_input_features: int, growth_rate: int, bn_size: int, drop_rate: float,
-                 memory_efficient: bool = False) -> None:
-        super().__init__()
-        self.norm1 = nn.BatchNorm2d(num_input_features)
-        self.relu1 = nn.ReLU(inplace=True)
-        self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
-        self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
-        self.relu2 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
-        self.drop_rate = float(drop_rate)
-        self.memory_efficient = memory_efficient
-
-    def bottleneck(self, *inputs: torch.Tensor) -> torch.Tensor:
-        """conv1(relu1(norm1(cat(inputs)))): [N, sum C_i, H, W] -> [N, bn_size * k, H, W]."""
-        return bn_act_conv(self.norm1, self.relu1, self.conv1, torch.cat(inputs, 1))
-
-    def forward(self, inputs: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
-        prev = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
-        if self.memory_efficient and any(t.requires_grad for t in prev):
-            out = cp.checkpoint(self.bottleneck, *prev, use_reentrant=False)
-        else:
-            out = self.bottleneck(*prev)
-        out = bn_act_conv(self.norm2, self.relu2, self.conv2, out)
-        if self.drop_rate > 0:
-            out = F.dropout(out, p=self.drop_rate, training=self.training)
-        return out
-
-
-class _DenseBlock(nn.ModuleDict):
-    """num_layers dense layers (denselayer1, ...); each sees the concatenation of the
-    block input and all earlier layers' outputs. [N, C, H, W] -> [N, C + num_layers * k, H, W]."""
-
-    def __init__(self, num_layers: int, num_input_features: int, bn_size: int, growth_rate: int,
-                 drop_rate: float, memory_efficient: bool = False) -> None:
-        super().__init__()
-        for i in range(num_layers):
-            self.add_module(f"denselayer{i + 1}", _DenseLayer(num_input_features + i * growth_rate, growth_rate,
-                                                              bn_size, drop_rate, memory_efficient))
-
-    def forward(self, init_features: torch.Tensor) -> torch.Tensor:
-        features = [init_features]
-        for layer in self.values():
-            features.append(layer(features))
-        return torch.cat(features, 1)
 
 
 class _Transition(nn.Module):
@@ -109,7 +56,9 @@ class DenseNet(nn.Module):
         bn_size: bottleneck width factor (1x1 conv to bn_size * k channels).
         drop_rate: dropout after each dense layer.
         num_classes: classifier outputs.
-        memory_efficient: checkpoint each layer's concat + bottleneck.
+        memory_efficient: recompute each dense layer's bottleneck output in backward
+            instead of keeping it (DenseBlock's memory_efficient; the concatenation is
+            in place either way).
 
     forward(x [N, 3, H, W]) -> [N, num_classes]; H, W >= 29 (torchvision's minimum).
     At 224x224 the blocks run at 56, 28, 14 and 7.
@@ -127,7 +76,7 @@ class DenseNet(nn.Module):
         ]))
         num_features = num_init_features
         for i, num_layers in enumerate(block_config):
-            block = _DenseBlock(num_layers, num_features, bn_size, growth_rate, drop_rate, memory_efficient)
+            block = DenseBlock(num_layers, num_features, bn_size, growth_rate, drop_rate, memory_efficient)
             self.features.add_module(f"denseblock{i + 1}", block)
             num_features += num_layers * growth_rate
             if i != len(block_config) - 1:
