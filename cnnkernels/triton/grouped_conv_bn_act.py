@@ -130,23 +130,25 @@ def mismatch(weight_shape, stride, padding, dilation, groups) -> str | None:
 def config(dtype: torch.dtype, channels_per_group: int, precision: str, vector: bool) -> dict:
     """The fixed configuration, no autotuning. G from groups_per_tile(); the tile width
     BLOCK_K = BLOCK_N = G x channels per group rounded up to a power of two (32, or 64
-    above 16 channels per group).
-    vector (channels-last tensors with 16-aligned channel strides, see
-    conv_bn_act._vector_io): tensor cores (16-bit input, or float32 with a tf32
-    precision) BLOCK_M 128, 4 warps, 3 stages over the 9 taps; float32 "ieee" BLOCK_M 64,
-    4 warps, 2 stages. Otherwise every access is a scalar one with its own address, and
-    the tiles shrink so that nothing spills: BLOCK_M 64 with 8 warps on tensor cores,
-    BLOCK_M 32 for "ieee". tests/triton/test_grouped_conv_bn_act_aot.py compiles every
-    configuration this can return for sm_80 and sm_90."""
+    above 16 channels per group). Rows and warps:
+      tensor cores (16-bit input, or float32 with a tf32 precision), vector access
+        (aligned channels-last tensors, conv_bn_act._vector_io): BLOCK_M 128, 8 warps;
+      tensor cores, scalar access (anything else: every element its own address):
+        BLOCK_M 64, 8 warps;
+      float32 "ieee" (FMA dots, whose operands sit whole in registers): BLOCK_M 32, 8 warps.
+    3 pipeline stages over the 9 taps on tensor cores, 2 for "ieee". Each was picked
+    among a few candidates as the widest that spills no registers on sm_80 and sm_90
+    in its worst case (ptxas -v; tests/triton/test_grouped_conv_bn_act_aot.py compiles
+    every configuration this can return)."""
     per_tile = groups_per_tile(channels_per_group)
     width = _next_power_of_2(per_tile * channels_per_group)
     tensor_cores = dtype != torch.float32 or precision != "ieee"
-    if vector:
-        block_m, warps, stages = (128, 4, 3) if tensor_cores else (64, 4, 2)
+    if tensor_cores:
+        block_m, stages = (128 if vector else 64), 3
     else:
-        block_m, warps, stages = (64, 8, 3) if tensor_cores else (32, 4, 2)
+        block_m, stages = 32, 2
     return dict(BLOCK_M=block_m, BLOCK_K=width, BLOCK_N=width, GROUPS_PER_TILE=per_tile,
-                PRECISION=precision if dtype == torch.float32 else "ieee", num_warps=warps, num_stages=stages)
+                PRECISION=precision if dtype == torch.float32 else "ieee", num_warps=8, num_stages=stages)
 
 
 def describe(dtype: torch.dtype, channels_per_group: int, precision: str, vector: bool) -> str:

@@ -14,23 +14,28 @@ from cnnkernels.triton import conv_bn_act as module
 DTYPES = ((torch.bfloat16, "ieee"), (torch.float32, "ieee"), (torch.float32, "tf32"))
 
 
-def run_forward(c_in: int, c_out: int, k: int, stride: int, groups: int, dtype: torch.dtype, kernel: str) -> None:
-    """conv_bn_act's Triton forward, training and eval, on a [2, c_in, 5, 5] channels-last x,
-    a k x k weight ("same" padding) and a residual; asserts that it picks `kernel`."""
-    x = torch.randn(2, c_in, 5, 5, dtype=dtype).contiguous(memory_format=torch.channels_last)
+def run_forward(c_in: int, c_out: int, k: int, stride: int, groups: int, channels_last: bool, dtype: torch.dtype,
+                kernel: str) -> None:
+    """conv_bn_act's Triton forward, training and eval, on a [2, c_in, 5, 5] x, a k x k
+    weight ("same" padding) and a residual, all channels-last or all NCHW; asserts that
+    it picks `kernel`, with vector access exactly for channels-last tensors (the layers
+    of the tests have channel counts that are multiples of 16 there)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, c_in, 5, 5, dtype=dtype).contiguous(memory_format=fmt)
     w = torch.randn(c_out, c_in // groups, k, k, dtype=dtype)
     vec = torch.rand(c_out) + 0.5
     h_out = (5 + 2 * (k // 2) - k) // stride + 1
-    residual = torch.randn(2, c_out, h_out, h_out, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(2, c_out, h_out, h_out, dtype=dtype).contiguous(memory_format=fmt)
     conv = ([stride] * 2, [k // 2] * 2, [1, 1], groups)
     assert module._forward_kernel(w.shape, *conv)[0] == kernel
+    assert module._vector_io(x, w, residual, c_out, kernel) == channels_last
     for training in (True, False):
         module.forward(x, w, vec.to(dtype), vec, vec, vec, vec, *conv, training, 1e-5, residual, "relu")
 
 
 def launches(layers: list, kind: str, kernel_name: str) -> list:
     """The launches of the Triton kernel kernel_name while run_forward runs each layer
-    (c_in, c_out, k, stride, groups) of `layers` (picking `kind`), for each (dtype, dot
+    (c_in, c_out, k, stride, groups, channels_last) of `layers` (picking `kind`), for each (dtype, dot
     precision) of DTYPES with that precision forced."""
     found = []
     saved_precision = module._dot_precision

@@ -3,7 +3,9 @@ with the Triton backend forced, run by Triton's interpreter on CPU tensors, agai
 float64 reference: output, running statistics and every gradient, train and eval
 (tests/triton/op_check.py; NaN-poisoned buffers; the 1x1 kernel must be the one that
 ran). Channel counts are not multiples of the tiles, and there are several row, column
-and reduction tiles (on CPU: float32 64x64x32 tiles, bfloat16 128x128x64)."""
+and reduction tiles; both the vector tiles (aligned channels-last tensors: on CPU,
+float32 64x64x32 and bfloat16 128x{64,128}x64) and the scalar ones (anything else:
+64x64x16 and 64x64x32) run."""
 from __future__ import annotations
 
 import pytest
@@ -22,6 +24,8 @@ CASES = [
     ConvCase("s1_nchw_relu", n=3, c_in=33, c_out=17, hw=5, kernel=1, padding=0),
     # 10 row tiles x 2 column tiles: the programs walk the row tiles in bands of 8.
     ConvCase("many_row_tiles", n=2, c_in=8, c_out=70, hw=17, kernel=1, padding=0, bias=True, residual=True),
+    ConvCase("s2_channels_last_vector", c_in=80, c_out=48, hw=7, kernel=1, padding=0, stride=2,
+             channels_last=True, bias=True),
 ]
 
 
@@ -35,6 +39,7 @@ BF16_CASES = [
     ConvCase("bf16_s2_channels_last_residual", c_in=70, c_out=136, hw=9, kernel=1, padding=0, stride=2,
              channels_last=True, residual=True, bias=True),
     ConvCase("bf16_s1_nchw_none", c_in=24, c_out=40, hw=12, kernel=1, padding=0, activation="none"),
+    ConvCase("bf16_s1_channels_last_vector", c_in=80, c_out=144, hw=12, kernel=1, padding=0, channels_last=True),
 ]
 
 
