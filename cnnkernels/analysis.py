@@ -305,8 +305,29 @@ def _se_excite_event(args, kwargs, result) -> _Event:
     return _Event(kinds, "", x, extra, weights, out, flops, unfused)
 
 
+def _bn_act_conv_event(args, kwargs, result, into: bool = False) -> _Event:
+    keys = ("x", "weight", "bias", "bn_weight", "bn_bias", "running_mean", "running_var", "stride", "padding",
+            "dilation", "groups", "training", "eps", "activation")
+    if into:  # bn_act_conv_into(out, x, ...) writes out in place and returns the statistics
+        out, args = (args[0], args[1:]) if args else (kwargs["out"], args)
+    values = dict(zip(keys, args))
+    values.update({k: v for k, v in kwargs.items() if k != "out"})
+    x, weight = values["x"], values["weight"]
+    out = out if into else result[0]
+    activation = values.get("activation", "relu")
+    bn_vectors = [values.get(k) for k in ("bn_weight", "bn_bias", "running_mean", "running_var")]
+    kinds = ["bn"] + ([activation] if activation != "none" else []) + ["conv"]
+    # unfused: BN (x in, x out, per-channel vectors), act (x in, x out), conv (x, w, b in, out)
+    unfused = 2 * _nbytes(x) + _nbytes(*bn_vectors) + _nbytes(x, weight, values.get("bias"), out)
+    if activation != "none":
+        unfused += 2 * _nbytes(x)
+    flops = x.numel() + out.numel() * weight[0].numel()
+    return _Event(kinds, "", x, [], [weight, values.get("bias"), *bn_vectors], out, flops, unfused)
+
+
 _FUSED_OPS = {"cnnkernels::conv_bn_act": _conv_bn_act_event, "cnnkernels::add_act": _add_act_event,
-              "cnnkernels::se_excite": _se_excite_event}
+              "cnnkernels::se_excite": _se_excite_event, "cnnkernels::bn_act_conv": _bn_act_conv_event,
+              "cnnkernels::bn_act_conv_into": lambda a, k, r: _bn_act_conv_event(a, k, r, into=True)}
 
 
 class _Recorder(TorchFunctionMode):

@@ -79,7 +79,11 @@ def test_pre_activation_and_residual_rows():
     dense = summary(models.create_model("densenet121", num_classes=10), (3, 32, 32))
     kinds = [r.kind for r in dense.rows]
     assert kinds[0] == "conv+bn+relu"  # the fused stem
-    assert "bn+relu+conv+bn+relu" in kinds  # norm1-relu1-conv1 prologue, norm2-relu2 epilogue
+    # every dense layer is two fused bn_act_conv ops (norm1-relu1-conv1, norm2-relu2-conv2 into its
+    # slice of the block buffer), plus one per transition: 2 * 58 + 3
+    assert kinds.count("bn+relu+conv") == 119
+    conv2 = dense["features.denseblock1.denselayer1.conv2"]
+    assert conv2.output_shape == (32, 8, 8) and conv2.params == 128 * 32 * 9 + 2 * 128
     resnet = summary(torchvision.models.resnet18(num_classes=10), (3, 64, 64))
     assert [r.kind for r in resnet.rows].count("conv+bn+add+relu") == 8
 
