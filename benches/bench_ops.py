@@ -10,6 +10,9 @@ One pytest-benchmark group per layer and mode holds every variant:
   torch_compile     torch.compile of that sequence; eval compiles with freezing
                     (BN folded, oneDNN prepacked weights and fused post-ops on CPU)
   cnnkernels_<b>    our op forced onto backend b: cpu on CPU; cuda and triton on GPU
+  cnnkernels_cpu_frozen  conv_bn_act in eval on CPU with the module frozen
+                    (cnnkernels.nn.freeze: BN folded into the weights once, the
+                    counterpart of torch_compile's freezing)
 Every variant's output is checked against torch_eager's before it is timed, and its
 first call (compilation included) is timed apart from the steady state. Training runs
 torch.autograd.grad of the output with a dense random grad_out, for every activation
@@ -34,10 +37,13 @@ from torch import nn
 import cnnkernels
 from cnnkernels import ops
 from cnnkernels.bench import traffic
+from cnnkernels.nn import freeze
+from cnnkernels.nn.freeze import folded_eval_arguments
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OURS = ("cpu",) if DEVICE == "cpu" else ("cuda", "triton")
-VARIANTS = ("torch_eager", "torch_compile") + tuple(f"cnnkernels_{b}" for b in OURS)
+VARIANTS = ("torch_eager", "torch_compile") + tuple(f"cnnkernels_{b}" for b in OURS) + (
+    ("cnnkernels_cpu_frozen",) if DEVICE == "cpu" else ())
 MODES = ("eval", "train")
 
 
@@ -117,9 +123,12 @@ class ConvBNAct(nn.Module):
 
     def fused_call(self, x, residual=None):
         conv, bn = self.conv, self.bn
-        return ((x, conv.weight, None, bn.weight, bn.bias, bn.running_mean, bn.running_var),
+        folded = None if self.training else folded_eval_arguments(conv, bn, x)  # None unless frozen
+        weight, bias, bn_weight, bn_bias, mean, var, eps = folded or (
+            conv.weight, None, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+        return ((x, weight, bias, bn_weight, bn_bias, mean, var),
                 dict(stride=conv.stride, padding=conv.padding, groups=conv.groups, training=self.training,
-                     momentum=bn.momentum, eps=bn.eps, residual=residual, activation=self.activation))
+                     momentum=bn.momentum, eps=eps, residual=residual, activation=self.activation))
 
 
 class AddAct(nn.Module):
@@ -313,7 +322,11 @@ def test_op(benchmark, bench_ops_settings, layer, mode, variant):
         torch._dynamo.reset()
         fn = torch.compile(module)
     else:
-        backend = variant.removeprefix("cnnkernels_")
+        backend = variant.removeprefix("cnnkernels_").removesuffix("_frozen")
+        if variant.endswith("_frozen"):
+            if layer.op != "conv_bn_act" or mode != "eval":
+                pytest.skip("freezing folds BatchNorm into the conv weights: conv_bn_act in eval only")
+            freeze(module)
         kernel = explain(module, backend, inputs)
         fn = fused_fn(module, backend)
 

@@ -13,7 +13,7 @@ DEFAULT_MODELS = ("resnet50", "resnext50", "se_resnext50", "densenet121", "vgg16
 # Per device type: what runs when a flag is not given.
 DEFAULTS = {
     "cpu": {"batch_size": 8, "dtype": ["float32"], "memory_format": ["contiguous"], "mode": ["inference"],
-            "variants": ["eager", "compile", "cnnkernels"], "iterations": 20, "warmup": 2},
+            "variants": ["eager", "compile", "cnnkernels", "cnnkernels-frozen"], "iterations": 20, "warmup": 2},
     "cuda": {"batch_size": 256, "dtype": ["bfloat16"], "memory_format": ["channels_last"],
              "mode": ["inference", "train"],
              "variants": ["eager", "compile", "compile-max-autotune", "cnnkernels", "cnnkernels-compile"],
@@ -30,18 +30,22 @@ and the environment, and a PNG bar chart, into --output.
 Defaults depend on the device (--device; default: cuda when available, else cpu):
   both: models {models}.
   cpu : batch 8, 224x224, float32, contiguous, inference; variants eager, compile,
-        cnnkernels; 2 warm-up + 20 timed steps.
-        On an idle 2-core machine the whole default run takes about 12-13 minutes with
-        cold compile caches (7 of steps, vgg16 a third of them; 5 of torch.compile
-        compilations, 15-115 s per model) and about 8 with inductor's on-disk cache
-        warm. A busy machine is slower: the table warns when the load was high.
+        cnnkernels, cnnkernels-frozen; 2 warm-up + 20 timed steps.
+        On an idle 2-core machine the default run without cnnkernels-frozen took about
+        12-13 minutes with cold compile caches (7 of steps, vgg16 a third of them; 5 of
+        torch.compile compilations, 15-115 s per model) and about 8 with inductor's
+        on-disk cache warm; cnnkernels-frozen adds about as much step time as
+        cnnkernels. A busy machine is slower: the table warns when the load was high.
   cuda: batch 256, bfloat16 autocast, channels_last, inference and
         train; variants eager, compile, compile-max-autotune, cnnkernels,
         cnnkernels-compile; cudnn.benchmark on; 10 warm-up + 50 timed steps.
 
 Variants: eager / compile / compile-max-autotune run the baseline model (eager,
 torch.compile default mode, mode="max-autotune"); cnnkernels / cnnkernels-compile run
-ours. se_resnext50 (and other SE nets) have no torchvision twin: their baseline is
+ours; cnnkernels-frozen runs ours after cnnkernels.nn.freeze(model) (BatchNorm folded
+into the convolution weights once instead of per call: CPU float32 inference; the
+same contract as torch.compile's freezing: parameters do not change behind autograd's
+back). se_resnext50 (and other SE nets) have no torchvision twin: their baseline is
 the same cnnkernels model run unfused (every fused op on the "reference" backend,
 plain torch ops), as the output says.
 

@@ -51,11 +51,14 @@ AUX_WEIGHT = 0.3  # weight of auxiliary classifiers' losses in train mode (GoogL
 @dataclass(frozen=True)
 class Variant:
     """How a model runs: role "baseline" (the architecture's baseline model) or "ours";
-    compile_mode None for eager, else torch.compile's mode ("default", "max-autotune")."""
+    compile_mode None for eager, else torch.compile's mode ("default", "max-autotune");
+    freeze: ours with cnnkernels.nn.freeze applied (it changes CPU float32/float64
+    inference only; elsewhere the model runs as the unfrozen variant)."""
     name: str
     role: str
     compile_mode: str | None
     label: str
+    freeze: bool = False  # cnnkernels.nn.freeze(model): BatchNorm folded once for CPU inference
 
 
 VARIANTS = {v.name: v for v in (
@@ -63,6 +66,7 @@ VARIANTS = {v.name: v for v in (
     Variant("compile", "baseline", "default", "baseline torch.compile"),
     Variant("compile-max-autotune", "baseline", "max-autotune", "baseline torch.compile max-autotune"),
     Variant("cnnkernels", "ours", None, "cnnkernels eager"),
+    Variant("cnnkernels-frozen", "ours", None, "cnnkernels eager, frozen (BN folded once)", freeze=True),
     Variant("cnnkernels-compile", "ours", "default", "cnnkernels + torch.compile"),
 )}
 BASELINE_VARIANTS = tuple(name for name, v in VARIANTS.items() if v.role == "baseline")
@@ -257,6 +261,9 @@ def prepare(arch: Architecture, variant: Variant, config: Config, state: dict[st
     model = model.to(config.device, memory_format=MEMORY_FORMATS[config.memory_format])
     training = config.mode == "train"
     model.train(training)
+    if variant.freeze:
+        from cnnkernels.nn import freeze
+        freeze(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=SGD_LR, momentum=SGD_MOMENTUM) if training else None
     runner = model
     if variant.compile_mode is not None:

@@ -3,6 +3,8 @@ from cnnkernels.nn.bn_act_conv import BNActConv
 from cnnkernels.nn.conv_bn_act import ConvBNAct
 from cnnkernels.nn.dense_block import DenseBlock
 from cnnkernels.nn.convert import FusedSequential, Rule, convert, register_rule
+from cnnkernels.nn.freeze import freeze, unfreeze
 from cnnkernels.nn.squeeze_excite import SqueezeExcite
 
-__all__ = ["BNActConv", "ConvBNAct", "DenseBlock", "FusedSequential", "Rule", "SqueezeExcite", "convert", "register_rule"]
+__all__ = ["BNActConv", "ConvBNAct", "DenseBlock", "FusedSequential", "Rule", "SqueezeExcite", "convert",
+           "freeze", "register_rule", "unfreeze"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cnnkernels.nn.freeze import folded_eval_arguments
 from cnnkernels.ops.conv_bn_act import conv_bn_act
 
 
@@ -24,11 +25,18 @@ def batch_norm_mode(bn: nn.BatchNorm2d) -> tuple[bool, float, torch.Tensor | Non
 def conv_bn_act_modules(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor,
                         residual: torch.Tensor | None = None, activation: str = "relu") -> torch.Tensor:
     """act(bn(conv(x)) + residual) with the modules' parameters and buffers, fused; same
-    results and running-statistics updates as calling the modules in turn."""
+    results and running-statistics updates as calling the modules in turn. A bn marked by
+    cnnkernels.nn.freeze runs with its folded weights cached (cnnkernels/nn/freeze.py)."""
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise ValueError(f"fused conv needs integer zero padding, got padding={conv.padding!r} "
                          f"padding_mode={conv.padding_mode!r}")
     training, momentum, running_mean, running_var = batch_norm_mode(bn)
+    folded = None if training else folded_eval_arguments(conv, bn, x)
+    if folded is not None:
+        weight, bias, bn_weight, bn_bias, folded_mean, folded_var, eps = folded
+        return conv_bn_act(x, weight, bias, bn_weight, bn_bias, folded_mean, folded_var, stride=conv.stride,
+                           padding=conv.padding, dilation=conv.dilation, groups=conv.groups, training=False,
+                           eps=eps, residual=residual, activation=activation)
     return conv_bn_act(x, conv.weight, conv.bias, bn.weight, bn.bias, running_mean, running_var,
                        stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
                        training=training, momentum=momentum, eps=bn.eps, residual=residual,

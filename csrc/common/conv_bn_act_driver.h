@@ -243,10 +243,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_act_fo
     at::Tensor out = kernels.eval_conv_epilogue(x, weight, scale, shift, stride, padding, dilation, groups, res, relu);
     if (out.defined()) return {out.contiguous(fmt), empty, save_mean, save_var};
   }
+  // A scale of exactly 1 everywhere (BatchNorm already folded into the weights, as
+  // cnnkernels.nn.freeze does) leaves the weights as they are: no copy of them per call.
   at::Tensor folded_weight;
   auto fold = [&] {
     if (!folded_weight.defined()) {
-      folded_weight = (weight.to(sopts.dtype()) * scale.view({-1, 1, 1, 1})).to(x.scalar_type());
+      const bool identity = scale.device().is_cpu() && at::all(scale == 1).item<bool>();
+      folded_weight = identity ? weight
+                               : (weight.to(sopts.dtype()) * scale.view({-1, 1, 1, 1})).to(x.scalar_type());
     }
     return folded_weight;
   };

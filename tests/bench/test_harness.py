@@ -216,3 +216,20 @@ def test_table_resolves_zoo_names_to_their_twins():
     assert "no torchvision twin" in architectures.architecture("se_resnext50").note
     for name in ("resnet50", "densenet121", "vgg16", "googlenet"):
         assert architectures.architecture(name).baseline_label == f"torchvision.models.{name}"
+
+
+def test_frozen_variant_freezes_only_our_model_and_agrees_with_eager(tiny):
+    from torch import nn
+
+    from cnnkernels.nn.freeze import is_frozen
+    document = harness.run(settings(variants=("eager", "cnnkernels", "cnnkernels-frozen")), progress=False)
+    by_variant = {r["variant"]: r for r in document["results"]}
+    for name in ("cnnkernels", "cnnkernels-frozen"):
+        assert by_variant[name]["status"] == "ok", by_variant[name].get("traceback")
+        assert by_variant[name]["output_rel_err_vs_eager"] < 1e-5
+    arch, config = architectures.architecture("tiny"), settings().configs[0]
+    state = harness.reference_state(arch, config.num_classes, seed=0)
+    for name, frozen in (("cnnkernels", False), ("cnnkernels-frozen", True)):
+        model = harness.prepare(arch, harness.VARIANTS[name], config, state).model
+        bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert bns and all(is_frozen(m) == frozen for m in bns)
