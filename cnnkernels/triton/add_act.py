@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from cnnkernels import reference
+from cnnkernels.triton import _support
 
 try:
     import triton
@@ -61,8 +62,7 @@ def _add_act_bwd_kernel(grad_out_ptr, out_ptr, grad_ptr, numel, RELU: tl.constex
 
 # --- launchers ------------------------------------------------------------------------
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+_acc_dtype = _support.acc_dtype
 
 
 def unsupported_reasons(first, second, activation) -> list[str]:
@@ -73,15 +73,7 @@ def unsupported_reasons(first, second, activation) -> list[str]:
     tests). float64 runs only in the interpreter."""
     if triton is None:
         return [f"triton is not installed ({_IMPORT_ERROR})"]
-    reasons = []
-    if first.device.type not in ("cpu", "cuda"):
-        reasons.append(f"tensors on {first.device.type} are not supported (cuda, or cpu via the interpreter)")
-    if first.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        reasons.append(f"{first.dtype} is not supported")
-    if first.dtype == torch.float64 and first.device.type == "cuda":
-        reasons.append("float64 is not supported on GPU (only in the interpreter on CPU tensors)")
-    if activation not in reference.ACTIVATIONS:
-        reasons.append(f"activation {activation!r} is not supported")
+    reasons = _support.tensor_reasons(first, activation)
     if first.numel() >= 2 ** 31 * BLOCK:
         reasons.append("more elements than one grid axis can cover")
     return reasons

@@ -24,6 +24,8 @@ tensors, see cnnkernels/triton/_launch.py):
   _bn_bwd_elementwise_kernel  grad_x = g*g_scale - (x - mean)*x_scale + g_shift.
 The convolution's own backward (grad_z, grad_weight, grad_bias) is
 torch.ops.aten.convolution_backward on the recomputed z (cuDNN on GPU).
+The BN pieces shared with conv_bn_act (tile addressing, Chan's merge, the backward
+finalize sum, reduction tiles and splits) are in _bn.py; the support checks in _support.py.
 
 Accumulation is float32 (float64 for float64 input, which only the interpreter runs).
 float32 tl.dot runs with input_precision FP32_DOT_PRECISION on GPU ("ieee" by default,
@@ -35,11 +37,13 @@ from __future__ import annotations
 import torch
 
 from cnnkernels import reference
+from cnnkernels.triton import _support
 
 try:
     import triton
     import triton.language as tl
 
+    from cnnkernels.triton import _bn
     from cnnkernels.triton._launch import kernel
 except ImportError as _error:  # unsupported_reasons() reports it; nothing here can launch
     triton = tl = None
@@ -49,9 +53,6 @@ except ImportError as _error:  # unsupported_reasons() reports it; nothing here 
         return fn
 
 FP32_DOT_PRECISION = "ieee"
-_BN_BLOCK_M = 64  # rows per program of the elementwise and reduction kernels
-_BN_BLOCK_C = 32  # channels per program of the elementwise and reduction kernels
-_MAX_SPLITS = 256  # row splits of the reductions
 _DIRECT_MAX_CIN_G = 4  # up to this many input channels per group: multiply-adds, not tl.dot
 
 
@@ -77,10 +78,7 @@ def _stats_partial_kernel(
         rows = r0 + tl.arange(0, BLOCK_M)
         row_mask = rows < M
         mask = row_mask[:, None] & col_mask[None, :]
-        n = (rows // HW).to(tl.int64)
-        h = (rows % HW) // W
-        w = rows % W
-        x = tl.load(x_ptr + (n * sx_n + h * sx_h + w * sx_w)[:, None] + cols[None, :] * sx_c,
+        x = tl.load(x_ptr + _bn.tile_offsets(rows, cols, HW, W, sx_n, sx_c, sx_h, sx_w),
                     mask=mask, other=0.0).to(ACC_DTYPE)
         tile_count = tl.maximum(tl.minimum(M - r0, BLOCK_M), 0).to(ACC_DTYPE)
         tile_mean = tl.sum(x, axis=0) / tl.maximum(tile_count, 1.0)
@@ -121,13 +119,8 @@ def _stats_finalize_kernel(
         split_m2 = tl.load(pm2_ptr + offsets, mask=mask, other=0.0)
         chunk_count = tl.sum(split_count, axis=0)
         chunk_mean = tl.sum(split_count[:, None] * split_mean, axis=0) / chunk_count
-        spread = tl.where(mask, split_mean - chunk_mean[None, :], 0.0)
-        chunk_m2 = tl.sum(split_m2 + split_count[:, None] * spread * spread, axis=0)
-        total = count + chunk_count
-        delta = chunk_mean - mean
-        mean += delta * (chunk_count / total)
-        m2 += chunk_m2 + delta * delta * (count * chunk_count / total)
-        count = total
+        count, mean, m2 = _bn.chan_merge(count, mean, m2, split_count, split_mean, split_m2, chunk_count, chunk_mean,
+                                         mask)
     tl.store(mean_ptr + cols, mean, mask=col_mask)
     tl.store(var_ptr + cols, m2 / count, mask=col_mask)
 
@@ -230,16 +223,13 @@ def _bn_act_kernel(
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     mask = (rows < M)[:, None] & col_mask[None, :]
-    n = (rows // HW).to(tl.int64)
-    h = (rows % HW) // W
-    w = rows % W
-    x = tl.load(x_ptr + (n * sx_n + h * sx_h + w * sx_w)[:, None] + cols[None, :] * sx_c, mask=mask, other=0.0)
+    x = tl.load(x_ptr + _bn.tile_offsets(rows, cols, HW, W, sx_n, sx_c, sx_h, sx_w), mask=mask, other=0.0)
     scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)
     shift = tl.load(shift_ptr + cols, mask=col_mask, other=0.0)
     a = x.to(ACC_DTYPE) * scale[None, :] + shift[None, :]
     if RELU:
         a = tl.maximum(a, 0.0)
-    tl.store(z_ptr + (n * sz_n + h * sz_h + w * sz_w)[:, None] + cols[None, :] * sz_c,
+    tl.store(z_ptr + _bn.tile_offsets(rows, cols, HW, W, sz_n, sz_c, sz_h, sz_w),
              a.to(z_ptr.dtype.element_ty), mask=mask)
 
 
@@ -267,12 +257,9 @@ def _bn_bwd_reduce_kernel(
     for r0 in range(start, start + ROWS_PER_SPLIT, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         mask = (rows < M)[:, None] & col_mask[None, :]
-        n = (rows // HW).to(tl.int64)
-        h = (rows % HW) // W
-        w = rows % W
-        g = tl.load(grad_ptr + (n * sg_n + h * sg_h + w * sg_w)[:, None] + cols[None, :] * sg_c,
+        g = tl.load(grad_ptr + _bn.tile_offsets(rows, cols, HW, W, sg_n, sg_c, sg_h, sg_w),
                     mask=mask, other=0.0).to(ACC_DTYPE)
-        x = tl.load(x_ptr + (n * sx_n + h * sx_h + w * sx_w)[:, None] + cols[None, :] * sx_c,
+        x = tl.load(x_ptr + _bn.tile_offsets(rows, cols, HW, W, sx_n, sx_c, sx_h, sx_w),
                     mask=mask, other=0.0).to(ACC_DTYPE)
         if RELU:
             g = tl.where(x * scale[None, :] + shift[None, :] > 0, g, 0.0)
@@ -294,19 +281,11 @@ def _bn_bwd_finalize_kernel(
     """grad_beta[c] = sum_s pg[s, c]; grad_gamma[c] = invstd[c] * sum_s pgx[s, c]."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    sum_g = tl.zeros((BLOCK_S, BLOCK_C), dtype=ACC_DTYPE)
-    sum_gx = tl.zeros((BLOCK_S, BLOCK_C), dtype=ACC_DTYPE)
-    for s0 in range(0, SPLITS, BLOCK_S):
-        splits = s0 + tl.arange(0, BLOCK_S)
-        mask = (splits < SPLITS)[:, None] & col_mask[None, :]
-        offsets = splits.to(tl.int64)[:, None] * C + cols[None, :]
-        sum_g += tl.load(pg_ptr + offsets, mask=mask, other=0.0)
-        if HAS_X:
-            sum_gx += tl.load(pgx_ptr + offsets, mask=mask, other=0.0)
-    tl.store(grad_beta_ptr + cols, tl.sum(sum_g, axis=0), mask=col_mask)
+    sum_g, sum_gx = _bn.split_sums(pg_ptr, pgx_ptr, C, SPLITS, cols, col_mask, HAS_X, ACC_DTYPE, BLOCK_S, BLOCK_C)
+    tl.store(grad_beta_ptr + cols, sum_g, mask=col_mask)
     if HAS_X:
         invstd = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0)
-        tl.store(grad_gamma_ptr + cols, tl.sum(sum_gx, axis=0) * invstd, mask=col_mask)
+        tl.store(grad_gamma_ptr + cols, sum_gx * invstd, mask=col_mask)
 
 
 @kernel
@@ -325,12 +304,9 @@ def _bn_bwd_elementwise_kernel(
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     mask = (rows < M)[:, None] & col_mask[None, :]
-    n = (rows // HW).to(tl.int64)
-    h = (rows % HW) // W
-    w = rows % W
-    g = tl.load(grad_ptr + (n * sg_n + h * sg_h + w * sg_w)[:, None] + cols[None, :] * sg_c,
+    g = tl.load(grad_ptr + _bn.tile_offsets(rows, cols, HW, W, sg_n, sg_c, sg_h, sg_w),
                 mask=mask, other=0.0).to(ACC_DTYPE)
-    x = tl.load(x_ptr + (n * sx_n + h * sx_h + w * sx_w)[:, None] + cols[None, :] * sx_c,
+    x = tl.load(x_ptr + _bn.tile_offsets(rows, cols, HW, W, sx_n, sx_c, sx_h, sx_w),
                 mask=mask, other=0.0).to(ACC_DTYPE)
     if RELU:
         scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)
@@ -341,14 +317,13 @@ def _bn_bwd_elementwise_kernel(
     if HAS_X:
         mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0)
         dx -= (x - mean[None, :]) * tl.load(x_scale_ptr + cols, mask=col_mask, other=0.0)[None, :]
-    tl.store(dx_ptr + (n * sd_n + h * sd_h + w * sd_w)[:, None] + cols[None, :] * sd_c,
+    tl.store(dx_ptr + _bn.tile_offsets(rows, cols, HW, W, sd_n, sd_c, sd_h, sd_w),
              dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # --- launchers ------------------------------------------------------------------------
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+_acc_dtype = _support.acc_dtype
 
 
 def _dot_precision(device: torch.device) -> str:
@@ -405,30 +380,7 @@ def unsupported_reasons(x, weight, bias, bn_weight, bn_bias, running_mean, runni
     tests). float64 runs only in the interpreter."""
     if triton is None:
         return [f"triton is not installed ({_IMPORT_ERROR})"]
-    reasons = []
-    if x.device.type not in ("cpu", "cuda"):
-        reasons.append(f"tensors on {x.device.type} are not supported (cuda, or cpu via the interpreter)")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        reasons.append(f"{x.dtype} is not supported")
-    if x.dtype == torch.float64 and x.device.type == "cuda":
-        reasons.append("float64 is not supported on GPU (only in the interpreter on CPU tensors)")
-    if activation not in reference.ACTIVATIONS:
-        reasons.append(f"activation {activation!r} is not supported")
-    if x.dim() != 4 or weight.dim() != 4:
-        reasons.append("x and weight must be 4-D")
-    elif x.numel() == 0 or weight.numel() == 0:
-        reasons.append("zero-size input or weight")
-    elif any(v < 1 for v in reference.conv_output_size(x.shape, weight.shape, stride, padding, dilation)):
-        reasons.append("zero-size output")
-    return reasons
-
-
-def _splits(m: int) -> tuple[int, int]:
-    """(splits, rows per split) of a reduction over m rows: at most _MAX_SPLITS splits of
-    whole _BN_BLOCK_M row tiles, none empty."""
-    splits = min(triton.cdiv(m, _BN_BLOCK_M), _MAX_SPLITS)
-    rows_per_split = triton.cdiv(triton.cdiv(m, splits), _BN_BLOCK_M) * _BN_BLOCK_M
-    return triton.cdiv(m, rows_per_split), rows_per_split
+    return _support.tensor_reasons(x, activation) + _support.conv_reasons(x, weight, stride, padding, dilation)
 
 
 def _batch_stats(x):
@@ -437,16 +389,16 @@ def _batch_stats(x):
     m = n * h * w
     sdtype = reference.stats_dtype(x.dtype)
     acc = _acc_dtype(x.dtype)
-    splits, rows_per_split = _splits(m)
+    splits, rows_per_split = _bn.splits(m)
     pmean = torch.empty((splits, c), dtype=sdtype, device=x.device)
     pm2 = torch.empty_like(pmean)
-    _stats_partial_kernel[(splits, triton.cdiv(c, _BN_BLOCK_C))](
+    _stats_partial_kernel[(splits, triton.cdiv(c, _bn.BLOCK_C))](
         x, pmean, pm2, m, c, h * w, w, rows_per_split, *x.stride(),
-        ACC_DTYPE=acc, BLOCK_M=_BN_BLOCK_M, BLOCK_C=_BN_BLOCK_C)
+        ACC_DTYPE=acc, BLOCK_M=_bn.BLOCK_M, BLOCK_C=_bn.BLOCK_C)
     mean = torch.empty(c, dtype=sdtype, device=x.device)
     var = torch.empty_like(mean)
-    _stats_finalize_kernel[(triton.cdiv(c, _BN_BLOCK_C),)](
-        pmean, pm2, mean, var, m, c, splits, rows_per_split, ACC_DTYPE=acc, BLOCK_S=16, BLOCK_C=_BN_BLOCK_C)
+    _stats_finalize_kernel[(triton.cdiv(c, _bn.BLOCK_C),)](
+        pmean, pm2, mean, var, m, c, splits, rows_per_split, ACC_DTYPE=acc, BLOCK_S=16, BLOCK_C=_bn.BLOCK_C)
     return mean, var
 
 
@@ -531,7 +483,7 @@ def backward(grad_out, x, weight, bias, bn_weight, bn_bias, save_mean, save_var,
     mean = save_mean.to(sdtype).contiguous()
     invstd = torch.rsqrt(save_var.to(sdtype) + eps).contiguous()
     scale, shift = _scale_shift(x, bn_weight, bn_bias, save_mean, save_var, eps)
-    elementwise_grid = (triton.cdiv(m, _BN_BLOCK_M), triton.cdiv(c, _BN_BLOCK_C))
+    elementwise_grid = (triton.cdiv(m, _bn.BLOCK_M), triton.cdiv(c, _bn.BLOCK_C))
 
     want_grad_z = output_mask[0] or output_mask[3] or output_mask[4]
     want_bias = bool(output_mask[2]) and bias is not None
@@ -541,7 +493,7 @@ def backward(grad_out, x, weight, bias, bn_weight, bn_bias, save_mean, save_var,
         z = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
         _bn_act_kernel[elementwise_grid](
             x, scale, shift, z, m, c, h * w, w, *x.stride(), *z.stride(),
-            RELU=relu, ACC_DTYPE=acc, BLOCK_M=_BN_BLOCK_M, BLOCK_C=_BN_BLOCK_C)
+            RELU=relu, ACC_DTYPE=acc, BLOCK_M=_bn.BLOCK_M, BLOCK_C=_bn.BLOCK_C)
         gz, gw, gb = torch.ops.aten.convolution_backward(
             grad_out.to(x.dtype), z, weight, [c_out] if bias is not None else None, list(stride), list(padding),
             list(dilation), False, [0, 0], groups, [want_grad_z, bool(output_mask[1]), want_bias])
@@ -553,18 +505,18 @@ def backward(grad_out, x, weight, bias, bn_weight, bn_bias, save_mean, save_var,
     grad_beta = grad_gamma = None
     if output_mask[3] or output_mask[4] or x_term:
         want_x = bool(output_mask[3]) or x_term
-        splits, rows_per_split = _splits(m)
+        splits, rows_per_split = _bn.splits(m)
         pg = torch.empty((splits, c), dtype=sdtype, device=x.device)
         pgx = torch.empty_like(pg) if want_x else pg
-        _bn_bwd_reduce_kernel[(splits, triton.cdiv(c, _BN_BLOCK_C))](
+        _bn_bwd_reduce_kernel[(splits, triton.cdiv(c, _bn.BLOCK_C))](
             grad_z, x, scale, shift, mean, pg, pgx, m, c, h * w, w, rows_per_split,
             *grad_z.stride(), *x.stride(),
-            HAS_X=want_x, RELU=relu, ACC_DTYPE=acc, BLOCK_M=_BN_BLOCK_M, BLOCK_C=_BN_BLOCK_C)
+            HAS_X=want_x, RELU=relu, ACC_DTYPE=acc, BLOCK_M=_bn.BLOCK_M, BLOCK_C=_bn.BLOCK_C)
         grad_beta = torch.empty(c, dtype=sdtype, device=x.device)
         grad_gamma = torch.empty_like(grad_beta) if want_x else None
-        _bn_bwd_finalize_kernel[(triton.cdiv(c, _BN_BLOCK_C),)](
+        _bn_bwd_finalize_kernel[(triton.cdiv(c, _bn.BLOCK_C),)](
             pg, pgx, invstd, grad_beta, grad_gamma if want_x else grad_beta, c, splits,
-            HAS_X=want_x, ACC_DTYPE=acc, BLOCK_S=16, BLOCK_C=_BN_BLOCK_C)
+            HAS_X=want_x, ACC_DTYPE=acc, BLOCK_S=16, BLOCK_C=_bn.BLOCK_C)
 
     grad_x = empty_x
     if output_mask[0]:
@@ -579,7 +531,7 @@ def backward(grad_out, x, weight, bias, bn_weight, bn_bias, save_mean, save_var,
         _bn_bwd_elementwise_kernel[elementwise_grid](
             grad_z, x, scale, shift, mean, g_scale, x_scale, g_shift, grad_x, m, c, h * w, w,
             *grad_z.stride(), *x.stride(), *grad_x.stride(),
-            HAS_X=training, RELU=relu, ACC_DTYPE=acc, BLOCK_M=_BN_BLOCK_M, BLOCK_C=_BN_BLOCK_C)
+            HAS_X=training, RELU=relu, ACC_DTYPE=acc, BLOCK_M=_bn.BLOCK_M, BLOCK_C=_bn.BLOCK_C)
     return (grad_x, grad_w, grad_b,
             grad_gamma if output_mask[3] else empty_s,
             grad_beta if output_mask[4] else empty_s)

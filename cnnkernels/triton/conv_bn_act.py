@@ -35,6 +35,8 @@ tensors, see cnnkernels/triton/_launch.py):
                          grad_residual in one pass.
 The convolution's own backward (grad_x, grad_weight, grad_bias) is
 torch.ops.aten.convolution_backward (cuDNN on GPU).
+The BN pieces shared with bn_act_conv (tile addressing, Chan's merge, the backward
+finalize sum, reduction tiles and splits) are in _bn.py; the support checks in _support.py.
 
 Accumulation is float32 (float64 for float64 input, which only the interpreter runs).
 float32 tl.dot runs with input_precision FP32_DOT_PRECISION on GPU ("ieee" by default,
@@ -46,12 +48,14 @@ from __future__ import annotations
 import torch
 
 from cnnkernels import reference
+from cnnkernels.triton import _support
 from cnnkernels.triton import conv1x1_bn_act, grouped_conv_bn_act
 
 try:
     import triton
     import triton.language as tl
 
+    from cnnkernels.triton import _bn
     from cnnkernels.triton._conv_epilogue import conv_bn_act_epilogue
     from cnnkernels.triton._launch import kernel
 except ImportError as _error:  # unsupported_reasons() reports it; nothing here can launch
@@ -62,10 +66,7 @@ except ImportError as _error:  # unsupported_reasons() reports it; nothing here 
         return fn
 
 FP32_DOT_PRECISION = "ieee"
-_BN_BLOCK_M = 64  # rows per program of the elementwise and reduction kernels
-_BN_BLOCK_C = 32  # channels per program of the elementwise and reduction kernels
 _STATS_BLOCK_T = 64  # partial-statistics rows combined at once
-_MAX_SPLITS = 256  # row splits of the backward reduction
 _DIRECT_MAX_CIN_G = 4  # up to this many input channels per group: multiply-adds, not tl.dot
 
 
@@ -168,13 +169,8 @@ def _bn_stats_kernel(
         chunk_count = tl.sum(tile_count, axis=0)
         chunk_mean = tl.sum(tile_sum, axis=0) / chunk_count
         tile_mean = tile_sum / tl.maximum(tile_count, 1.0)[:, None]
-        spread = tl.where(mask, tile_mean - chunk_mean[None, :], 0.0)
-        chunk_m2 = tl.sum(tile_m2 + tile_count[:, None] * spread * spread, axis=0)
-        total = count + chunk_count
-        delta = chunk_mean - mean
-        mean += delta * (chunk_count / total)
-        m2 += chunk_m2 + delta * delta * (count * chunk_count / total)
-        count = total
+        count, mean, m2 = _bn.chan_merge(count, mean, m2, tile_count, tile_mean, tile_m2, chunk_count, chunk_mean,
+                                         mask)
     var = m2 / count
     tl.store(mean_ptr + cols, mean, mask=col_mask)
     tl.store(var_ptr + cols, var, mask=col_mask)
@@ -204,19 +200,16 @@ def _bn_act_fwd_kernel(
     row_mask = rows < M
     col_mask = cols < C
     mask = row_mask[:, None] & col_mask[None, :]
-    n = (rows // HW).to(tl.int64)
-    h = (rows % HW) // W
-    w = rows % W
-    y = tl.load(y_ptr + (n * sy_n + h * sy_h + w * sy_w)[:, None] + cols[None, :] * sy_c, mask=mask, other=0.0)
+    y = tl.load(y_ptr + _bn.tile_offsets(rows, cols, HW, W, sy_n, sy_c, sy_h, sy_w), mask=mask, other=0.0)
     scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)
     shift = tl.load(shift_ptr + cols, mask=col_mask, other=0.0)
     z = y.to(ACC_DTYPE) * scale[None, :] + shift[None, :]
     if HAS_RESIDUAL:
-        z += tl.load(res_ptr + (n * sr_n + h * sr_h + w * sr_w)[:, None] + cols[None, :] * sr_c,
+        z += tl.load(res_ptr + _bn.tile_offsets(rows, cols, HW, W, sr_n, sr_c, sr_h, sr_w),
                      mask=mask, other=0.0).to(ACC_DTYPE)
     if RELU:
         z = tl.where(z < 0.0, 0.0, z)
-    tl.store(out_ptr + (n * so_n + h * so_h + w * so_w)[:, None] + cols[None, :] * so_c,
+    tl.store(out_ptr + _bn.tile_offsets(rows, cols, HW, W, so_n, so_c, so_h, so_w),
              z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -243,18 +236,11 @@ def _bn_bwd_reduce_kernel(
         rows = r0 + tl.arange(0, BLOCK_M)
         row_mask = rows < M
         mask = row_mask[:, None] & col_mask[None, :]
-        n = (rows // HW).to(tl.int64)
-        h = (rows % HW) // W
-        w = rows % W
-        g = tl.load(grad_ptr + (n * sg_n + h * sg_h + w * sg_w)[:, None] + cols[None, :] * sg_c,
-                    mask=mask, other=0.0).to(ACC_DTYPE)
-        if RELU:
-            o = tl.load(out_ptr + (n * so_n + h * so_h + w * so_w)[:, None] + cols[None, :] * so_c,
-                        mask=mask, other=0.0)
-            g = tl.where(o.to(ACC_DTYPE) > 0, g, 0.0)
+        g = _bn.grad_before_act(grad_ptr, _bn.tile_offsets(rows, cols, HW, W, sg_n, sg_c, sg_h, sg_w), out_ptr,
+                                _bn.tile_offsets(rows, cols, HW, W, so_n, so_c, so_h, so_w), mask, RELU, ACC_DTYPE)
         sum_g += g
         if HAS_Y:
-            y = tl.load(y_ptr + (n * sy_n + h * sy_h + w * sy_w)[:, None] + cols[None, :] * sy_c,
+            y = tl.load(y_ptr + _bn.tile_offsets(rows, cols, HW, W, sy_n, sy_c, sy_h, sy_w),
                         mask=mask, other=0.0).to(ACC_DTYPE)
             sum_gy += tl.where(mask, g * (y - mean[None, :]), 0.0)
     offsets = split.to(tl.int64) * C + cols
@@ -272,19 +258,11 @@ def _bn_bwd_finalize_kernel(
     """grad_beta[c] = sum_s pg[s, c]; grad_gamma[c] = sum_s pgy[s, c] / sqrt(var[c] + eps)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    sum_g = tl.zeros((BLOCK_S, BLOCK_C), dtype=ACC_DTYPE)
-    sum_gy = tl.zeros((BLOCK_S, BLOCK_C), dtype=ACC_DTYPE)
-    for s0 in range(0, SPLITS, BLOCK_S):
-        splits = s0 + tl.arange(0, BLOCK_S)
-        mask = (splits < SPLITS)[:, None] & col_mask[None, :]
-        offsets = splits.to(tl.int64)[:, None] * C + cols[None, :]
-        sum_g += tl.load(pg_ptr + offsets, mask=mask, other=0.0)
-        if HAS_Y:
-            sum_gy += tl.load(pgy_ptr + offsets, mask=mask, other=0.0)
-    tl.store(grad_beta_ptr + cols, tl.sum(sum_g, axis=0), mask=col_mask)
+    sum_g, sum_gy = _bn.split_sums(pg_ptr, pgy_ptr, C, SPLITS, cols, col_mask, HAS_Y, ACC_DTYPE, BLOCK_S, BLOCK_C)
+    tl.store(grad_beta_ptr + cols, sum_g, mask=col_mask)
     if HAS_Y:
         var = tl.load(var_ptr + cols, mask=col_mask, other=1.0).to(ACC_DTYPE)
-        tl.store(grad_gamma_ptr + cols, tl.sum(sum_gy, axis=0) / tl.sqrt(var + eps), mask=col_mask)
+        tl.store(grad_gamma_ptr + cols, sum_gy / tl.sqrt(var + eps), mask=col_mask)
 
 
 @kernel
@@ -309,17 +287,10 @@ def _bn_bwd_elementwise_kernel(
     row_mask = rows < M
     col_mask = cols < C
     mask = row_mask[:, None] & col_mask[None, :]
-    n = (rows // HW).to(tl.int64)
-    h = (rows % HW) // W
-    w = rows % W
-    g = tl.load(grad_ptr + (n * sg_n + h * sg_h + w * sg_w)[:, None] + cols[None, :] * sg_c,
-                mask=mask, other=0.0).to(ACC_DTYPE)
-    if RELU:
-        o = tl.load(out_ptr + (n * so_n + h * so_h + w * so_w)[:, None] + cols[None, :] * so_c,
-                    mask=mask, other=0.0)
-        g = tl.where(o.to(ACC_DTYPE) > 0, g, 0.0)
+    g = _bn.grad_before_act(grad_ptr, _bn.tile_offsets(rows, cols, HW, W, sg_n, sg_c, sg_h, sg_w), out_ptr,
+                            _bn.tile_offsets(rows, cols, HW, W, so_n, so_c, so_h, so_w), mask, RELU, ACC_DTYPE)
     if WRITE_GRES:
-        tl.store(gres_ptr + (n * se_n + h * se_h + w * se_w)[:, None] + cols[None, :] * se_c,
+        tl.store(gres_ptr + _bn.tile_offsets(rows, cols, HW, W, se_n, se_c, se_h, se_w),
                  g.to(gres_ptr.dtype.element_ty), mask=mask)
     if WRITE_DY:
         invstd = 1.0 / tl.sqrt(tl.load(var_ptr + cols, mask=col_mask, other=1.0).to(ACC_DTYPE) + eps)
@@ -330,18 +301,17 @@ def _bn_bwd_elementwise_kernel(
             mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(ACC_DTYPE)
             mean_g = tl.load(sum_g_ptr + cols, mask=col_mask, other=0.0).to(ACC_DTYPE) / M
             mean_gxhat = tl.load(sum_gxhat_ptr + cols, mask=col_mask, other=0.0).to(ACC_DTYPE) / M
-            y = tl.load(y_ptr + (n * sy_n + h * sy_h + w * sy_w)[:, None] + cols[None, :] * sy_c,
+            y = tl.load(y_ptr + _bn.tile_offsets(rows, cols, HW, W, sy_n, sy_c, sy_h, sy_w),
                         mask=mask, other=0.0).to(ACC_DTYPE)
             xhat = (y - mean[None, :]) * invstd[None, :]
             g = g - mean_g[None, :] - xhat * mean_gxhat[None, :]
-        tl.store(dy_ptr + (n * sd_n + h * sd_h + w * sd_w)[:, None] + cols[None, :] * sd_c,
+        tl.store(dy_ptr + _bn.tile_offsets(rows, cols, HW, W, sd_n, sd_c, sd_h, sd_w),
                  (g * k[None, :]).to(dy_ptr.dtype.element_ty), mask=mask)
 
 
 # --- launchers ------------------------------------------------------------------------
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+_acc_dtype = _support.acc_dtype
 
 
 def _dot_precision(device: torch.device) -> str:
@@ -385,22 +355,7 @@ def unsupported_reasons(x, weight, bias, bn_weight, bn_bias, running_mean, runni
     tests). float64 runs only in the interpreter."""
     if triton is None:
         return [f"triton is not installed ({_IMPORT_ERROR})"]
-    reasons = []
-    if x.device.type not in ("cpu", "cuda"):
-        reasons.append(f"tensors on {x.device.type} are not supported (cuda, or cpu via the interpreter)")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        reasons.append(f"{x.dtype} is not supported")
-    if x.dtype == torch.float64 and x.device.type == "cuda":
-        reasons.append("float64 is not supported on GPU (only in the interpreter on CPU tensors)")
-    if activation not in reference.ACTIVATIONS:
-        reasons.append(f"activation {activation!r} is not supported")
-    if x.dim() != 4 or weight.dim() != 4:
-        reasons.append("x and weight must be 4-D")
-    elif x.numel() == 0 or weight.numel() == 0:
-        reasons.append("zero-size input or weight")
-    elif any(v < 1 for v in reference.conv_output_size(x.shape, weight.shape, stride, padding, dilation)):
-        reasons.append("zero-size output")
-    return reasons
+    return _support.tensor_reasons(x, activation) + _support.conv_reasons(x, weight, stride, padding, dilation)
 
 
 def forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
@@ -442,17 +397,17 @@ def forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stri
     scale = torch.empty_like(save_mean)
     shift = torch.empty_like(save_mean)
     acc = _acc_dtype(x.dtype)
-    _bn_stats_kernel[(triton.cdiv(c_out, _BN_BLOCK_C),)](
+    _bn_stats_kernel[(triton.cdiv(c_out, _bn.BLOCK_C),)](
         psum, pm2, bn_weight if bn_weight is not None else scale, bn_bias if bn_bias is not None else scale,
         save_mean, save_var, scale, shift, m, c_out, psum.shape[0], eps,
         HAS_GAMMA=bn_weight is not None, HAS_BETA=bn_bias is not None, ACC_DTYPE=acc,
-        TILE_M=tile_m, BLOCK_T=_STATS_BLOCK_T, BLOCK_C=_BN_BLOCK_C)
+        TILE_M=tile_m, BLOCK_T=_STATS_BLOCK_T, BLOCK_C=_bn.BLOCK_C)
     res = residual if residual is not None else y
-    _bn_act_fwd_kernel[(triton.cdiv(m, _BN_BLOCK_M), triton.cdiv(c_out, _BN_BLOCK_C))](
+    _bn_act_fwd_kernel[(triton.cdiv(m, _bn.BLOCK_M), triton.cdiv(c_out, _bn.BLOCK_C))](
         y, scale, shift, res, out, m, c_out, h_out * w_out, w_out,
         *y.stride(), *res.stride(), *out.stride(),
         HAS_RESIDUAL=residual is not None, RELU=activation == "relu", ACC_DTYPE=acc,
-        BLOCK_M=_BN_BLOCK_M, BLOCK_C=_BN_BLOCK_C)
+        BLOCK_M=_bn.BLOCK_M, BLOCK_C=_bn.BLOCK_C)
     return out, y, save_mean, save_var
 
 
@@ -619,18 +574,16 @@ def backward(grad_out, out, x, weight, bias, conv_out, bn_weight, save_mean, sav
     grad_beta = torch.empty(c_out, dtype=sdtype, device=x.device)
     grad_gamma = torch.empty_like(grad_beta)
     if need_sums:
-        splits = min(triton.cdiv(m, _BN_BLOCK_M), _MAX_SPLITS)
-        rows_per_split = triton.cdiv(triton.cdiv(m, splits), _BN_BLOCK_M) * _BN_BLOCK_M
-        splits = triton.cdiv(m, rows_per_split)
+        splits, rows_per_split = _bn.splits(m)
         pg = torch.empty((splits, c_out), dtype=sdtype, device=x.device)
         pgy = torch.empty_like(pg)
-        _bn_bwd_reduce_kernel[(splits, triton.cdiv(c_out, _BN_BLOCK_C))](
+        _bn_bwd_reduce_kernel[(splits, triton.cdiv(c_out, _bn.BLOCK_C))](
             grad_out, out, y_arg, save_mean, pg, pgy, m, c_out, h_out * w_out, w_out, rows_per_split,
             *grad_out.stride(), *out.stride(), *y_arg.stride(),
-            HAS_Y=need_y, RELU=relu, ACC_DTYPE=acc, BLOCK_M=_BN_BLOCK_M, BLOCK_C=_BN_BLOCK_C)
-        _bn_bwd_finalize_kernel[(triton.cdiv(c_out, _BN_BLOCK_C),)](
+            HAS_Y=need_y, RELU=relu, ACC_DTYPE=acc, BLOCK_M=_bn.BLOCK_M, BLOCK_C=_bn.BLOCK_C)
+        _bn_bwd_finalize_kernel[(triton.cdiv(c_out, _bn.BLOCK_C),)](
             pg, pgy, save_var, grad_beta, grad_gamma, c_out, splits, eps,
-            HAS_Y=need_y, ACC_DTYPE=acc, BLOCK_S=16, BLOCK_C=_BN_BLOCK_C)
+            HAS_Y=need_y, ACC_DTYPE=acc, BLOCK_S=16, BLOCK_C=_bn.BLOCK_C)
 
     dy = torch.empty((n, c_out, h_out, w_out), dtype=x.dtype, device=x.device, memory_format=fmt) if want_conv else None
     grad_res = torch.empty((n, c_out, h_out, w_out), dtype=x.dtype, device=x.device,
@@ -638,12 +591,12 @@ def backward(grad_out, out, x, weight, bias, conv_out, bn_weight, save_mean, sav
     if want_conv or output_mask[5]:
         dy_arg = dy if dy is not None else grad_res
         gres_arg = grad_res if grad_res is not None else dy
-        _bn_bwd_elementwise_kernel[(triton.cdiv(m, _BN_BLOCK_M), triton.cdiv(c_out, _BN_BLOCK_C))](
+        _bn_bwd_elementwise_kernel[(triton.cdiv(m, _bn.BLOCK_M), triton.cdiv(c_out, _bn.BLOCK_C))](
             grad_out, out, y_arg, save_mean, save_var, bn_weight if bn_weight is not None else save_var,
             grad_beta, grad_gamma, dy_arg, gres_arg, m, c_out, h_out * w_out, w_out, eps,
             *grad_out.stride(), *out.stride(), *y_arg.stride(), *dy_arg.stride(), *gres_arg.stride(),
             TRAINING=training, HAS_GAMMA=bn_weight is not None, RELU=relu, WRITE_DY=want_conv,
-            WRITE_GRES=output_mask[5], ACC_DTYPE=acc, BLOCK_M=_BN_BLOCK_M, BLOCK_C=_BN_BLOCK_C)
+            WRITE_GRES=output_mask[5], ACC_DTYPE=acc, BLOCK_M=_bn.BLOCK_M, BLOCK_C=_bn.BLOCK_C)
 
     empty_x, empty_s = x.new_empty(0), save_mean.new_empty(0)
     grad_x = grad_w = grad_b = empty_x

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from cnnkernels import reference
+from cnnkernels.triton import _support
 
 try:
     import triton
@@ -285,8 +286,7 @@ def _se_bwd_elementwise_kernel(
 
 # --- launchers ------------------------------------------------------------------------
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+_acc_dtype = _support.acc_dtype
 
 
 def unsupported_reasons(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation) -> list[str]:
@@ -296,15 +296,7 @@ def unsupported_reasons(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual,
     tests). float64 runs only in the interpreter."""
     if triton is None:
         return [f"triton is not installed ({_IMPORT_ERROR})"]
-    reasons = []
-    if x.device.type not in ("cpu", "cuda"):
-        reasons.append(f"tensors on {x.device.type} are not supported (cuda, or cpu via the interpreter)")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        reasons.append(f"{x.dtype} is not supported")
-    if x.dtype == torch.float64 and x.device.type == "cuda":
-        reasons.append("float64 is not supported on GPU (only in the interpreter on CPU tensors)")
-    if activation not in reference.ACTIVATIONS:
-        reasons.append(f"activation {activation!r} is not supported")
+    reasons = _support.tensor_reasons(x, activation)
     if x.dim() != 4 or fc1_weight.dim() != 2 or fc2_weight.dim() != 2:
         reasons.append("x must be 4-D and the fc weights 2-D")
     elif x.shape[1] == 0 or x.shape[2] * x.shape[3] == 0 or fc1_weight.shape[0] == 0:

@@ -214,6 +214,41 @@ inline at::Tensor convolve(const BnActConvKernels& kernels, const at::Tensor& x,
   return out;
 }
 
+// The forward shared by bn_act_conv_into (`into`: out given, checked here) and
+// bn_act_conv_forward (out undefined: allocated) -> (out, save_mean, save_var).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
+    const BnActConvKernels& kernels, bool into, const at::Tensor& out, const at::Tensor& x,
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
+    const std::optional<at::Tensor>& bn_weight_opt, const std::optional<at::Tensor>& bn_bias_opt,
+    const std::optional<at::Tensor>& running_mean_opt, const std::optional<at::Tensor>& running_var_opt,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    bool training, double eps, std::string_view activation) {
+  const bool relu = check_activation(activation);
+  const at::Tensor bias = opt(bias_opt), bn_weight = opt(bn_weight_opt), bn_bias = opt(bn_bias_opt);
+  const auto out_sizes = check_args(x, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps);
+  if (into) {
+    check_defined(out, "out");
+    check_same_shape(out, out_sizes, "out", "the output");
+    check_same_dtype(x, "x", out, "out");
+    check_same_device(x, "x", out, "out");
+    TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes,
+                "out must not have internally overlapping memory (such as an expanded tensor)");
+    // Overlap is decidable for dense tensors; views (a prefix x and a slice out of one
+    // buffer) are only checked for starting at the same element.
+    const auto overlap = at::get_overlap_status(out, x);
+    TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial &&
+                    !(out.numel() > 0 && x.numel() > 0 && out.const_data_ptr() == x.const_data_ptr()),
+                "out must not overlap x in memory");
+  }
+  const c10::OptionalDeviceGuard guard(x.device());
+  const auto sopts = x.options().dtype(stats_dtype(x.scalar_type()));
+  auto [mean, var] = statistics(kernels, x, opt(running_mean_opt), opt(running_var_opt), training, sopts);
+  const auto [scale, shift] = scale_shift(bn_weight, bn_bias, mean, at::rsqrt(var + eps), x.size(1), sopts);
+  at::Tensor result = convolve(kernels, x, weight, bias, scale, shift, stride, padding, dilation, groups, relu,
+                               out_sizes, out);
+  return {result, mean, var};
+}
+
 }  // namespace bn_act_conv_detail
 
 // Forward of bn_act_conv writing into `out`; arguments and results exactly as the schema
@@ -229,33 +264,9 @@ inline std::tuple<at::Tensor, at::Tensor> bn_act_conv_into(
     const std::optional<at::Tensor>& running_var_opt, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training, double eps,
     std::string_view activation) {
-  namespace d = bn_act_conv_detail;
-  const bool relu = check_activation(activation);
-  const at::Tensor bias = d::opt(bias_opt), bn_weight = d::opt(bn_weight_opt),
-                   bn_bias = d::opt(bn_bias_opt);
-  const auto out_sizes = d::check_args(x, weight, bias, bn_weight, bn_bias, stride, padding,
-                                       dilation, groups, eps);
-  check_defined(out, "out");
-  check_same_shape(out, out_sizes, "out", "the output");
-  check_same_dtype(x, "x", out, "out");
-  check_same_device(x, "x", out, "out");
-  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes,
-              "out must not have internally overlapping memory (such as an expanded tensor)");
-  // Overlap is decidable for dense tensors; views (a prefix x and a slice out of one
-  // buffer) are only checked for starting at the same element.
-  const auto overlap = at::get_overlap_status(out, x);
-  TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial &&
-                  !(out.numel() > 0 && x.numel() > 0 && out.const_data_ptr() == x.const_data_ptr()),
-              "out must not overlap x in memory");
-
-  const c10::OptionalDeviceGuard guard(x.device());
-  const auto sopts = x.options().dtype(d::stats_dtype(x.scalar_type()));
-  auto [mean, var] = d::statistics(kernels, x, d::opt(running_mean_opt), d::opt(running_var_opt),
-                                   training, sopts);
-  const auto [scale, shift] =
-      d::scale_shift(bn_weight, bn_bias, mean, at::rsqrt(var + eps), x.size(1), sopts);
-  d::convolve(kernels, x, weight, bias, scale, shift, stride, padding, dilation, groups, relu,
-              out_sizes, out);
+  auto [result, mean, var] = bn_act_conv_detail::forward(
+      kernels, /*into=*/true, out, x, weight, bias_opt, bn_weight_opt, bn_bias_opt, running_mean_opt,
+      running_var_opt, stride, padding, dilation, groups, training, eps, activation);
   return {mean, var};
 }
 
@@ -269,21 +280,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_conv_forward(
     const std::optional<at::Tensor>& running_var_opt, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training, double eps,
     std::string_view activation) {
-  namespace d = bn_act_conv_detail;
-  const bool relu = check_activation(activation);
-  const at::Tensor bias = d::opt(bias_opt), bn_weight = d::opt(bn_weight_opt),
-                   bn_bias = d::opt(bn_bias_opt);
-  const auto out_sizes = d::check_args(x, weight, bias, bn_weight, bn_bias, stride, padding,
-                                       dilation, groups, eps);
-  const c10::OptionalDeviceGuard guard(x.device());
-  const auto sopts = x.options().dtype(d::stats_dtype(x.scalar_type()));
-  auto [mean, var] = d::statistics(kernels, x, d::opt(running_mean_opt), d::opt(running_var_opt),
-                                   training, sopts);
-  const auto [scale, shift] =
-      d::scale_shift(bn_weight, bn_bias, mean, at::rsqrt(var + eps), x.size(1), sopts);
-  at::Tensor out = d::convolve(kernels, x, weight, bias, scale, shift, stride, padding, dilation,
-                               groups, relu, out_sizes, at::Tensor());
-  return {out, mean, var};
+  return bn_act_conv_detail::forward(kernels, /*into=*/false, at::Tensor(), x, weight, bias_opt, bn_weight_opt,
+                                     bn_bias_opt, running_mean_opt, running_var_opt, stride, padding, dilation,
+                                     groups, training, eps, activation);
 }
 
 // Backward of bn_act_conv; arguments and results exactly as the schema

@@ -11,7 +11,8 @@
 // buffers); only an x that allows neither walk is first made dense. Dense tensors (z,
 // grad_z, grad_x) are walked the same way. Inner loops are `omp simd` over a span; sums
 // go into acc_t (float, or double for double input) over blocks of at most kBlock
-// elements, and the block sums into double.
+// elements, and the block sums into double. The machinery shared with conv_bn_act
+// (constants, reduce_rows, the shifted batch statistics) is in csrc/cpu/bn_passes.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -19,30 +20,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
 #include "common/bn_act_conv_driver.h"
+#include "cpu/bn_passes.h"
 
 namespace cnnkernels {
 namespace {
 
-constexpr int64_t kBlock = 256;     // elements per acc_t partial sum before it goes to double
-constexpr int64_t kGrain = 32768;   // elements per parallel task, at least
-constexpr int64_t kMaxChunks = 64;  // fixed chunking of row reductions (deterministic)
-
-template <bool B>
-using Bool = std::integral_constant<bool, B>;
-
-template <typename F>
-void with_bool(bool b, F&& f) {
-  if (b) f(Bool<true>{});
-  else f(Bool<false>{});
-}
-
-inline int64_t grain(int64_t per_index) {
-  return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, per_index));
-}
+using namespace cpu_bn;  // kBlock, Bool, with_bool, grain, ptr_or_null, reduce_rows, ...
 
 // Whether each (n, c) plane of t is H*W contiguous elements.
 bool planes_dense(const at::Tensor& t) {
@@ -88,40 +74,6 @@ void check_dense(const at::Tensor& t, const at::Tensor& x, bool rows, const char
               " must be ", rows ? "channels_last" : "NCHW", "-contiguous");
 }
 
-template <typename acc_t>
-void check_stats_dtype(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(!t.defined() || t.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, name,
-              " must be in the statistics dtype ", c10::CppTypeToScalarType<acc_t>::value, ", got ",
-              t.scalar_type());
-  TORCH_CHECK(!t.defined() || t.is_contiguous(), name, " must be contiguous");
-}
-
-template <typename T>
-const T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
-
-// Row reductions: rows [0, rows) cut into at most kMaxChunks chunks, each reduced into
-// its own double partials by body(row0, row1, partials); the partials are then summed in
-// chunk order, so the result does not depend on the thread count.
-template <typename Body>
-std::vector<double> reduce_rows(int64_t rows, int64_t c, int64_t width, const Body& body) {
-  if (c == 0 || rows == 0) return std::vector<double>(width * c, 0.0);
-  const int64_t per_chunk = std::max((kGrain + c - 1) / c, (rows + kMaxChunks - 1) / kMaxChunks);
-  const int64_t chunks = (rows + per_chunk - 1) / per_chunk;
-  std::vector<double> partials(chunks * width * c, 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      body(k * per_chunk, std::min(rows, (k + 1) * per_chunk), partials.data() + k * width * c);
-    }
-  });
-  std::vector<double> total(width * c, 0.0);
-  for (int64_t k = 0; k < chunks; ++k) {
-    for (int64_t i = 0; i < width * c; ++i) total[i] += partials[k * width * c + i];
-  }
-  return total;
-}
-
 // The pre-activation of the op, a = x * scale + shift, and the relu-masked gradient.
 template <typename acc_t, typename scalar_t>
 inline acc_t pre_activation(scalar_t x, acc_t scale, acc_t shift) {
@@ -136,81 +88,18 @@ inline acc_t masked_grad(scalar_t grad_z, scalar_t x, acc_t scale, acc_t shift) 
 }
 
 // ---------------------------------------------------------------- batch statistics
-// Sums of d = x - ref[c] and d*d, with ref[c] the first sample of channel c: shifting by
-// a sample keeps the variance exact when |mean| >> std.
 
 template <typename scalar_t>
 void batch_stats_kernel(const at::Tensor& x_in, at::Tensor& mean, at::Tensor& var) {
   using acc_t = at::opmath_type<scalar_t>;
-  check_stats_dtype<acc_t>(mean, "mean");
-  check_stats_dtype<acc_t>(var, "var");
+  check_stats_vector<acc_t>(mean, "mean");
+  check_stats_vector<acc_t>(var, "var");
   const bool rows = !planes_dense(x_in) && rows_dense(x_in);
   const at::Tensor x = walkable(x_in, rows);
   const XWalk s(x);
   TORCH_CHECK(s.rows() > 0, "batch statistics need at least one value per channel");
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  acc_t* mp = mean.mutable_data_ptr<acc_t>();
-  acc_t* vp = var.mutable_data_ptr<acc_t>();
-  const double count = static_cast<double>(s.rows());
-  auto finish = [&](int64_t ch, acc_t ref, double sum, double sq) {
-    const double m = sum / count;
-    mp[ch] = static_cast<acc_t>(ref + m);
-    vp[ch] = static_cast<acc_t>(std::max(sq / count - m * m, 0.0));
-  };
-
-  if (!rows) {
-    at::parallel_for(0, s.c, grain(s.rows()), [&](int64_t c0, int64_t c1) {
-      for (int64_t ch = c0; ch < c1; ++ch) {
-        const acc_t ref = static_cast<acc_t>(xp[s.plane(0, ch)]);
-        double sum = 0, sq = 0;
-        for (int64_t i = 0; i < s.n; ++i) {
-          const scalar_t* p = xp + s.plane(i, ch);
-          for (int64_t j0 = 0; j0 < s.hw; j0 += kBlock) {
-            const int64_t len = std::min(kBlock, s.hw - j0);
-            acc_t bs = 0, bq = 0;
-#pragma omp simd reduction(+ : bs, bq)
-            for (int64_t j = 0; j < len; ++j) {
-              const acc_t d = static_cast<acc_t>(p[j0 + j]) - ref;
-              bs += d;
-              bq += d * d;
-            }
-            sum += bs;
-            sq += bq;
-          }
-        }
-        finish(ch, ref, sum, sq);
-      }
-    });
-    return;
-  }
-
-  const int64_t c = s.c;
-  std::vector<acc_t> ref(c);
-  for (int64_t ch = 0; ch < c; ++ch) ref[ch] = static_cast<acc_t>(xp[s.row(0) + ch]);
-  const acc_t* rp = ref.data();
-  const auto total = reduce_rows(s.rows(), c, 2, [&](int64_t r0, int64_t r1, double* part) {
-    std::vector<acc_t> block(2 * c);
-    acc_t* bs = block.data();
-    acc_t* bq = bs + c;
-    const int64_t rows_per_block = std::max<int64_t>(1, kBlock / c);
-    for (int64_t b0 = r0; b0 < r1; b0 += rows_per_block) {
-      std::fill(block.begin(), block.end(), acc_t(0));
-      for (int64_t r = b0; r < std::min(r1, b0 + rows_per_block); ++r) {
-        const scalar_t* p = xp + s.row(r);
-#pragma omp simd
-        for (int64_t ch = 0; ch < c; ++ch) {
-          const acc_t d = static_cast<acc_t>(p[ch]) - rp[ch];
-          bs[ch] += d;
-          bq[ch] += d * d;
-        }
-      }
-      for (int64_t ch = 0; ch < c; ++ch) {
-        part[ch] += bs[ch];
-        part[c + ch] += bq[ch];
-      }
-    }
-  });
-  for (int64_t ch = 0; ch < c; ++ch) finish(ch, rp[ch], total[ch], total[c + ch]);
+  shifted_batch_stats(x.const_data_ptr<scalar_t>(), s, rows, mean.mutable_data_ptr<acc_t>(),
+                      var.mutable_data_ptr<acc_t>());
 }
 
 void batch_stats_cpu(const at::Tensor& x, at::Tensor& mean, at::Tensor& var) {
@@ -236,8 +125,8 @@ template <typename scalar_t>
 void scale_shift_act_kernel(const at::Tensor& x_in, const at::Tensor& scale, const at::Tensor& shift, bool relu,
                             at::Tensor& z) {
   using acc_t = at::opmath_type<scalar_t>;
-  check_stats_dtype<acc_t>(scale, "scale");
-  check_stats_dtype<acc_t>(shift, "shift");
+  check_stats_vector<acc_t>(scale, "scale");
+  check_stats_vector<acc_t>(shift, "shift");
   const bool rows = walk_rows(z, x_in);
   check_dense(z, x_in, rows, "z");
   const at::Tensor x = walkable(x_in, rows);
@@ -278,10 +167,10 @@ void backward_reduce_kernel(const at::Tensor& grad_z, const at::Tensor& x_in, co
                             const at::Tensor& shift, const at::Tensor& mean, const at::Tensor& invstd, bool relu,
                             at::Tensor& sum_g, at::Tensor& sum_g_xhat) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&scale, &shift, &sum_g}) check_stats_dtype<acc_t>(*t, "per-channel tensor");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&scale, &shift, &sum_g}) check_stats_vector<acc_t>(*t, "per-channel tensor");
   const bool want_x = sum_g_xhat.defined();
   if (want_x) {
-    for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&mean, &invstd, &sum_g_xhat}) check_stats_dtype<acc_t>(*t, "per-channel tensor");
+    for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&mean, &invstd, &sum_g_xhat}) check_stats_vector<acc_t>(*t, "per-channel tensor");
   }
   const bool rows = walk_rows(grad_z, x_in);
   check_dense(grad_z, x_in, rows, "grad_z");
@@ -402,7 +291,7 @@ void backward_elementwise_kernel(const at::Tensor& grad_z, const at::Tensor& x_i
                                  at::Tensor& grad_x) {
   using acc_t = at::opmath_type<scalar_t>;
   for (const auto* t : {&scale, &shift, &mean, &g_scale, &x_scale, &g_shift}) {
-    check_stats_dtype<acc_t>(*t, "per-channel tensor");
+    check_stats_vector<acc_t>(*t, "per-channel tensor");
   }
   const bool want_x = x_scale.defined();
   TORCH_CHECK(!want_x || mean.defined(), "mean is required with x_scale");

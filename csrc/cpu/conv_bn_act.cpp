@@ -5,7 +5,9 @@
 // Activation tensors are walked as contiguous spans: NCHW as N*C planes of H*W
 // elements with one channel each, channels_last as N*H*W rows of C channels. Inner
 // loops are `omp simd` over a span; sums go into acc_t (float, or double for double
-// input) over blocks of at most kBlock elements, and the block sums into double.
+// input) over blocks of at most kBlock elements, and the block sums into double. The
+// machinery shared with bn_act_conv (constants, reduce_rows, the shifted batch
+// statistics) is in csrc/cpu/bn_passes.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -15,30 +17,15 @@
 
 #include <algorithm>
 #include <atomic>
-#include <type_traits>
 #include <vector>
 
 #include "common/conv_bn_act_driver.h"
+#include "cpu/bn_passes.h"
 
 namespace cnnkernels {
 namespace {
 
-constexpr int64_t kBlock = 256;    // elements per acc_t partial sum before it goes to double
-constexpr int64_t kGrain = 32768;  // elements per parallel task, at least
-constexpr int64_t kMaxChunks = 64; // fixed chunking of channels_last reductions (deterministic)
-
-template <bool B>
-using Bool = std::integral_constant<bool, B>;
-
-// Calls f(Bool<b>{}) so that a runtime flag becomes a compile-time one inside f.
-template <typename F>
-void with_bool(bool b, F&& f) {
-  if (b) f(Bool<true>{});
-  else f(Bool<false>{});
-}
-
-// Grain of a parallel_for whose every index covers `per_index` elements.
-inline int64_t grain(int64_t per_index) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, per_index)); }
+using namespace cpu_bn;  // kBlock, Bool, with_bool, grain, ptr_or_null, reduce_rows, ...
 
 // The span structure of an activation tensor; check() asserts that another activation
 // tensor of the same pass has the same shape and layout (the driver's convention).
@@ -53,6 +40,9 @@ struct Spans {
     check(t, "activation tensor");
   }
   int64_t rows() const { return n * hw; }
+  // Element offsets of plane (i, ch) and of row r (the walk bn_passes.h takes).
+  int64_t plane(int64_t i, int64_t ch) const { return (i * c + ch) * hw; }
+  int64_t row(int64_t r) const { return r * c; }
   void check(const at::Tensor& t, const char* name) const {
     if (!t.defined()) return;
     TORCH_CHECK(t.sizes() == sizes && t.scalar_type() == dtype, name, " is ", t.scalar_type(), " ", t.sizes(),
@@ -63,46 +53,11 @@ struct Spans {
 };
 
 template <typename T>
-const T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
-
-template <typename T>
 T* mut_ptr_or_null(at::Tensor& t) {
   return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
 }
 
-template <typename acc_t>
-void check_stats_dtype(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(!t.defined() || t.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, name,
-              " must be in the statistics dtype ", c10::CppTypeToScalarType<acc_t>::value,
-              ", got ", t.scalar_type());
-}
-
-// Channels_last reductions: rows [0, rows) cut into at most kMaxChunks chunks, each
-// reduced into its own double partials by body(row0, row1, partials); partials are
-// then summed in chunk order, so the result does not depend on the thread count.
-template <typename Body>
-std::vector<double> reduce_rows(int64_t rows, int64_t c, int64_t width, const Body& body) {
-  if (c == 0) return {};
-  const int64_t per_chunk = std::max((kGrain + c - 1) / c, (rows + kMaxChunks - 1) / kMaxChunks);
-  const int64_t chunks = (rows + per_chunk - 1) / per_chunk;
-  std::vector<double> partials(chunks * width * c, 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      body(k * per_chunk, std::min(rows, (k + 1) * per_chunk), partials.data() + k * width * c);
-    }
-  });
-  std::vector<double> total(width * c, 0.0);
-  for (int64_t k = 0; k < chunks; ++k) {
-    for (int64_t i = 0; i < width * c; ++i) total[i] += partials[k * width * c + i];
-  }
-  return total;
-}
-
 // ---------------------------------------------------------------- batch statistics
-// Sums of d = y - ref[c] and d*d, with ref[c] the first sample of channel c: shifting by
-// a sample keeps the variance exact when |mean| >> std.
 
 template <typename scalar_t>
 void batch_stats_kernel(const at::Tensor& y, at::Tensor& mean, at::Tensor& var) {
@@ -111,69 +66,8 @@ void batch_stats_kernel(const at::Tensor& y, at::Tensor& mean, at::Tensor& var) 
   check_stats_dtype<acc_t>(var, "var");
   const Spans s(y);
   TORCH_CHECK(s.rows() > 0, "batch statistics need at least one value per channel");
-  const scalar_t* yp = y.const_data_ptr<scalar_t>();
-  acc_t* mp = mean.mutable_data_ptr<acc_t>();
-  acc_t* vp = var.mutable_data_ptr<acc_t>();
-  const double count = static_cast<double>(s.rows());
-  auto finish = [&](int64_t ch, acc_t ref, double sum, double sq) {
-    const double m = sum / count;
-    mp[ch] = static_cast<acc_t>(ref + m);
-    vp[ch] = static_cast<acc_t>(std::max(sq / count - m * m, 0.0));
-  };
-
-  if (!s.channels_last) {
-    at::parallel_for(0, s.c, grain(s.rows()), [&](int64_t c0, int64_t c1) {
-      for (int64_t ch = c0; ch < c1; ++ch) {
-        const acc_t ref = static_cast<acc_t>(yp[ch * s.hw]);
-        double sum = 0, sq = 0;
-        for (int64_t i = 0; i < s.n; ++i) {
-          const scalar_t* p = yp + (i * s.c + ch) * s.hw;
-          for (int64_t j0 = 0; j0 < s.hw; j0 += kBlock) {
-            const int64_t len = std::min(kBlock, s.hw - j0);
-            acc_t bs = 0, bq = 0;
-#pragma omp simd reduction(+ : bs, bq)
-            for (int64_t j = 0; j < len; ++j) {
-              const acc_t d = static_cast<acc_t>(p[j0 + j]) - ref;
-              bs += d;
-              bq += d * d;
-            }
-            sum += bs;
-            sq += bq;
-          }
-        }
-        finish(ch, ref, sum, sq);
-      }
-    });
-    return;
-  }
-
-  const int64_t c = s.c;
-  std::vector<acc_t> ref(c);
-  for (int64_t ch = 0; ch < c; ++ch) ref[ch] = static_cast<acc_t>(yp[ch]);
-  const acc_t* rp = ref.data();
-  const auto total = reduce_rows(s.rows(), c, 2, [&](int64_t r0, int64_t r1, double* part) {
-    std::vector<acc_t> block(2 * c);
-    acc_t* bs = block.data();
-    acc_t* bq = bs + c;
-    const int64_t rows_per_block = std::max<int64_t>(1, kBlock / c);
-    for (int64_t b0 = r0; b0 < r1; b0 += rows_per_block) {
-      std::fill(block.begin(), block.end(), acc_t(0));
-      for (int64_t r = b0; r < std::min(r1, b0 + rows_per_block); ++r) {
-        const scalar_t* p = yp + r * c;
-#pragma omp simd
-        for (int64_t ch = 0; ch < c; ++ch) {
-          const acc_t d = static_cast<acc_t>(p[ch]) - rp[ch];
-          bs[ch] += d;
-          bq[ch] += d * d;
-        }
-      }
-      for (int64_t ch = 0; ch < c; ++ch) {
-        part[ch] += bs[ch];
-        part[c + ch] += bq[ch];
-      }
-    }
-  });
-  for (int64_t ch = 0; ch < c; ++ch) finish(ch, rp[ch], total[ch], total[c + ch]);
+  shifted_batch_stats(y.const_data_ptr<scalar_t>(), s, s.channels_last, mean.mutable_data_ptr<acc_t>(),
+                      var.mutable_data_ptr<acc_t>());
 }
 
 void batch_stats_cpu(const at::Tensor& y, at::Tensor& mean, at::Tensor& var) {

@@ -13,6 +13,7 @@
 #include <string_view>
 
 #include "common/add_act_driver.h"
+#include "cuda/aten_launch.h"
 #include "cuda/add_act_kernels.cuh"
 
 namespace cnnkernels {
@@ -20,34 +21,12 @@ namespace {
 
 namespace k = add_act_cuda;
 
-// ATen's element types -> the CUDA types the kernels are written for (same bits).
-template <typename T>
-struct DeviceType {
-  using type = T;
-};
-template <>
-struct DeviceType<at::Half> {
-  using type = __half;
-};
-template <>
-struct DeviceType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-template <typename T>
-const typename DeviceType<T>::type* in_ptr(const at::Tensor& t) {
-  return reinterpret_cast<const typename DeviceType<T>::type*>(t.const_data_ptr<T>());
-}
-template <typename T>
-typename DeviceType<T>::type* out_ptr(at::Tensor& t) {
-  return reinterpret_cast<typename DeviceType<T>::type*>(t.mutable_data_ptr<T>());
-}
+using cuda_launch::DeviceType;
+using cuda_launch::in_ptr;
+using cuda_launch::out_ptr;
 
 // Blocks that fill the GPU once; the grid is capped here and loops over the rest.
-int max_blocks() {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  return prop->multiProcessorCount * (prop->maxThreadsPerMultiProcessor / k::kThreads);
-}
+int max_blocks() { return cuda_launch::max_blocks(k::kThreads); }
 
 at::Tensor add_act_forward_cuda(const at::Tensor& x, const at::Tensor& residual, std::string_view activation) {
   const bool relu = check_activation(activation);

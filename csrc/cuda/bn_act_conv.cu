@@ -27,6 +27,7 @@
 #include <tuple>
 
 #include "common/bn_act_conv_driver.h"
+#include "cuda/aten_launch.h"
 #include "cuda/bn_act_conv_kernels.cuh"
 
 namespace cnnkernels {
@@ -34,41 +35,12 @@ namespace {
 
 namespace k = bn_act_conv_cuda;
 
-// ATen's element types -> the CUDA types the kernels are written for (same bits).
-template <typename T>
-struct DeviceType {
-  using type = T;
-};
-template <>
-struct DeviceType<at::Half> {
-  using type = __half;
-};
-template <>
-struct DeviceType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
+using cuda_launch::channel_ptr;
+using cuda_launch::DeviceType;
+using cuda_launch::in_ptr;
+using cuda_launch::out_ptr;
 
-// Pointer to t's data (its first element, storage offset included) as T, or nullptr if t
-// is undefined.
-template <typename T>
-const typename DeviceType<T>::type* in_ptr(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<const typename DeviceType<T>::type*>(t.const_data_ptr<T>()) : nullptr;
-}
-template <typename T>
-typename DeviceType<T>::type* out_ptr(at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<typename DeviceType<T>::type*>(t.mutable_data_ptr<T>()) : nullptr;
-}
-
-// A per-channel vector: C contiguous values of the statistics type (dtype-checked by
-// ATen), or nullptr when t is undefined and optional.
-template <typename acc_t>
-const acc_t* channel_ptr(const at::Tensor& t, int64_t c, const char* name, bool optional = false) {
-  if (optional && !t.defined()) return nullptr;
-  TORCH_CHECK(t.defined(), name, " is required here");
-  TORCH_CHECK(t.dim() == 1 && t.numel() == c && t.is_contiguous(), name, " must be a contiguous [", c,
-              "] tensor, got shape ", t.sizes());
-  return t.const_data_ptr<acc_t>();
-}
+// A per-channel output vector (see channel_ptr), or nullptr when t is undefined.
 template <typename acc_t>
 acc_t* channel_out(at::Tensor& t, int64_t c, const char* name) {
   if (!t.defined()) return nullptr;
@@ -88,10 +60,7 @@ void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* name) {
 }
 
 // Blocks that fill the GPU once; grids are capped here and loop over the rest.
-int max_blocks() {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  return prop->multiProcessorCount * (prop->maxThreadsPerMultiProcessor / k::kThreads);
-}
+int max_blocks() { return cuda_launch::max_blocks(k::kThreads); }
 
 void batch_stats_cuda(const at::Tensor& x, at::Tensor& mean, at::Tensor& var) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 4, "x must be a 4-D CUDA tensor");

@@ -29,46 +29,22 @@
 //
 // Reductions are two launches (partials per block, then one thread per channel merging
 // them in order) rather than atomics: deterministic, and Welford/Chan states cannot be
-// combined with atomicAdd.
+// combined with atomicAdd. What they share with conv_bn_act (loads and stores, launch
+// shapes, Welford / Chan, the block trees, backward_reduce_finalize_kernel) is in
+// csrc/cuda/bn_kernels.cuh.
 #pragma once
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#else
-#include "emulation/cuda_host_emulation.h"
-#endif
+#include "cuda/bn_kernels.cuh"
 
 namespace cnnkernels {
 namespace bn_act_conv_cuda {
 
-// Threads per block of every kernel; the reduction trees rely on it being a power of two.
-constexpr int kThreads = 256;
-// Upper bound on blocks per channel tile of a reduction (so also on partials per channel).
-constexpr int kMaxPartials = 1024;
+using namespace bn_cuda;  // kThreads, load_acc, store_value, ReduceLaunch, welford_*, ...
+
 // CUDA's limit on gridDim.y.
 constexpr int64_t kMaxGridY = 65535;
-
-// ---------------------------------------------------------------------------------------
-// Loads and stores through the accumulation type. Overloads instead of casts: torch
-// builds with __CUDA_NO_HALF_CONVERSIONS__, so __half has no implicit float conversion.
-__device__ __forceinline__ float load_value(const float* p) { return *p; }
-__device__ __forceinline__ double load_value(const double* p) { return *p; }
-__device__ __forceinline__ void store_value(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store_value(double* p, double v) { *p = v; }
-#if defined(__CUDACC__)
-__device__ __forceinline__ float load_value(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float load_value(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-__device__ __forceinline__ void store_value(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store_value(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-#endif
-
-template <typename acc_t, typename scalar_t>
-__device__ __forceinline__ acc_t load_acc(const scalar_t* p) {
-  return static_cast<acc_t>(load_value(p));
-}
 
 // v rounded to the data type and back: the fused conv multiplies act(bn(x)) as the
 // unfused path would after writing it in x's dtype (a no-op for float and double).
@@ -190,60 +166,10 @@ struct WalkCursor {
 // ---------------------------------------------------------------------------------------
 // Launch shapes (host), shared by csrc/cuda/bn_act_conv.cu and the emulation harness.
 
-// A per-channel reduction over the N*H*W rows: block (tile_c, kThreads / tile_c), grid
-// (ceil(C / tile_c), partials). Channel-fast tensors put up to 32 channels across
-// threadIdx.x (coalesced loads); otherwise a block takes one channel and 256 rows.
-struct ReduceLaunch {
-  dim3 grid, block;
-  int partials;  // P: blocks per channel tile = partial results per channel
-};
-
+// A per-channel reduction over the N*H*W rows (bn_cuda::reduce_launch); channel_tiles
+// for channel-fast tensors.
 inline ReduceLaunch reduce_launch(const Shape& s, bool channel_tiles, int max_blocks) {
-  int tile_c = 1;
-  if (channel_tiles) {
-    while (tile_c < 32 && tile_c < s.c) tile_c *= 2;
-  }
-  const int rows_per_block = kThreads / tile_c;
-  const int64_t tiles = (s.c + tile_c - 1) / tile_c;
-  const int64_t rows = s.n * s.h * s.w;
-  int64_t partials = max_blocks / (tiles > 0 ? tiles : 1);
-  const int64_t useful = (rows + rows_per_block - 1) / rows_per_block;
-  if (partials > useful) partials = useful;
-  if (partials > kMaxPartials) partials = kMaxPartials;
-  if (partials < 1) partials = 1;
-  return {dim3(static_cast<unsigned int>(tiles), static_cast<unsigned int>(partials)),
-          dim3(tile_c, rows_per_block), static_cast<int>(partials)};
-}
-
-// Grid of the grid-stride elementwise loops and of the finalize kernels.
-inline dim3 elementwise_grid(int64_t numel, int max_blocks) {
-  int64_t blocks = (numel + kThreads - 1) / kThreads;
-  if (blocks > max_blocks) blocks = max_blocks;
-  if (blocks < 1) blocks = 1;
-  return dim3(static_cast<unsigned int>(blocks));
-}
-
-// ---------------------------------------------------------------------------------------
-// Welford / Chan: (mean, m2, count) of a set, m2 = sum of squared deviations.
-
-template <typename acc_t>
-__device__ __forceinline__ void welford_add(acc_t& mean, acc_t& m2, int64_t& count, acc_t v) {
-  ++count;
-  const acc_t delta = v - mean;
-  mean += delta / static_cast<acc_t>(count);
-  m2 += delta * (v - mean);
-}
-
-template <typename acc_t>
-__device__ __forceinline__ void welford_combine(acc_t& mean, acc_t& m2, int64_t& count, acc_t mean_b,
-                                                acc_t m2_b, int64_t count_b) {
-  if (count_b == 0) return;
-  const int64_t total = count + count_b;
-  const acc_t delta = mean_b - mean;
-  const acc_t weight_b = static_cast<acc_t>(count_b) / static_cast<acc_t>(total);
-  mean += delta * weight_b;
-  m2 += m2_b + delta * delta * static_cast<acc_t>(count) * weight_b;
-  count = total;
+  return bn_cuda::reduce_launch(s.c, s.n * s.h * s.w, channel_tiles, max_blocks);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -262,7 +188,6 @@ __global__ void batch_stats_partial_kernel(const scalar_t* __restrict__ x, Shape
   __shared__ acc_t s_m2[kThreads];
   __shared__ int64_t s_count[kThreads];
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   acc_t mean = 0, m2 = 0;
   int64_t count = 0;
   if (c < shape.c) {
@@ -277,26 +202,8 @@ __global__ void batch_stats_partial_kernel(const scalar_t* __restrict__ x, Shape
       cur.advance(shape.h, shape.w);
     }
   }
-  s_mean[tid] = mean;
-  s_m2[tid] = m2;
-  s_count[tid] = count;
-  __syncthreads();
-  for (unsigned int half = blockDim.y / 2; half > 0; half /= 2) {
-    if (threadIdx.y < half) {
-      const int other = tid + half * blockDim.x;
-      welford_combine(mean, m2, count, s_mean[other], s_m2[other], s_count[other]);
-      s_mean[tid] = mean;
-      s_m2[tid] = m2;
-      s_count[tid] = count;
-    }
-    __syncthreads();
-  }
-  if (threadIdx.y == 0 && c < shape.c) {
-    const int64_t at = c * gridDim.y + blockIdx.y;
-    partial_mean[at] = mean;
-    partial_m2[at] = m2;
-    partial_count[at] = count;
-  }
+  store_block_welford(mean, m2, count, c, c < shape.c, s_mean, s_m2, s_count, partial_mean, partial_m2,
+                      partial_count);
 }
 
 // Pass 2. One thread per channel: mean[c], biased var[c] from the P partials.
@@ -308,14 +215,8 @@ __global__ void batch_stats_finalize_kernel(const scalar_t* __restrict__ x, Shap
                                             acc_t* __restrict__ mean_out, acc_t* __restrict__ var_out) {
   for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < shape.c;
        c += int64_t(blockDim.x) * gridDim.x) {
-    acc_t mean = 0, m2 = 0;
-    int64_t count = 0;
-    for (int p = 0; p < partials; ++p) {
-      const int64_t at = c * partials + p;
-      welford_combine(mean, m2, count, partial_mean[at], partial_m2[at], partial_count[at]);
-    }
-    mean_out[c] = load_acc<acc_t>(x + c * xs.c) + mean;
-    var_out[c] = count > 0 ? m2 / static_cast<acc_t>(count) : acc_t(0);
+    finalize_batch_stats(c, load_acc<acc_t>(x + c * xs.c), partial_mean, partial_m2, partial_count, partials,
+                         mean_out, var_out);
   }
 }
 
@@ -632,7 +533,6 @@ __global__ void backward_reduce_partial_kernel(const scalar_t* __restrict__ grad
   __shared__ acc_t s_sum_g[kThreads];
   __shared__ acc_t s_sum_gx[kThreads];
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   const bool with_xhat = partial_sum_g_xhat != nullptr;
   acc_t sum_g = 0, sum_gx = 0;
   if (c < shape.c) {
@@ -652,43 +552,10 @@ __global__ void backward_reduce_partial_kernel(const scalar_t* __restrict__ grad
     }
     if (with_xhat) sum_gx *= invstd[c];
   }
-  s_sum_g[tid] = sum_g;
-  s_sum_gx[tid] = sum_gx;
-  __syncthreads();
-  for (unsigned int half = blockDim.y / 2; half > 0; half /= 2) {
-    if (threadIdx.y < half) {
-      const int other = tid + half * blockDim.x;
-      sum_g += s_sum_g[other];
-      sum_gx += s_sum_gx[other];
-      s_sum_g[tid] = sum_g;
-      s_sum_gx[tid] = sum_gx;
-    }
-    __syncthreads();
-  }
-  if (threadIdx.y == 0 && c < shape.c) {
-    const int64_t at = c * gridDim.y + blockIdx.y;
-    partial_sum_g[at] = sum_g;
-    if (with_xhat) partial_sum_g_xhat[at] = sum_gx;
-  }
+  store_block_sums(sum_g, sum_gx, c, c < shape.c, s_sum_g, s_sum_gx, partial_sum_g, partial_sum_g_xhat);
 }
 
-// backward_reduce pass 2: one thread per channel sums its P partials in order.
-// partial_sum_g_xhat and sum_g_xhat are both null or both not.
-template <typename acc_t>
-__global__ void backward_reduce_finalize_kernel(const acc_t* __restrict__ partial_sum_g,
-                                                const acc_t* __restrict__ partial_sum_g_xhat, int64_t C,
-                                                int partials, acc_t* __restrict__ sum_g,
-                                                acc_t* __restrict__ sum_g_xhat) {
-  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < C; c += int64_t(blockDim.x) * gridDim.x) {
-    acc_t a = 0, b = 0;
-    for (int p = 0; p < partials; ++p) {
-      a += partial_sum_g[c * partials + p];
-      if (sum_g_xhat != nullptr) b += partial_sum_g_xhat[c * partials + p];
-    }
-    sum_g[c] = a;
-    if (sum_g_xhat != nullptr) sum_g_xhat[c] = b;
-  }
-}
+// backward_reduce pass 2: bn_cuda::backward_reduce_finalize_kernel.
 
 // backward_elementwise: grad_x = g * g_scale[c] - (x - mean[c]) * x_scale[c] + g_shift[c],
 // g as in backward_reduce (its mask from scale and shift). x_scale may be null (eval):

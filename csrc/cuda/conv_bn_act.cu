@@ -23,6 +23,7 @@
 
 #include "common/conv_bn_act_driver.h"
 #include "common/conv_bn_act_kernel_choice.h"
+#include "cuda/aten_launch.h"
 #include "cuda/conv1x1_bn_act_kernels.cuh"
 #include "cuda/conv_bn_act_kernels.cuh"
 #include "cuda/grouped_conv_bn_act_kernels.cuh"
@@ -32,38 +33,10 @@ namespace {
 
 namespace k = conv_bn_act_cuda;
 
-// ATen's element types -> the CUDA types the kernels are written for (same bits).
-template <typename T>
-struct DeviceType {
-  using type = T;
-};
-template <>
-struct DeviceType<at::Half> {
-  using type = __half;
-};
-template <>
-struct DeviceType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-// Pointer to t's data as T (dtype-checked by ATen), or nullptr if t is undefined.
-template <typename T>
-const typename DeviceType<T>::type* in_ptr(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<const typename DeviceType<T>::type*>(t.const_data_ptr<T>()) : nullptr;
-}
-template <typename T>
-typename DeviceType<T>::type* out_ptr(at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<typename DeviceType<T>::type*>(t.mutable_data_ptr<T>()) : nullptr;
-}
-
-// A per-channel vector: C contiguous values of the statistics type (dtype-checked by ATen).
-template <typename acc_t>
-const acc_t* channel_ptr(const at::Tensor& t, int64_t c, const char* name) {
-  TORCH_CHECK(t.defined(), name, " is required here");
-  TORCH_CHECK(t.dim() == 1 && t.numel() == c && t.is_contiguous(), name, " must be a contiguous [", c,
-              "] tensor, got shape ", t.sizes());
-  return t.const_data_ptr<acc_t>();
-}
+using cuda_launch::channel_ptr;
+using cuda_launch::DeviceType;
+using cuda_launch::in_ptr;
+using cuda_launch::out_ptr;
 
 // [N, C, H, W] dense NCHW or channels_last (the driver guarantees one of the two).
 k::Geometry geometry(const at::Tensor& t, const char* name) {
@@ -86,10 +59,7 @@ void check_like(const at::Tensor& t, const at::Tensor& like, const k::Geometry& 
 }
 
 // Blocks that fill the GPU once; grids are capped here and loop over the rest.
-int max_blocks() {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  return prop->multiProcessorCount * (prop->maxThreadsPerMultiProcessor / k::kThreads);
-}
+int max_blocks() { return cuda_launch::max_blocks(k::kThreads); }
 
 void batch_stats_cuda(const at::Tensor& y, at::Tensor& mean, at::Tensor& var) {
   const k::Geometry g = geometry(y, "y");

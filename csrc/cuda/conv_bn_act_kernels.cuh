@@ -15,51 +15,20 @@
 // (C*S, S, 1), NHWC (channels_last) is (S*C, 1, C). Elementwise passes need all their
 // tensors dense in the same layout and walk them by flat index.
 //
-// Reductions (batch_stats, backward_reduce) are two launches: a block of
-// (tile_c x rows) threads reduces a tile of channels over a slice of the N*S rows into
-// one partial per channel and block (stored [C][P]); a tiny finalize kernel, one
-// thread per channel, combines the P partials in order. This was chosen over atomics
-// because it is deterministic (same bits every run), it keeps Welford/Chan combination
-// (a mean and M2 cannot be combined with atomicAdd; atomically summed sum/sum-of-
-// squares lose all precision when |mean| >> std), and the partial buffer is tiny
-// (C * P values, P <= kMaxPartials).
+// Reductions (batch_stats, backward_reduce) are two launches, partials per block then a
+// finalize merging them in order; the machinery they share with bn_act_conv (loads and
+// stores, launch shapes, Welford / Chan, the block trees, backward_reduce_finalize_kernel)
+// is in csrc/cuda/bn_kernels.cuh.
 #pragma once
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#else
-#include "emulation/cuda_host_emulation.h"
-#endif
+#include "cuda/bn_kernels.cuh"
 
 namespace cnnkernels {
 namespace conv_bn_act_cuda {
 
-// Threads per block of every kernel; the reduction trees rely on it being a power of two.
-constexpr int kThreads = 256;
-// Upper bound on blocks per channel tile of a reduction (so also on partials per channel).
-constexpr int kMaxPartials = 1024;
-
-// ---------------------------------------------------------------------------------------
-// Loads and stores through the accumulation type. Overloads instead of casts: torch
-// builds with __CUDA_NO_HALF_CONVERSIONS__, so __half has no implicit float conversion.
-__device__ __forceinline__ float load_value(const float* p) { return *p; }
-__device__ __forceinline__ double load_value(const double* p) { return *p; }
-__device__ __forceinline__ void store_value(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store_value(double* p, double v) { *p = v; }
-#if defined(__CUDACC__)
-__device__ __forceinline__ float load_value(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float load_value(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-__device__ __forceinline__ void store_value(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store_value(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-#endif
-
-template <typename acc_t, typename scalar_t>
-__device__ __forceinline__ acc_t load_acc(const scalar_t* p) {
-  return static_cast<acc_t>(load_value(p));
-}
+using namespace bn_cuda;  // kThreads, load_acc, store_value, ReduceLaunch, welford_*, ...
 
 // ---------------------------------------------------------------------------------------
 // Geometry shared by the launchers (csrc/cuda/conv_bn_act.cu and the emulation harness).
@@ -74,37 +43,11 @@ struct Geometry {
 inline Geometry nchw_geometry(int64_t n, int64_t c, int64_t s) { return {n, c, s, c * s, s, 1}; }
 inline Geometry nhwc_geometry(int64_t n, int64_t c, int64_t s) { return {n, c, s, s * c, 1, c}; }
 
-// Launch shape of a per-channel reduction: block (tile_c, kThreads / tile_c), grid
-// (ceil(C / tile_c), partials). NCHW reads rows along S, so a block takes one channel
-// and 256 rows; NHWC reads channels contiguously, so a block takes up to 32 channels.
-struct ReduceLaunch {
-  dim3 grid, block;
-  int partials;  // P: blocks per channel tile = partial results per channel
-};
-
+// Launch shape of a per-channel reduction (bn_cuda::reduce_launch): NCHW reads rows
+// along S, so a block takes one channel and 256 rows; NHWC reads channels contiguously,
+// so a block takes up to 32 channels.
 inline ReduceLaunch reduce_launch(const Geometry& g, int max_blocks) {
-  int tile_c = 1;
-  if (g.stride_c == 1) {
-    while (tile_c < 32 && tile_c < g.c) tile_c *= 2;
-  }
-  const int rows_per_block = kThreads / tile_c;
-  const int64_t tiles = (g.c + tile_c - 1) / tile_c;
-  const int64_t rows = g.n * g.s;
-  int64_t partials = max_blocks / tiles;
-  const int64_t useful = (rows + rows_per_block - 1) / rows_per_block;
-  if (partials > useful) partials = useful;
-  if (partials > kMaxPartials) partials = kMaxPartials;
-  if (partials < 1) partials = 1;
-  return {dim3(static_cast<unsigned int>(tiles), static_cast<unsigned int>(partials)),
-          dim3(tile_c, rows_per_block), static_cast<int>(partials)};
-}
-
-// Grid of the elementwise grid-stride loops and of the finalize kernels.
-inline dim3 elementwise_grid(int64_t numel, int max_blocks) {
-  int64_t blocks = (numel + kThreads - 1) / kThreads;
-  if (blocks > max_blocks) blocks = max_blocks;
-  if (blocks < 1) blocks = 1;
-  return dim3(static_cast<unsigned int>(blocks));
+  return bn_cuda::reduce_launch(g.c, g.n * g.s, g.stride_c == 1, max_blocks);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -144,29 +87,6 @@ struct ChannelCursor {
 };
 
 // ---------------------------------------------------------------------------------------
-// Welford / Chan: (mean, m2, count) of a set, m2 = sum of squared deviations.
-
-template <typename acc_t>
-__device__ __forceinline__ void welford_add(acc_t& mean, acc_t& m2, int64_t& count, acc_t x) {
-  ++count;
-  const acc_t delta = x - mean;
-  mean += delta / static_cast<acc_t>(count);
-  m2 += delta * (x - mean);
-}
-
-template <typename acc_t>
-__device__ __forceinline__ void welford_combine(acc_t& mean, acc_t& m2, int64_t& count, acc_t mean_b,
-                                                acc_t m2_b, int64_t count_b) {
-  if (count_b == 0) return;
-  const int64_t total = count + count_b;
-  const acc_t delta = mean_b - mean;
-  const acc_t weight_b = static_cast<acc_t>(count_b) / static_cast<acc_t>(total);
-  mean += delta * weight_b;
-  m2 += m2_b + delta * delta * static_cast<acc_t>(count) * weight_b;
-  count = total;
-}
-
-// ---------------------------------------------------------------------------------------
 // batch_stats: per-channel mean and biased variance of y over (N, S).
 // Welford runs on y - k[c], with k[c] = y[0, c, 0] a sample of the channel: when
 // |mean| >> std the shifted values are small and exact (Sterbenz), so float32 keeps its
@@ -182,7 +102,6 @@ __global__ void batch_stats_partial_kernel(const scalar_t* __restrict__ y, Geome
   __shared__ acc_t s_m2[kThreads];
   __shared__ int64_t s_count[kThreads];
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   acc_t mean = 0, m2 = 0;
   int64_t count = 0;
   if (c < g.c) {
@@ -196,26 +115,7 @@ __global__ void batch_stats_partial_kernel(const scalar_t* __restrict__ y, Geome
       cur.advance(g.s);
     }
   }
-  s_mean[tid] = mean;
-  s_m2[tid] = m2;
-  s_count[tid] = count;
-  __syncthreads();
-  for (unsigned int half = blockDim.y / 2; half > 0; half /= 2) {
-    if (threadIdx.y < half) {
-      const int other = tid + half * blockDim.x;
-      welford_combine(mean, m2, count, s_mean[other], s_m2[other], s_count[other]);
-      s_mean[tid] = mean;
-      s_m2[tid] = m2;
-      s_count[tid] = count;
-    }
-    __syncthreads();
-  }
-  if (threadIdx.y == 0 && c < g.c) {
-    const int64_t at = c * gridDim.y + blockIdx.y;
-    partial_mean[at] = mean;
-    partial_m2[at] = m2;
-    partial_count[at] = count;
-  }
+  store_block_welford(mean, m2, count, c, c < g.c, s_mean, s_m2, s_count, partial_mean, partial_m2, partial_count);
 }
 
 // Pass 2. One thread per channel: mean[c], biased var[c] from the P partials, the shift
@@ -228,14 +128,8 @@ __global__ void batch_stats_finalize_kernel(const scalar_t* __restrict__ y, Geom
                                             acc_t* __restrict__ mean_out, acc_t* __restrict__ var_out) {
   for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < g.c;
        c += int64_t(blockDim.x) * gridDim.x) {
-    acc_t mean = 0, m2 = 0;
-    int64_t count = 0;
-    for (int p = 0; p < partials; ++p) {
-      const int64_t at = c * partials + p;
-      welford_combine(mean, m2, count, partial_mean[at], partial_m2[at], partial_count[at]);
-    }
-    mean_out[c] = load_acc<acc_t>(y + c * g.stride_c) + mean;
-    var_out[c] = count > 0 ? m2 / static_cast<acc_t>(count) : acc_t(0);
+    finalize_batch_stats(c, load_acc<acc_t>(y + c * g.stride_c), partial_mean, partial_m2, partial_count, partials,
+                         mean_out, var_out);
   }
 }
 
@@ -283,7 +177,6 @@ __global__ void backward_reduce_partial_kernel(const scalar_t* __restrict__ grad
   __shared__ acc_t s_sum_g[kThreads];
   __shared__ acc_t s_sum_gx[kThreads];
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   acc_t sum_g = 0, sum_gx = 0;
   if (c < g.c) {
     const int64_t rows = g.n * g.s;
@@ -300,44 +193,11 @@ __global__ void backward_reduce_partial_kernel(const scalar_t* __restrict__ grad
     }
     if (y != nullptr) sum_gx *= invstd[c];
   }
-  s_sum_g[tid] = sum_g;
-  s_sum_gx[tid] = sum_gx;
-  __syncthreads();
-  for (unsigned int half = blockDim.y / 2; half > 0; half /= 2) {
-    if (threadIdx.y < half) {
-      const int other = tid + half * blockDim.x;
-      sum_g += s_sum_g[other];
-      sum_gx += s_sum_gx[other];
-      s_sum_g[tid] = sum_g;
-      s_sum_gx[tid] = sum_gx;
-    }
-    __syncthreads();
-  }
-  if (threadIdx.y == 0 && c < g.c) {
-    const int64_t at = c * gridDim.y + blockIdx.y;
-    partial_sum_g[at] = sum_g;
-    if (y != nullptr) partial_sum_g_xhat[at] = sum_gx;
-  }
+  store_block_sums(sum_g, sum_gx, c, c < g.c, s_sum_g, s_sum_gx, partial_sum_g,
+                   y != nullptr ? partial_sum_g_xhat : nullptr);
 }
 
-// backward_reduce pass 2: one thread per channel sums its P partials (in order).
-// partial_sum_g_xhat / sum_g_xhat may be null (no y).
-template <typename acc_t>
-__global__ void backward_reduce_finalize_kernel(const acc_t* __restrict__ partial_sum_g,
-                                                const acc_t* __restrict__ partial_sum_g_xhat, int64_t C,
-                                                int partials, acc_t* __restrict__ sum_g,
-                                                acc_t* __restrict__ sum_g_xhat) {
-  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < C;
-       c += int64_t(blockDim.x) * gridDim.x) {
-    acc_t a = 0, b = 0;
-    for (int p = 0; p < partials; ++p) {
-      a += partial_sum_g[c * partials + p];
-      if (sum_g_xhat != nullptr) b += partial_sum_g_xhat[c * partials + p];
-    }
-    sum_g[c] = a;
-    if (sum_g_xhat != nullptr) sum_g_xhat[c] = b;
-  }
-}
+// backward_reduce pass 2: bn_cuda::backward_reduce_finalize_kernel.
 
 // backward_elementwise:
 //   grad_y   = g * g_scale[c] - (y - mean[c]) * y_scale[c] + shift[c]

@@ -21,6 +21,7 @@
 #include <tuple>
 
 #include "common/checks.h"
+#include "cuda/aten_launch.h"
 #include "cuda/se_excite_kernels.cuh"
 
 namespace cnnkernels {
@@ -28,28 +29,10 @@ namespace {
 
 namespace k = se_excite_cuda;
 
-// ATen's element types -> the CUDA types the kernels are written for (same bits).
-template <typename T>
-struct DeviceType {
-  using type = T;
-};
-template <>
-struct DeviceType<at::Half> {
-  using type = __half;
-};
-template <>
-struct DeviceType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
+using cuda_launch::DeviceType;
+using cuda_launch::in_ptr;
+using cuda_launch::out_ptr;
 
-template <typename T>
-const typename DeviceType<T>::type* in_ptr(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<const typename DeviceType<T>::type*>(t.const_data_ptr<T>()) : nullptr;
-}
-template <typename T>
-typename DeviceType<T>::type* out_ptr(at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<typename DeviceType<T>::type*>(t.mutable_data_ptr<T>()) : nullptr;
-}
 template <typename T>
 const T* acc_in(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
@@ -59,10 +42,7 @@ T* acc_out(at::Tensor& t) {
   return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
 }
 
-int max_blocks() {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  return prop->multiProcessorCount * (prop->maxThreadsPerMultiProcessor / k::kThreads);
-}
+int max_blocks() { return cuda_launch::max_blocks(k::kThreads); }
 
 at::MemoryFormat activation_format(const at::Tensor& x) {
   return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous() ? at::MemoryFormat::ChannelsLast

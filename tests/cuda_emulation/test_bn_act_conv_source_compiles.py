@@ -16,6 +16,7 @@ TRANSLATION_UNIT = r"""
 #include "cuda/bn_act_conv_kernels.cuh"
 
 namespace k = cnnkernels::bn_act_conv_cuda;
+namespace bn = cnnkernels::bn_cuda;
 
 #define INSTANTIATE(T, A)                                                                          \
   template __global__ void k::batch_stats_partial_kernel<T, A>(const T*, k::Shape, k::Strides, A*, \
@@ -39,10 +40,8 @@ INSTANTIATE(float, float)
 INSTANTIATE(double, double)
 INSTANTIATE(__half, float)
 INSTANTIATE(__nv_bfloat16, float)
-template __global__ void k::backward_reduce_finalize_kernel<float>(const float*, const float*, int64_t, int,
-                                                                  float*, float*);
-template __global__ void k::backward_reduce_finalize_kernel<double>(const double*, const double*, int64_t, int,
-                                                                   double*, double*);
+template __global__ void bn::backward_reduce_finalize_kernel<float>(const float*, const float*, int64_t, int, float*, float*);
+template __global__ void bn::backward_reduce_finalize_kernel<double>(const double*, const double*, int64_t, int, double*, double*);
 """
 
 KERNELS_PER_ARCH = 9 * 4 + 2  # nine templates x four dtypes, two finalize instantiations

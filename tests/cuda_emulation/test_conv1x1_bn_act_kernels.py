@@ -17,7 +17,8 @@ from tile_stats_reference import (DTYPE_IDS, DTYPES, I64, INT, P, check_training
 
 HARNESS = ROOT / "tests" / "cuda_emulation" / "conv1x1_bn_act_harness.cpp"
 KERNELS = [ROOT / "csrc" / "cuda" / name for name in
-           ("conv1x1_bn_act_kernels.cuh", "conv_bn_act_tile_epilogue.cuh", "conv_bn_act_kernels.cuh")]
+           ("conv1x1_bn_act_kernels.cuh", "conv_bn_act_tile_epilogue.cuh", "conv_bn_act_kernels.cuh",
+            "bn_kernels.cuh")]
 SIGNATURES = {"conv1x1_bn_act": [P, P, I64, I64, I64, I64, I64, I64, INT, P, P, P, INT, P, P, P, P, P, P, P, P],
               "tile_stats_merge": [P, P, P, I64, I64, INT, INT, P, P]}
 TILE = 64  # pixels per tile

@@ -17,7 +17,7 @@ import emulation_build
 from emulation_build import ROOT
 
 HARNESS = ROOT / "tests" / "cuda_emulation" / "conv_bn_act_harness.cpp"
-KERNELS = [ROOT / "csrc" / "cuda" / "conv_bn_act_kernels.cuh"]
+KERNELS = [ROOT / "csrc" / "cuda" / name for name in ("conv_bn_act_kernels.cuh", "bn_kernels.cuh")]
 
 P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {

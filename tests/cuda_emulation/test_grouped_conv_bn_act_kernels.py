@@ -18,7 +18,8 @@ from tile_stats_reference import (DTYPE_IDS, DTYPES, I64, INT, P, check_training
 
 HARNESS = ROOT / "tests" / "cuda_emulation" / "grouped_conv_bn_act_harness.cpp"
 KERNELS = [ROOT / "csrc" / "cuda" / name for name in
-           ("grouped_conv_bn_act_kernels.cuh", "conv_bn_act_tile_epilogue.cuh", "conv_bn_act_kernels.cuh")]
+           ("grouped_conv_bn_act_kernels.cuh", "conv_bn_act_tile_epilogue.cuh", "conv_bn_act_kernels.cuh",
+            "bn_kernels.cuh")]
 SIGNATURES = {"grouped_conv_bn_act": [P, P, I64, I64, I64, I64, I64, I64, INT, INT, P, P, P, INT, P,
                                       P, P, P, P, P, P, P]}
 TILE = 8  # output pixels per tile side

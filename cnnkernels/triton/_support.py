@@ -1,0 +1,50 @@
+"""What every Triton backend of this package shares before it launches: the
+accumulation dtype of its kernels and the checks of unsupported_reasons() (device,
+dtype, activation; the convolution shapes of conv_bn_act and bn_act_conv).
+
+Importable without triton installed: the op modules report that themselves first, and
+acc_dtype is only called on the way to a launch.
+"""
+from __future__ import annotations
+
+import torch
+
+from cnnkernels import reference
+
+try:
+    import triton.language as tl
+except ImportError:  # the op modules' unsupported_reasons() say so before calling in here
+    tl = None
+
+
+def acc_dtype(dtype: torch.dtype):
+    """The kernels' accumulation dtype: float64 for float64 input (interpreter only), else float32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def tensor_reasons(t: torch.Tensor, activation: str) -> list[str]:
+    """Why the Triton backends cannot run on t's device / dtype or this activation ([] when
+    they can). CUDA tensors run compiled; CPU tensors run through Triton's interpreter
+    (slow, for tests). float64 runs only in the interpreter."""
+    reasons = []
+    if t.device.type not in ("cpu", "cuda"):
+        reasons.append(f"tensors on {t.device.type} are not supported (cuda, or cpu via the interpreter)")
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        reasons.append(f"{t.dtype} is not supported")
+    if t.dtype == torch.float64 and t.device.type == "cuda":
+        reasons.append("float64 is not supported on GPU (only in the interpreter on CPU tensors)")
+    if activation not in reference.ACTIVATIONS:
+        reasons.append(f"activation {activation!r} is not supported")
+    return reasons
+
+
+def conv_reasons(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> list[str]:
+    """Why the convolution shapes cannot run ([] when they can): 4-D, non-empty input,
+    weight and output."""
+    if x.dim() != 4 or weight.dim() != 4:
+        return ["x and weight must be 4-D"]
+    if x.numel() == 0 or weight.numel() == 0:
+        return ["zero-size input or weight"]
+    if any(v < 1 for v in reference.conv_output_size(x.shape, weight.shape, stride, padding, dilation)):
+        return ["zero-size output"]
+    return []
