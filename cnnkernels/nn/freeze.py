@@ -18,6 +18,10 @@ autograd-visible operations (load_state_dict, param.copy_ under no_grad, optimiz
 steps, .to()): the cache is keyed by their storages and version counters. Changes made
 through `.data` bypass version counters, as with torch.compile's freezing: call
 `unfreeze(model)` (or freeze again) after such edits.
+
+Memory: a frozen model holds a folded copy of each such convolution weight next to the
+original (the parameters stay, so the state_dict and training are unchanged): about the
+size of the model's convolution weights once more. unfreeze releases it.
 """
 from __future__ import annotations
 
