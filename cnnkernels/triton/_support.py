@@ -48,3 +48,12 @@ def conv_reasons(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilatio
     if any(v < 1 for v in reference.conv_output_size(x.shape, weight.shape, stride, padding, dilation)):
         return ["zero-size output"]
     return []
+
+
+def channels_last_aligned(t: torch.Tensor) -> bool:
+    """What Triton's specialisation sees as a channels-last tensor whose channel runs
+    can be read and written as vectors: channel stride 1, the other strides and the
+    address 16-aligned (Triton marks ints divisible by 16 and 16-byte aligned pointers).
+    Unaligned launches compile to per-element addressing and get smaller tiles."""
+    return (t.stride(1) == 1 and all(s % 16 == 0 for s in (t.stride(0), t.stride(2), t.stride(3)))
+            and t.data_ptr() % 16 == 0)

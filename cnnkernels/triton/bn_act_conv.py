@@ -330,7 +330,8 @@ def _dot_precision(device: torch.device) -> str:
     return FP32_DOT_PRECISION if device.type == "cuda" else "ieee"
 
 
-def _conv_config(dtype: torch.dtype, cin_g: int, cout_g: int, c_out: int, precision: str) -> dict:
+def _conv_config(dtype: torch.dtype, cin_g: int, cout_g: int, c_out: int, precision: str,
+                 aligned: bool = True) -> dict:
     """Block sizes, warps and stages of _conv_fwd_kernel for one layer shape, from a
     small fixed table (tests/triton/test_bn_act_conv_aot.py compiles every entry for
     sm_80 and sm_90):
@@ -340,13 +341,22 @@ def _conv_config(dtype: torch.dtype, cin_g: int, cout_g: int, c_out: int, precis
               (tensor cores only), BLOCK_K 64 (16-bit), 32 (float32) or 16 (float32
               "ieee" with 32 columns).
     dot BLOCK_M is 128 on tensor cores (16-bit, or float32 with a tf32 precision), else 64;
-    8 warps for 128 columns and for 16-bit 64 x 64 (N x K) tiles (the prologue keeps
-    the A tile in registers: 4 warps would spill on sm_80)."""
+    8 warps for 128 columns, for 16-bit 64 x 64 and float32 "ieee" 64 x 32 (N x K) tiles
+    (the prologue keeps the A tile in registers: 4 warps would spill on sm_80).
+    Unaligned launches (x or out not channels-last with 16-divisible strides) address
+    every element on its own: direct 16 x 32, dot 64 x min(BLOCK_N, 32) x 16."""
     if cin_g <= _DIRECT_MAX_CIN_G:  # no tl.dot: PRECISION is unused
         narrow = c_out <= 16
+        if not aligned:
+            return dict(DIRECT=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16,
+                        PRECISION="ieee", num_warps=4, num_stages=2)
         return dict(DIRECT=True, BLOCK_M=256 if narrow else 64, BLOCK_N=16 if narrow else 64, BLOCK_K=16,
                     PRECISION="ieee", num_warps=4, num_stages=2)
     tensor_cores = dtype != torch.float32 or precision != "ieee"
+    if not aligned:
+        block_n = 16 if (cin_g <= 16 or cout_g <= 16) else 32
+        return dict(DIRECT=False, BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=16,
+                    PRECISION=precision if dtype == torch.float32 else "ieee", num_warps=4, num_stages=2)
     if cin_g <= 16 or cout_g <= 16:
         block_n = block_k = 16
     elif cout_g <= 32:
@@ -358,7 +368,7 @@ def _conv_config(dtype: torch.dtype, cin_g: int, cout_g: int, c_out: int, precis
         block_n, block_k = 64, 32
     return dict(DIRECT=False, BLOCK_M=128 if tensor_cores else 64, BLOCK_N=block_n, BLOCK_K=block_k,
                 PRECISION=precision if dtype == torch.float32 else "ieee",
-                num_warps=8 if block_n == 128 or (tensor_cores and block_n * block_k >= 4096) else 4,
+                num_warps=8 if block_n == 128 or block_n * block_k >= (4096 if tensor_cores else 2048) else 4,
                 num_stages=3 if tensor_cores else 2)
 
 
@@ -366,10 +376,11 @@ def describe(x, weight, *_args) -> str:
     """The convolution kernel variant the launcher picks for this input."""
     c_out, cin_g = weight.shape[0], weight.shape[1]
     groups = x.shape[1] // cin_g
-    cfg = _conv_config(x.dtype, cin_g, c_out // groups, c_out, _dot_precision(x.device))
+    aligned = _support.channels_last_aligned(x) and c_out % 16 == 0
+    cfg = _conv_config(x.dtype, cin_g, c_out // groups, c_out, _dot_precision(x.device), aligned)
     kind = "direct multiply-add" if cfg["DIRECT"] else "tl.dot implicit GEMM"
     return (f"Triton {kind} convolution with BN/activation prologue, tiles "
-            f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}")
+            f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}" + ("" if aligned else ", unaligned access"))
 
 
 def unsupported_reasons(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding,
@@ -424,7 +435,8 @@ def _conv(x, weight, bias, scale, shift, out, stride, padding, dilation, groups,
     w = weight.permute(0, 2, 3, 1).contiguous()
     n, _, h_out, w_out = out.shape
     m = n * h_out * w_out
-    cfg = _conv_config(x.dtype, cin_g, cout_g, c_out, _dot_precision(x.device))
+    aligned = _support.channels_last_aligned(x) and _support.channels_last_aligned(out)
+    cfg = _conv_config(x.dtype, cin_g, cout_g, c_out, _dot_precision(x.device), aligned)
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     tiles = triton.cdiv(m, cfg["BLOCK_M"])
     if cfg["DIRECT"]:

@@ -318,7 +318,8 @@ def _dot_precision(device: torch.device) -> str:
     return FP32_DOT_PRECISION if device.type == "cuda" else "ieee"
 
 
-def _conv_config(dtype: torch.dtype, cin_g: int, cout_g: int, c_out: int, precision: str) -> dict:
+def _conv_config(dtype: torch.dtype, cin_g: int, cout_g: int, c_out: int, precision: str,
+                 aligned: bool = True) -> dict:
     """Block sizes, warps and stages of _conv_fwd_kernel for one layer shape, from a
     small fixed table (tests/triton/test_conv_bn_act_aot.py compiles every entry for
     sm_80 and sm_90):
@@ -326,12 +327,23 @@ def _conv_config(dtype: torch.dtype, cin_g: int, cout_g: int, c_out: int, precis
       narrow  C_in/groups <= 16 or C_out/groups <= 16: 16 x 16 dot tiles;
       wide    BLOCK_N 64 (C_out/groups <= 64) or 128 (tensor cores only), BLOCK_K 64
               (16-bit) or 32 (float32).
-    dot BLOCK_M is 128 on tensor cores (16-bit, or float32 with a tf32 precision), else 64."""
+    dot BLOCK_M is 128 on tensor cores (16-bit, or float32 with a tf32 precision), else 64.
+    Unaligned launches (x, out or residual not channels-last with 16-divisible strides:
+    NCHW outputs, channel counts that are not multiples of 16) address every element
+    on its own and need smaller tiles to stay within registers: direct 16 x 32, dot
+    64 x min(BLOCK_N, 32) x 16."""
     if cin_g <= _DIRECT_MAX_CIN_G:  # no tl.dot: PRECISION is unused
         narrow = c_out <= 16
+        if not aligned:
+            return dict(DIRECT=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16,
+                        PRECISION="ieee", num_warps=4, num_stages=2)
         return dict(DIRECT=True, BLOCK_M=256 if narrow else 64, BLOCK_N=16 if narrow else 64, BLOCK_K=16,
                     PRECISION="ieee", num_warps=4, num_stages=2)
     tensor_cores = dtype != torch.float32 or precision != "ieee"
+    if not aligned:
+        block_n = 16 if (cin_g <= 16 or cout_g <= 16) else 32
+        return dict(DIRECT=False, BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=16,
+                    PRECISION=precision if dtype == torch.float32 else "ieee", num_warps=4, num_stages=2)
     if cin_g <= 16 or cout_g <= 16:
         block_n = block_k = 16
     elif tensor_cores:
@@ -431,12 +443,7 @@ def _forward_kernel(weight_shape, stride, padding, dilation, groups) -> tuple[st
     return "general", passed_over
 
 
-def _aligned(t: torch.Tensor) -> bool:
-    """What Triton's specialisation sees as a channels-last tensor whose channel runs
-    can be read and written as vectors: channel stride 1, the other strides and the
-    address 16-aligned (Triton marks ints divisible by 16 and 16-byte aligned pointers)."""
-    return (t.stride(1) == 1 and all(s % 16 == 0 for s in (t.stride(0), t.stride(2), t.stride(3)))
-            and t.data_ptr() % 16 == 0)
+_aligned = _support.channels_last_aligned
 
 
 def _vector_io(x, weight, residual, c_out: int, choice: str) -> bool:
@@ -470,9 +477,13 @@ def kernel_name(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
                 f"epilogue (groups={groups}, 3x3, stride {_pair_text(stride)}, padding 1: "
                 f"{grouped_conv_bn_act.describe(x.dtype, cin_g, precision, vector)}, "
                 f"{layout} access)")
-    cfg = _conv_config(x.dtype, cin_g, c_out // groups, c_out, precision)
+    out_channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    aligned = (out_channels_last and cin_g * groups % 16 == 0 and c_out % 16 == 0
+               and (residual is None or _aligned(residual)))
+    cfg = _conv_config(x.dtype, cin_g, c_out // groups, c_out, precision, aligned)
     how = ("direct multiply-adds, C_in/groups <= 4" if cfg["DIRECT"] else
            f"tl.dot tiles {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}")
+    how += "" if aligned else f", {layout} access"
     return f"{GENERAL_NAME} + fused BN/residual/act epilogue ({'; '.join(passed_over)}; {how})"
 
 
@@ -523,7 +534,8 @@ def _conv_general(x, weight, bias, scale, shift, residual, out, stride, padding,
     w = weight.permute(0, 2, 3, 1).contiguous()
     n, _, h_out, w_out = out.shape
     m = n * h_out * w_out
-    cfg = _conv_config(x.dtype, cin_g, cout_g, c_out, _dot_precision(x.device))
+    aligned = _aligned(x) and _aligned(out) and (residual is None or _aligned(residual))
+    cfg = _conv_config(x.dtype, cin_g, cout_g, c_out, _dot_precision(x.device), aligned)
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     tiles = triton.cdiv(m, cfg["BLOCK_M"])
     if cfg["DIRECT"]:

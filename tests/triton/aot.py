@@ -109,8 +109,9 @@ class Compiled:
 
 
 def unique_launches(launches, capability) -> dict:
-    """{(kernel, pointer types, constexprs, warps, stages): (jit, signature, constexprs,
-    attrs, options)}: the distinct compiles among the launches."""
+    """{(kernel, pointer types, constexprs, warps, stages, alignment attrs): (jit, signature,
+    constexprs, attrs, options)}: the distinct compiles among the launches (one per
+    specialisation: an unaligned launch compiles to other code than an aligned one)."""
     backend = make_backend(GPUTarget("cuda", capability, 32))
     seen = {}
     for dual, args, kwargs in launches:
@@ -118,7 +119,8 @@ def unique_launches(launches, capability) -> dict:
         pointers = tuple(v for v in signature.values() if v.startswith("*"))
         consts = tuple(sorted((dual.jit.arg_names[k[0]], str(v)) for k, v in constexprs.items()
                               if dual.jit.params[k[0]].is_constexpr))
-        key = (dual.__name__, pointers, consts, options.num_warps, options.num_stages)
+        alignment = repr(sorted(attrs.items()))  # which arguments are 16-divisible / aligned
+        key = (dual.__name__, pointers, consts, options.num_warps, options.num_stages, alignment)
         seen.setdefault(key, (dual.jit, signature, constexprs, attrs, options))
     return seen
 
@@ -130,7 +132,7 @@ def compile_launches(launches, capability) -> list[Compiled]:
     for key, (jit, signature, constexprs, attrs, options) in unique_launches(launches, capability).items():
         compiled = triton.compile(ASTSource(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs),
                                   target=target, options=options.__dict__)
-        assert "ld.global" in compiled.asm["ptx"], key
+        assert "ld.global" in compiled.asm["ptx"] or "cp.async" in compiled.asm["ptx"], key
         registers, stores, loads = ptxas_usage(compiled.asm["ptx"], capability)
         report.append(Compiled(key[0], key[2], key[3], key[4], compiled.metadata.shared, registers, stores, loads))
     return report

@@ -4,11 +4,14 @@ memory (machinery in tests/triton/aot.py).
 
 The launches compiled are the ones the launchers really make: forward and backward run
 on small CPU tensors shaped like the layers the general kernel takes (stem, depthwise,
-narrow and wide implicit GEMMs), with every kernel swapped for a recorder. The 1x1 and
+narrow and wide implicit GEMMs, channels not multiples of 16), channels_last and NCHW
+(aligned and unaligned specialisations), with every kernel swapped for a recorder. The 1x1 and
 grouped kernels have their own tests (test_conv1x1_bn_act_aot.py,
 test_grouped_conv_bn_act_aot.py).
 """
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
@@ -32,7 +35,10 @@ LAYERS = [
     (16, 64, 3, 1, 1),       # 16 input channels: narrow 16 x 16 tiles
     (128, 128, 3, 1, 2),     # 64 channels per group: wide, 64 columns
     (64, 256, 3, 2, 1),      # wide, 128 columns (tensor cores), stride 2
+    (20, 36, 3, 1, 1),       # channels that are not multiples of 16: unaligned tiles
 ]
+# NCHW outputs specialise the kernels differently (unaligned) from channels_last ones.
+LAYOUTS = (torch.channels_last, torch.contiguous_format)
 # float16 is left out: it compiles to the same tiles and resources as bfloat16.
 DTYPES = ((torch.bfloat16, "ieee"), (torch.float32, "ieee"), (torch.float32, "tf32"))
 
@@ -41,12 +47,12 @@ def _run_layers(dtype, precision):
     saved_precision = module._dot_precision
     module._dot_precision = lambda device: precision
     try:
-        for c_in, c_out, k, stride, groups in LAYERS:
-            x = torch.randn(2, c_in, 6, 6, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        for (c_in, c_out, k, stride, groups), layout in itertools.product(LAYERS, LAYOUTS):
+            x = torch.randn(2, c_in, 6, 6, dtype=dtype).contiguous(memory_format=layout)
             w = torch.randn(c_out, c_in // groups, k, k, dtype=dtype)
             vec = torch.rand(c_out) + 0.5
             h_out = (6 + 2 * (k // 2) - k) // stride + 1
-            residual = torch.randn(2, c_out, h_out, h_out, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            residual = torch.randn(2, c_out, h_out, h_out, dtype=dtype).contiguous(memory_format=layout)
             conv = ([stride] * 2, [k // 2] * 2, [1, 1], groups)
             assert module._forward_kernel(w.shape, *conv)[0] == "general"
             for training in (True, False):
