@@ -48,7 +48,7 @@ from __future__ import annotations
 import torch
 
 from cnnkernels import reference
-from cnnkernels.triton import _support
+from cnnkernels.triton import _conv_tiles, _support
 from cnnkernels.triton import conv1x1_bn_act, grouped_conv_bn_act
 
 try:
@@ -67,7 +67,6 @@ except ImportError as _error:  # unsupported_reasons() reports it; nothing here 
 
 FP32_DOT_PRECISION = "ieee"
 _STATS_BLOCK_T = 64  # partial-statistics rows combined at once
-_DIRECT_MAX_CIN_G = 4  # up to this many input channels per group: multiply-adds, not tl.dot
 
 
 # --- kernels --------------------------------------------------------------------------
@@ -318,41 +317,7 @@ def _dot_precision(device: torch.device) -> str:
     return FP32_DOT_PRECISION if device.type == "cuda" else "ieee"
 
 
-def _conv_config(dtype: torch.dtype, cin_g: int, cout_g: int, c_out: int, precision: str,
-                 aligned: bool = True) -> dict:
-    """Block sizes, warps and stages of _conv_fwd_kernel for one layer shape, from a
-    small fixed table (tests/triton/test_conv_bn_act_aot.py compiles every entry for
-    sm_80 and sm_90):
-      direct  C_in/groups <= 4: multiply-adds on 256 x 16 (C_out <= 16) or 64 x 64 tiles;
-      narrow  C_in/groups <= 16 or C_out/groups <= 16: 16 x 16 dot tiles;
-      wide    BLOCK_N 64 (C_out/groups <= 64) or 128 (tensor cores only), BLOCK_K 64
-              (16-bit) or 32 (float32).
-    dot BLOCK_M is 128 on tensor cores (16-bit, or float32 with a tf32 precision), else 64.
-    Unaligned launches (x, out or residual not channels-last with 16-divisible strides:
-    NCHW outputs, channel counts that are not multiples of 16) address every element
-    on its own and need smaller tiles to stay within registers: direct 16 x 32, dot
-    64 x min(BLOCK_N, 32) x 16."""
-    if cin_g <= _DIRECT_MAX_CIN_G:  # no tl.dot: PRECISION is unused
-        narrow = c_out <= 16
-        if not aligned:
-            return dict(DIRECT=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16,
-                        PRECISION="ieee", num_warps=4, num_stages=2)
-        return dict(DIRECT=True, BLOCK_M=256 if narrow else 64, BLOCK_N=16 if narrow else 64, BLOCK_K=16,
-                    PRECISION="ieee", num_warps=4, num_stages=2)
-    tensor_cores = dtype != torch.float32 or precision != "ieee"
-    if not aligned:
-        block_n = 16 if (cin_g <= 16 or cout_g <= 16) else 32
-        return dict(DIRECT=False, BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=16,
-                    PRECISION=precision if dtype == torch.float32 else "ieee", num_warps=4, num_stages=2)
-    if cin_g <= 16 or cout_g <= 16:
-        block_n = block_k = 16
-    elif tensor_cores:
-        block_n, block_k = (64 if cout_g <= 64 else 128), (32 if dtype == torch.float32 else 64)
-    else:
-        block_n, block_k = 64, 32
-    return dict(DIRECT=False, BLOCK_M=128 if tensor_cores else 64, BLOCK_N=block_n, BLOCK_K=block_k,
-                PRECISION=precision if dtype == torch.float32 else "ieee",
-                num_warps=8 if block_n == 128 else 4, num_stages=3 if tensor_cores else 2)
+_conv_config = _conv_tiles.conv_bn_act_config  # the tile table (cnnkernels/triton/_conv_tiles.py)
 
 
 def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:

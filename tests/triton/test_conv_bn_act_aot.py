@@ -27,7 +27,7 @@ from cnnkernels.triton import conv_bn_act as module  # noqa: E402
 KERNELS = kernels_of(module)
 
 # (c_in, c_out, kernel, stride, groups): the layer families the general launcher
-# distinguishes. Together they reach every entry of conv_bn_act._conv_config's table.
+# distinguishes. Together they reach every entry of conv_bn_act._conv_config's table (_conv_tiles.conv_bn_act_config).
 LAYERS = [
     (3, 64, 7, 2, 1),        # stem: direct, 64 columns
     (3, 16, 3, 1, 1),        # direct, 16 columns
