@@ -325,7 +325,8 @@ def test_op(benchmark, bench_ops_settings, layer, mode, variant):
         backend = variant.removeprefix("cnnkernels_").removesuffix("_frozen")
         if variant.endswith("_frozen"):
             if layer.op != "conv_bn_act" or mode != "eval":
-                pytest.skip("freezing folds BatchNorm into the conv weights: conv_bn_act in eval only")
+                pytest.skip(f"{variant} measures conv_bn_act in eval only: freezing folds BatchNorm into the "
+                            f"conv weights, which {layer.op} in {mode} mode does not have or cannot use")
             freeze(module)
         kernel = explain(module, backend, inputs)
         fn = fused_fn(module, backend)
