@@ -11,7 +11,7 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: all venv install test bench bench-ops clean
+.PHONY: all venv install test bench bench-ops gpu-check clean
 
 all: test
 
@@ -35,6 +35,14 @@ bench: install
 bench-ops: install
 	$(PY) -m pytest benches/bench_ops.py --benchmark-only --benchmark-group-by=group \
 	  --benchmark-columns=median,iqr,min,rounds $(PYTEST_ARGS)
+
+# On the lent GPU machine (no venv there: its python3 has torch, triton, pytest):
+#   make gpu-check            builds for sm_90 and runs benches/gpu_check.py, results under $(OUT)
+#   make gpu-check DRY_RUN=1  the same script's CPU stand-ins at tiny shapes (run by make test)
+OUT ?= gpu-check-out
+DRY_RUN ?=
+gpu-check:
+	$(PYTHON) benches/gpu_check.py --out "$(OUT)" $(if $(DRY_RUN),--dry-run)
 
 clean:
 	rm -rf build *.egg-info cnnkernels/_C*.so .pytest_cache .benchmarks
