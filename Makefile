@@ -39,10 +39,12 @@ bench-ops: install
 # On the lent GPU machine (no venv there: its python3 has torch, triton, pytest):
 #   make gpu-check            builds for sm_90 and runs benches/gpu_check.py, results under $(OUT)
 #   make gpu-check DRY_RUN=1  the same script's CPU stand-ins at tiny shapes (run by make test)
+#   GPU_CHECK_ARGS="--only build,op-speed,models" gives the time of the stages left out to the others
 OUT ?= gpu-check-out
 DRY_RUN ?=
+GPU_CHECK_ARGS ?=
 gpu-check:
-	$(PYTHON) benches/gpu_check.py --out "$(OUT)" $(if $(DRY_RUN),--dry-run)
+	$(PYTHON) benches/gpu_check.py --out "$(OUT)" $(if $(DRY_RUN),--dry-run) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build *.egg-info cnnkernels/_C*.so .pytest_cache .benchmarks

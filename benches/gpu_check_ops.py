@@ -151,8 +151,8 @@ def main(argv=None) -> int:
                                                                     "(seconds since the epoch)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU stand-in: one layer per op, spatial size cut to 8, batch 2, one timed call, "
                              "torch.compile of the first layer only")
