@@ -4,7 +4,7 @@
 Stages, in order, each with its own time budget (time an earlier stage leaves unused goes
 to the later ones; a stage that cannot get its minimum is skipped with a line saying so):
   1. build    the extension in place for sm_90 with all cores; `python -m cnnkernels.info`
-  2. tests    pytest -m gpu tests/gpu (every op on cuda and triton against cuDNN / torch),
+  2. tests    pytest tests -m gpu (every op on cuda and triton against cuDNN / torch, models),
               junit XML kept
   3. sanitize compute-sanitizer --tool memcheck over benches/gpu_check_sanitize.py
   4. op-speed benches/gpu_check_ops.py: per-op times at the real layer shapes
@@ -195,7 +195,7 @@ def _junit_summary(path: pathlib.Path) -> dict:
 
 def stage_tests(run: Run, timeout: float) -> dict:
     xml = run.out / "gpu-tests.xml"
-    argv = [run.python, "-m", "pytest", "tests/gpu", "-m", "gpu", "-q", "-rfE", "--tb=short",
+    argv = [run.python, "-m", "pytest", "tests", "-m", "gpu", "-q", "-rfE", "--tb=short",
             "-p", "no:cacheprovider", f"--junitxml={xml}"]
     workers = min(8, os.cpu_count() or 1)
     if importlib.util.find_spec("xdist") is not None and workers > 1 and not run.dry_run:

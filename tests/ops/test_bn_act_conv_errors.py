@@ -49,7 +49,7 @@ def test_out_under_no_grad_accepts_inputs_that_require_grad():
         assert call(out=torch.empty(2, 16, 6, 6), weight=weight).shape == (2, 16, 6, 6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="a device mismatch needs a second device (CUDA)")
+@pytest.mark.gpu  # a device mismatch needs a second device (CUDA)
 def test_device_mismatch_is_named():
     with pytest.raises(ValueError, match="weight is on cuda"):
         call(weight=torch.randn(16, 8, 3, 3, device="cuda"))

@@ -26,7 +26,7 @@ def test_bad_argument_is_named(overrides, error, match):
         call(**overrides)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="a device mismatch needs a second device (CUDA)")
+@pytest.mark.gpu  # a device mismatch needs a second device (CUDA)
 def test_device_mismatch_is_named():
     with pytest.raises(ValueError, match="weight is on cuda"):
         call(weight=torch.randn(16, 8, 3, 3, device="cuda"))
