@@ -18,7 +18,7 @@ from torchvision.models.densenet import _DenseBlock
 import cnnkernels
 from cnnkernels import ops
 from cnnkernels.nn import DenseBlock
-from helpers import rel_err, skip_or_fail
+from helpers import half_precision_bound, rel_err, skip_or_fail
 
 SMALL = dict(num_layers=3, num_input_features=8, bn_size=2, growth_rate=4)
 
@@ -156,8 +156,9 @@ def _run(module, x, grad):
 
 def test_bfloat16_as_accurate_as_torchvision_in_bfloat16():
     """bf16 against float64 (same bf16-rounded weights, input and output gradient):
-    outputs < 1e-2. The gradients pass through bf16 intermediates and training-mode BN,
-    which makes them sensitive to every rounding (torchvision in bf16 is itself off by
+    outputs within half_precision_bound of torchvision-in-bf16's error (max(1e-2, twice
+    it): what torch reaches in bf16 depends on the CPU's instruction set). The gradients
+    pass through bf16 intermediates and training-mode BN, which makes them sensitive to every rounding (torchvision in bf16 is itself off by
     2e-2 to 3e-1 here, seed by seed, and either implementation can be the closer one for a
     given seed); over four seeds the mean error of every gradient must be no worse than
     1.5 times torchvision-in-bf16's, and none may exceed 0.5 (a wrong gradient is off by ~1)."""
@@ -168,7 +169,8 @@ def test_bfloat16_as_accurate_as_torchvision_in_bfloat16():
         x = make_input((8, 8, 8, 8), seed=seed).to(torch.bfloat16)
         grad = torch.randn(8, 20, 8, 8, generator=torch.Generator().manual_seed(seed + 1)).to(torch.bfloat16)
         got, baseline, want = _run(ours, x, grad), _run(theirs16, x, grad), _run(ref64, x.double(), grad.double())
-        assert got[0].dtype == torch.bfloat16 and rel_err(got[0], want[0]) < 1e-2
+        assert got[0].dtype == torch.bfloat16
+        assert rel_err(got[0], want[0]) < half_precision_bound(rel_err(baseline[0], want[0]), torch.bfloat16)
         assert all(g.dtype == torch.bfloat16 for g in got[1:])
         ours_errors.append([rel_err(g, w) for g, w in zip(got[1:], want[1:])])
         theirs_errors.append([rel_err(b, w) for b, w in zip(baseline[1:], want[1:])])

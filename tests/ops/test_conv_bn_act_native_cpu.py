@@ -15,7 +15,7 @@ import torch
 
 import cnnkernels  # noqa: F401  (loads cnnkernels._C when it is built)
 from cnnkernels import _library, reference
-from helpers import CASES, TOLERANCE, poisoned_empty, rel_err
+from helpers import CASES, HALF_DTYPES, TOLERANCE, half_precision_bound, poisoned_empty, rel_err
 
 pytestmark = pytest.mark.skipif(
     not _library.has_native_kernel("_conv_bn_act_forward_native", "CPU"),
@@ -87,12 +87,40 @@ def make(n=2, c_in=6, c_out=8, hw=7, kernel=3, groups=1, dtype=torch.float32, pa
     ), dict(stride=1, padding=kernel // 2, dilation=1, groups=groups)
 
 
-def check_close(got, want, tol, name, floor=0.0):
+def close_err(got, want, floor=0.0):
     """Relative error in float64 against want, with `floor` as the smallest norm to divide by."""
+    return ((got.double() - want.double()).norm() / max(want.double().norm().item(), floor, 1e-30)).item()
+
+
+def check_close(got, want, tol, name, floor=0.0):
     assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     assert torch.isfinite(got).all(), f"{name}: unwritten (NaN) or non-finite elements"
-    err = (got.double() - want.double()).norm() / max(want.double().norm().item(), floor, 1e-30)
+    err = close_err(got, want, floor)
     assert err < tol, f"{name}: relative error {err:.3g} >= {tol}"
+
+
+def run_torch(t, conv, training, activation, grad_out):
+    """The native forward's and backward's results, computed by torch's own conv2d /
+    batch_norm / relu in the inputs' dtypes (half x and weights, float32 BN parameters):
+    {out, conv_out, save_mean, save_var, grad_x, ..., grad_residual}."""
+    t = {k: None if v is None else v.detach().clone().requires_grad_(k not in ("running_mean", "running_var"))
+         for k, v in t.items()}
+    y = torch.nn.functional.conv2d(t["x"], t["weight"], t["bias"], conv["stride"], conv["padding"],
+                                   conv["dilation"], conv["groups"])
+    if training:
+        _, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+            y.detach(), t["bn_weight"].detach(), t["bn_bias"].detach(), None, None, True, 0.1, EPS)
+        save_var = save_invstd.double().pow(-2) - EPS
+    else:
+        save_mean, save_var = t["running_mean"], t["running_var"]
+    z = torch.nn.functional.batch_norm(y, t["running_mean"], t["running_var"], t["bn_weight"], t["bn_bias"],
+                                       training, 0.1, EPS)
+    if t["residual"] is not None:
+        z = z + t["residual"]
+    out = torch.relu(z) if activation == "relu" else z
+    leaves = {name: t[name[len("grad_"):]] for name in GRAD_NAMES if t[name[len("grad_"):]] is not None}
+    grads = torch.autograd.grad(out, list(leaves.values()), grad_out.to(out.dtype))
+    return dict(out=out, conv_out=y, save_mean=save_mean, save_var=save_var, **dict(zip(leaves, grads)))
 
 
 def run_both(t, conv, training, activation, mask=(True,) * 6, dtype=None, seed=1):
@@ -109,23 +137,41 @@ def run_both(t, conv, training, activation, mask=(True,) * 6, dtype=None, seed=1
     return fwd, ref, grads, ref_grads, grad_out
 
 
+def grad_bias_floor(t, ref, grad_out, activation):
+    """In training BN cancels a conv bias: its gradient is compared with its terms' size."""
+    g = grad_out * (ref[0] > 0) if activation == "relu" else grad_out
+    return (g.sum(dim=(0, 2, 3)) * ref[3].add(EPS).rsqrt() * to64(t["bn_weight"])).norm().item()
+
+
 def check_all(t, conv, training, activation, mask=(True,) * 6, tol=None):
+    """The native forward and backward against the float64 reference: float32 / float64
+    within TOLERANCE (or tol); half inputs within half_precision_bound of torch's own error
+    in that dtype (run_torch), result by result."""
     dtype = t["x"].dtype
-    tol = tol or TOLERANCE[dtype]
     sdtype = reference.stats_dtype(dtype)
     fwd, ref, grads, ref_grads, grad_out = run_both(t, conv, training, activation, mask)
+    bias_floor = grad_bias_floor(t, ref, grad_out, activation) if training and t["bias"] is not None else 0.0
+    names = ("out", "conv_out", "save_mean", "save_var") + GRAD_NAMES
+    if tol is None and dtype in HALF_DTYPES:
+        torch_results = run_torch(t, conv, training, activation, grad_out)
+        wanted = dict(zip(names, tuple(ref) + tuple(ref_grads)))
+        bound = {name: half_precision_bound(close_err(torch_results[name], wanted[name],
+                                                      bias_floor if name == "grad_bias" else 0.0), dtype)
+                 for name in names if name in torch_results and wanted[name].numel() > 0}
+    else:
+        bound = dict.fromkeys(names, tol or TOLERANCE[dtype])
     out, conv_out, save_mean, save_var = fwd
     fmt = reference.output_memory_format(t["x"])
     assert out.dtype == dtype and out.is_contiguous(memory_format=fmt)
-    check_close(out, ref[0], tol, "out")
+    check_close(out, ref[0], bound["out"], "out")
     if training:
         assert conv_out.dtype == dtype and conv_out.is_contiguous(memory_format=fmt)
-        check_close(conv_out, ref[1], tol, "conv_out")
+        check_close(conv_out, ref[1], bound["conv_out"], "conv_out")
     else:
         assert conv_out.shape == (0,)
     for got, want, name in ((save_mean, ref[2], "save_mean"), (save_var, ref[3], "save_var")):
         assert got.dtype == sdtype
-        check_close(got, want, tol, name)
+        check_close(got, want, bound[name], name)
 
     for i, (name, got, want) in enumerate(zip(GRAD_NAMES, grads, ref_grads)):
         if not mask[i] or (name == "grad_bias" and t["bias"] is None):
@@ -134,11 +180,7 @@ def check_all(t, conv, training, activation, mask=(True,) * 6, tol=None):
         assert got.dtype == (sdtype if name in ("grad_bn_weight", "grad_bn_bias") else dtype), name
         if name in ("grad_x", "grad_residual"):
             assert got.is_contiguous(memory_format=fmt), name
-        floor = 0.0
-        if name == "grad_bias" and training:  # BN cancels a conv bias: compare with its terms' size
-            g = grad_out * (ref[0] > 0) if activation == "relu" else grad_out
-            floor = (g.sum(dim=(0, 2, 3)) * ref[3].add(EPS).rsqrt() * to64(t["bn_weight"])).norm().item()
-        check_close(got, want, tol, name, floor)
+        check_close(got, want, bound[name], name, bias_floor if name == "grad_bias" else 0.0)
     return fwd, grads
 
 
