@@ -432,7 +432,8 @@ def _build_rows(events: Sequence[_Event], model: nn.Module) -> list[_Row]:
 def summary(model: nn.Module, input_size: Sequence[int], batch_size: int = 1,
             dtype: torch.dtype = torch.float32, device=None) -> Summary:
     """Runs `model` once on a random [batch_size, *input_size] input (input_size is
-    (C, H, W)) in eval mode without gradients and returns its per-layer Summary: name,
+    (C, H, W), or (N, C, H, W) as torchinfo takes it, N then being the batch size) in
+    eval mode without gradients and returns its per-layer Summary: name,
     kind, output_shape, memory_kb, params, flops, bytes_unfused, bytes_fused per row,
     plus totals (see the module docstring for the conventions). The model's training
     flag is restored afterwards; parameters and buffers are left untouched.
@@ -440,6 +441,15 @@ def summary(model: nn.Module, input_size: Sequence[int], batch_size: int = 1,
     784 KB, 23,296 params, 72,855,552 flops, as in the notes.
     """
     input_size = tuple(int(s) for s in input_size)
+    if len(input_size) == 4:
+        if batch_size not in (1, input_size[0]):
+            raise ValueError(f"input_size {input_size} gives the batch size {input_size[0]}, but batch_size="
+                             f"{batch_size} was passed too: give one of them")
+        batch_size, input_size = input_size[0], input_size[1:]
+    elif len(input_size) != 3:
+        raise ValueError(f"input_size must be (C, H, W) or (N, C, H, W), got {input_size}")
+    if min(input_size) < 1 or batch_size < 1:
+        raise ValueError(f"input_size and batch_size must be positive, got {input_size} and batch_size={batch_size}")
     if device is None:
         first = next(iter(model.parameters()), None)
         device = first.device if first is not None else "cpu"

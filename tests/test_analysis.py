@@ -3,6 +3,7 @@ parameter counts, fused and unfused networks giving the same table, byte account
 batch scaling, and the printed table."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torchvision
 from torch import nn
@@ -159,3 +160,14 @@ def test_functional_calls_inside_a_module_are_named_after_it():
     assert [(r.name, r.kind) for r in table.rows] == [("0.conv", "conv"), ("0:maxpool", "maxpool"),
                                                       ("0:cat", "cat")]
     assert table.rows[-1].output_shape == (7, 8, 8) and table.rows[1].flops == 3 * 8 * 8 * 9
+
+
+def test_input_size_may_include_the_batch():
+    model = models.create_model("alexnet", num_classes=10)
+    batched, plain = summary(model, (2, 3, 64, 64)), summary(model, (3, 64, 64), batch_size=2)
+    assert [r.flops for r in batched.rows] == [r.flops for r in plain.rows]
+    assert batched.batch_size == 2 and tuple(batched.input_size) == (3, 64, 64)
+    with pytest.raises(ValueError, match="batch_size=3 was passed too"):
+        summary(model, (2, 3, 64, 64), batch_size=3)
+    with pytest.raises(ValueError, match=r"input_size must be \(C, H, W\) or \(N, C, H, W\)"):
+        summary(model, (64, 64))

@@ -17,9 +17,6 @@ to the unfused reference baseline otherwise.
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import pathlib
-import sys
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -30,24 +27,8 @@ REFERENCE_BACKEND = "reference"
 
 
 def models_module():
-    """cnnkernels.models, imported from the installed package or, in a source checkout
-    that was not installed, from the models/ folder beside the cnnkernels package."""
-    try:
-        return importlib.import_module("cnnkernels.models")
-    except ModuleNotFoundError:
-        pass
-    import cnnkernels
-
-    folder = pathlib.Path(cnnkernels.__file__).resolve().parent.parent / "models"
-    if not (folder / "__init__.py").is_file():
-        raise ModuleNotFoundError("cnnkernels.models is neither installed nor found in a source checkout")
-    spec = importlib.util.spec_from_file_location("cnnkernels.models", folder / "__init__.py",
-                                                  submodule_search_locations=[str(folder)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["cnnkernels.models"] = module
-    spec.loader.exec_module(module)
-    cnnkernels.models = module
-    return module
+    """cnnkernels.models (installed, or from the models/ folder of a source checkout)."""
+    return importlib.import_module("cnnkernels.models")
 
 
 def zoo_models() -> list[str]:
