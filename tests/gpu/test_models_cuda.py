@@ -26,14 +26,6 @@ DEVICE = "cuda"
 TWINS = [("resnet50", "resnet50"), ("resnext50_32x4d", "resnext50_32x4d"), ("densenet121", "densenet121")]
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def _twins(name: str, twin: str, channels_last: bool):
     torch.manual_seed(0)
     tv = getattr(torchvision.models, twin)(num_classes=10)

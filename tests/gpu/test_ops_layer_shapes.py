@@ -33,14 +33,6 @@ FORMATS = [(torch.float32, torch.channels_last), (torch.float32, torch.contiguou
 FORMAT_IDS = ["fp32-cl", "fp32-nchw", "bf16-cl", "bf16-nchw", "fp16-cl"]
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def _run(module, inputs, grad_out, fused_backend=None):
     """Output, gradients of (inputs requiring grad + parameters), running statistics after
     one call of module's unfused forward, or of its fused op on fused_backend."""
