@@ -1,58 +1,29 @@
 """Loads the compiled extension cnnkernels._C, which registers every op schema
-(csrc/registration.cpp) and the C++ kernels. When it is missing or broken, it warns
+(cnnkernels/schemas.def, through csrc/registration.cpp) and the C++ kernels. When it is missing or broken, it warns
 once and defines the same public schemas from Python, so that the reference and
 Triton backends still work."""
 from __future__ import annotations
 
 import importlib
+import pathlib
+import re
 import warnings
 
 import torch
 
-# The public schemas as csrc/registration.cpp defines them (a test checks they agree).
-PUBLIC_SCHEMAS = {
-    "conv_bn_act": (
-        "(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
-        "Tensor? running_mean, Tensor? running_var, int[2] stride, int[2] padding, "
-        "int[2] dilation, int groups, bool training, float eps, Tensor? residual, "
-        "str activation) -> (Tensor out, Tensor conv_out, Tensor save_mean, Tensor save_var)"
-    ),
-    "conv_bn_act_backward": (
-        "(Tensor grad_out, Tensor out, Tensor x, Tensor weight, Tensor? bias, "
-        "Tensor conv_out, Tensor? bn_weight, Tensor save_mean, Tensor save_var, "
-        "int[2] stride, int[2] padding, int[2] dilation, int groups, bool training, "
-        "float eps, str activation, bool[6] output_mask) -> (Tensor grad_x, "
-        "Tensor grad_weight, Tensor grad_bias, Tensor grad_bn_weight, Tensor grad_bn_bias, "
-        "Tensor grad_residual)"
-    ),
-    "add_act": "(Tensor x, Tensor residual, str activation) -> Tensor",
-    "add_act_backward": "(Tensor grad_out, Tensor out, str activation) -> Tensor",
-    "se_excite": (
-        "(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "
-        "Tensor? residual, str activation) -> (Tensor out, Tensor squeezed, Tensor hidden, "
-        "Tensor gate)"
-    ),
-    "se_excite_backward": (
-        "(Tensor grad_out, Tensor out, Tensor x, Tensor fc1_weight, Tensor fc2_weight, "
-        "Tensor squeezed, Tensor hidden, Tensor gate, str activation, bool[6] output_mask) -> "
-        "(Tensor grad_x, Tensor grad_fc1_weight, Tensor grad_fc1_bias, Tensor grad_fc2_weight, "
-        "Tensor grad_fc2_bias, Tensor grad_residual)"
-    ),
-}
-_BN_ACT_CONV_ARGS = (
-    "Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
-    "Tensor? running_mean, Tensor? running_var, int[2] stride, int[2] padding, "
-    "int[2] dilation, int groups, bool training, float eps, str activation"
-)
-PUBLIC_SCHEMAS["bn_act_conv"] = f"({_BN_ACT_CONV_ARGS}) -> (Tensor out, Tensor save_mean, Tensor save_var)"
-PUBLIC_SCHEMAS["bn_act_conv_into"] = f"(Tensor(a!) out, {_BN_ACT_CONV_ARGS}) -> (Tensor save_mean, Tensor save_var)"
-PUBLIC_SCHEMAS["bn_act_conv_backward"] = (
-    "(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, "
-    "Tensor? bn_bias, Tensor save_mean, Tensor save_var, int[2] stride, int[2] padding, "
-    "int[2] dilation, int groups, bool training, float eps, str activation, "
-    "bool[5] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, "
-    "Tensor grad_bn_weight, Tensor grad_bn_bias)"
-)
+SCHEMA_FILE = pathlib.Path(__file__).with_name("schemas.def")
+_OP_LINE = re.compile(r'CNNKERNELS_OP\(\s*(\w+)\s*,\s*(\w+)\s*,((?:\s*"[^"]*")+)\s*\)')
+
+
+def read_schemas(path: pathlib.Path = SCHEMA_FILE) -> dict[str, tuple[str, str]]:
+    """{public op name: (native op name, schema)} from schemas.def, the file
+    csrc/registration.cpp includes: every schema is written there once."""
+    text = "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("//"))
+    return {name: (native, "".join(re.findall(r'"([^"]*)"', literals)))
+            for name, native, literals in _OP_LINE.findall(text)}
+
+
+PUBLIC_SCHEMAS = {name: schema for name, (_, schema) in read_schemas().items()}
 
 LOAD_ERROR: str | None = None
 _fallback_library: torch.library.Library | None = None

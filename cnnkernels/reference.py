@@ -1,6 +1,6 @@
 """Every op composed from plain torch: the ground truth of the tests and the fallback
 backend. Functions here take and return exactly what the op schemas in
-csrc/registration.cpp take and return.
+cnnkernels/schemas.def declare.
 
 conv_bn_act contract (shared by every backend):
 

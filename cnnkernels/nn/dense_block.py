@@ -32,7 +32,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from cnnkernels.nn.functional import batch_norm_mode
-from cnnkernels.ops.bn_act_conv import _update_running_stats, bn_act_conv
+from cnnkernels.ops._conv_bn_core import update_running_stats
+from cnnkernels.ops.bn_act_conv import bn_act_conv
 
 __all__ = ["DenseBlock", "DenseLayer"]
 
@@ -197,7 +198,7 @@ def _bn_act_conv_forward(norm: nn.BatchNorm2d, conv: nn.Conv2d, x: torch.Tensor,
     else:
         save_mean, save_var = torch.ops.cnnkernels.bn_act_conv_into(out, *args)
     if training and running_mean is not None:
-        _update_running_stats(running_mean, running_var, save_mean, save_var, x, momentum)
+        update_running_stats(running_mean, running_var, save_mean, save_var, x, momentum)
     return out, save_mean, save_var, training
 
 

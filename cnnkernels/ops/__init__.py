@@ -1,4 +1,4 @@
-"""The public functional ops. Each is a registered torch op (see csrc/registration.cpp)
+"""The public functional ops. Each is a registered torch op (schemas in cnnkernels/schemas.def)
 with forward, backward, a fake implementation and four backends."""
 from cnnkernels._backends import explain as _explain
 from cnnkernels.ops import conv_bn_act as _conv_bn_act_module

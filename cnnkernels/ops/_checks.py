@@ -37,14 +37,15 @@ def check_device(t, name: str, x: torch.Tensor, x_name: str = "x") -> None:
         raise ValueError(f"{name} is on {t.device} but {x_name} is on {x.device}; they must be on one device")
 
 
-def check_per_channel(t, name: str, channels: int, x: torch.Tensor) -> None:
-    """A 1-D per-channel parameter: float32 or x's dtype, on x's device, `channels` long."""
+def check_per_channel(t, name: str, channels: int, x: torch.Tensor, what: str = "output channel") -> None:
+    """A 1-D per-channel parameter: float32 or x's dtype, on x's device, `channels` long
+    (one per `what`)."""
     if t is None:
         return
     check_tensor(t, name, ndim=1)
     check_device(t, name, x)
     if t.numel() != channels:
-        raise ValueError(f"{name} must have {channels} elements (one per output channel), got {t.numel()}")
+        raise ValueError(f"{name} must have {channels} elements (one per {what}), got {t.numel()}")
     if t.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"{name} must be float32 or x's dtype {x.dtype}, got {t.dtype}")
 

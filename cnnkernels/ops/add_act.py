@@ -1,6 +1,6 @@
 """cnnkernels.ops.add_act: residual add + activation, fused.
 
-The registered ops (schemas in csrc/registration.cpp):
+The registered ops (schemas in cnnkernels/schemas.def):
   cnnkernels::add_act           forward, returns out = act(x + residual)
   cnnkernels::add_act_backward  grad = grad_out * (out > 0) (relu) / grad_out (none)
 Both get their CPU and CUDA kernels here; each kernel picks a backend per call

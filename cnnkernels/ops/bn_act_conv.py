@@ -1,7 +1,7 @@
 """cnnkernels.ops.bn_act_conv: BatchNorm + activation + convolution, fused, in the
 pre-activation order of DenseNet and pre-activation ResNet.
 
-The registered ops (schemas in csrc/registration.cpp, contract in cnnkernels/reference.py):
+The registered ops (schemas in cnnkernels/schemas.def, contract in cnnkernels/reference.py):
   cnnkernels::bn_act_conv           forward, returns (out, save_mean, save_var)
   cnnkernels::bn_act_conv_into      forward into a given `out` (mutated), returns
                                     (save_mean, save_var)
@@ -14,12 +14,11 @@ without a graph break.
 from __future__ import annotations
 
 import inspect
-import numbers
 
 import torch
 
 from cnnkernels import reference
-from cnnkernels.ops import _checks, _registration
+from cnnkernels.ops import _checks, _conv_bn_core, _registration
 
 OP = "bn_act_conv"
 INTO_OP = "bn_act_conv_into"
@@ -61,9 +60,7 @@ def bn_act_conv(x, weight, bias=None, bn_weight=None, bn_bias=None, running_mean
     """
     args = _normalize(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding,
                       dilation, groups, training, eps, activation)
-    if not isinstance(momentum, numbers.Real) or isinstance(momentum, bool):
-        raise TypeError(f"momentum must be a float, got {momentum!r} (the module BNActConv takes momentum=None "
-                        "for a cumulative average)")
+    _conv_bn_core.check_momentum(momentum)
     if out is None:
         result, save_mean, save_var = torch.ops.cnnkernels.bn_act_conv(*args)
     else:
@@ -71,66 +68,18 @@ def bn_act_conv(x, weight, bias=None, bn_weight=None, bn_bias=None, running_mean
         save_mean, save_var = torch.ops.cnnkernels.bn_act_conv_into(out, *args)
         result = out
     if training and running_mean is not None:
-        _update_running_stats(running_mean, running_var, save_mean, save_var, x, momentum)
+        _conv_bn_core.update_running_stats(running_mean, running_var, save_mean, save_var, x, momentum)
     return result
-
-
-def _check_per_input_channel(t, name: str, x: torch.Tensor) -> None:
-    """A [C_in] BN parameter or statistic: float32 or x's dtype, on x's device."""
-    if t is None:
-        return
-    _checks.check_tensor(t, name, ndim=1)
-    _checks.check_device(t, name, x)
-    if t.numel() != x.shape[1]:
-        raise ValueError(f"{name} must have {x.shape[1]} elements (one per channel of x), got {t.numel()}")
-    if t.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"{name} must be float32 or x's dtype {x.dtype}, got {t.dtype}")
 
 
 def _normalize(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
                groups, training, eps, activation) -> tuple:
     """Checks every argument and returns them in the schema's order and types."""
-    stride = _checks.pair(stride, "stride")
-    padding = _checks.pair(padding, "padding")
-    dilation = _checks.pair(dilation, "dilation")
-    _checks.check_positive(stride, "stride")
-    _checks.check_positive(padding, "padding", minimum=0)
-    _checks.check_positive(dilation, "dilation")
-    _checks.check_activation(activation, reference.ACTIVATIONS)
-    _checks.check_tensor(x, "x", ndim=4)
-    _checks.check_tensor(weight, "weight", ndim=4)
-    _checks.check_like(weight, "weight", x)
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
-    c_in, c_out = x.shape[1], weight.shape[0]
-    if c_in % groups or c_out % groups:
-        raise ValueError(f"groups={groups} must divide both x's channels ({c_in}) and weight's output channels "
-                         f"({c_out})")
-    if weight.shape[1] * groups != c_in:
-        raise ValueError(f"x has {c_in} channels but weight expects {weight.shape[1]} x groups={groups} = "
-                         f"{weight.shape[1] * groups} (weight shape {tuple(weight.shape)})")
-    if bias is not None:
-        _checks.check_tensor(bias, "bias", ndim=1)
-        _checks.check_like(bias, "bias", x)
-        if bias.numel() != c_out:
-            raise ValueError(f"bias must have {c_out} elements (one per output channel), got {bias.numel()}")
-    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        _check_per_input_channel(t, name, x)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together")
-    if not training and running_mean is None:
-        raise ValueError("running_mean and running_var are required when training=False")
-    if not isinstance(eps, numbers.Real) or eps < 0:
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-    out_shape = reference.conv_output_size(x.shape, weight.shape, stride, padding, dilation)
-    if out_shape[2] < 1 or out_shape[3] < 1:
-        raise ValueError(f"the kernel {tuple(weight.shape[2:])} (dilation {dilation}) does not fit the "
-                         f"padded input {tuple(x.shape[2:])} (padding {padding})")
-    if training and x.shape[0] * x.shape[2] * x.shape[3] < 2:
-        raise ValueError(f"training needs more than 1 value per channel of x, got x of shape {tuple(x.shape)}")
-    return (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, list(stride), list(padding),
-            list(dilation), groups, bool(training), float(eps), activation)
+    stride, padding, dilation, _ = _conv_bn_core.check_conv_bn(
+        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, groups,
+        training, eps, activation, bn_over="input")
+    return (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, groups,
+            bool(training), float(eps), activation)
 
 
 def _check_out(out, args) -> None:
@@ -169,13 +118,6 @@ def _normalize_into_call(*args, **kwargs) -> tuple:
     schema_args = _normalize_call(*args, **kwargs)
     _check_out(out, schema_args)
     return (out,) + schema_args
-
-
-@torch.no_grad()
-def _update_running_stats(running_mean, running_var, save_mean, save_var, x, momentum):
-    count = x.numel() // x.shape[1]
-    running_mean.lerp_(save_mean.to(running_mean.dtype), momentum)
-    running_var.lerp_((save_var * (count / (count - 1))).to(running_var.dtype), momentum)
 
 
 # --- backends and dispatcher registrations ---------------------------------------------

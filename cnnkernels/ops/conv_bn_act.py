@@ -1,6 +1,6 @@
 """cnnkernels.ops.conv_bn_act: convolution + BatchNorm + activation (+ residual), fused.
 
-The registered ops (schemas in csrc/registration.cpp):
+The registered ops (schemas in cnnkernels/schemas.def):
   cnnkernels::conv_bn_act           forward, returns (out, conv_out, save_mean, save_var)
   cnnkernels::conv_bn_act_backward  the six gradients
 Both get their CPU and CUDA kernels here; each kernel picks a backend per call
@@ -14,7 +14,7 @@ import inspect
 import torch
 
 from cnnkernels import reference
-from cnnkernels.ops import _checks, _conv_bn_act_choice, _registration
+from cnnkernels.ops import _checks, _conv_bn_act_choice, _conv_bn_core, _registration
 
 OP = "conv_bn_act"
 BACKWARD_OP = "conv_bn_act_backward"
@@ -46,58 +46,26 @@ def conv_bn_act(x, weight, bias=None, bn_weight=None, bn_bias=None, running_mean
     """
     args = _normalize(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride,
                       padding, dilation, groups, training, eps, residual, activation)
+    _conv_bn_core.check_momentum(momentum)
     out, _, save_mean, save_var = torch.ops.cnnkernels.conv_bn_act(*args)
     if training and running_mean is not None:
-        _update_running_stats(running_mean, running_var, save_mean, save_var, out, momentum)
+        _conv_bn_core.update_running_stats(running_mean, running_var, save_mean, save_var, out, momentum)
     return out
 
 
 def _normalize(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding,
                dilation, groups, training, eps, residual, activation) -> tuple:
     """Checks every argument and returns them in the schema's order and types."""
-    stride = _checks.pair(stride, "stride")
-    padding = _checks.pair(padding, "padding")
-    dilation = _checks.pair(dilation, "dilation")
-    _checks.check_positive(stride, "stride")
-    _checks.check_positive(padding, "padding", minimum=0)
-    _checks.check_positive(dilation, "dilation")
-    _checks.check_activation(activation, reference.ACTIVATIONS)
-    _checks.check_tensor(x, "x", ndim=4)
-    _checks.check_tensor(weight, "weight", ndim=4)
-    _checks.check_like(weight, "weight", x)
-    if not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
-    c_in, c_out = x.shape[1], weight.shape[0]
-    if c_in % groups or c_out % groups:
-        raise ValueError(f"groups={groups} must divide both x's channels ({c_in}) and weight's output channels ({c_out})")
-    if weight.shape[1] * groups != c_in:
-        raise ValueError(f"x has {c_in} channels but weight expects {weight.shape[1]} x groups={groups} = "
-                         f"{weight.shape[1] * groups} (weight shape {tuple(weight.shape)})")
-    if bias is not None:
-        _checks.check_tensor(bias, "bias", ndim=1)
-        _checks.check_like(bias, "bias", x)
-        if bias.numel() != c_out:
-            raise ValueError(f"bias must have {c_out} elements, got {bias.numel()}")
-    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        _checks.check_per_channel(t, name, c_out, x)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together")
-    if not training and running_mean is None:
-        raise ValueError("running_mean and running_var are required when training=False")
-    out_shape = reference.conv_output_size(x.shape, weight.shape, stride, padding, dilation)
-    if out_shape[2] < 1 or out_shape[3] < 1:
-        raise ValueError(f"the kernel {tuple(weight.shape[2:])} (dilation {dilation}) does not fit the "
-                         f"padded input {tuple(x.shape[2:])} (padding {padding})")
-    if training and out_shape[0] * out_shape[2] * out_shape[3] < 2:
-        raise ValueError(f"training needs more than 1 value per channel, got output shape {tuple(out_shape)}")
+    stride, padding, dilation, out_shape = _conv_bn_core.check_conv_bn(
+        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, groups,
+        training, eps, activation, bn_over="output")
     if residual is not None:
         _checks.check_tensor(residual, "residual", ndim=4)
         _checks.check_like(residual, "residual", x)
         if list(residual.shape) != out_shape:
             raise ValueError(f"residual must have the output's shape {tuple(out_shape)}, got {tuple(residual.shape)}")
-    return (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, list(stride), list(padding),
-            list(dilation), groups, bool(training), float(eps), residual, activation)
+    return (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, groups,
+            bool(training), float(eps), residual, activation)
 
 
 def _normalize_call(*args, **kwargs) -> tuple:
@@ -107,13 +75,6 @@ def _normalize_call(*args, **kwargs) -> tuple:
     values = dict(bound.arguments)
     values.pop("momentum")
     return _normalize(*values.values())
-
-
-@torch.no_grad()
-def _update_running_stats(running_mean, running_var, save_mean, save_var, out, momentum):
-    count = out.numel() // out.shape[1]
-    running_mean.lerp_(save_mean.to(running_mean.dtype), momentum)
-    running_var.lerp_((save_var * (count / (count - 1))).to(running_var.dtype), momentum)
 
 
 # --- backends and dispatcher registrations ---------------------------------------------

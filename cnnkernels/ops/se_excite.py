@@ -1,6 +1,6 @@
 """cnnkernels.ops.se_excite: the Squeeze-and-Excitation gate (+ residual + activation), fused.
 
-The registered ops (schemas in csrc/registration.cpp):
+The registered ops (schemas in cnnkernels/schemas.def):
   cnnkernels::se_excite           forward, returns (out, squeezed, hidden, gate)
   cnnkernels::se_excite_backward  the six gradients
 Both get their CPU and CUDA kernels here; each kernel picks a backend per call

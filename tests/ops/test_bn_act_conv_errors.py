@@ -23,7 +23,6 @@ def test_good_arguments_run():
     (dict(running_mean=torch.zeros(8, 1)), ValueError, "running_mean must be 1-D"),
     (dict(bn_bias=torch.zeros(8, dtype=torch.float64)), TypeError, "bn_bias must be float32"),
     (dict(eps=-1.0), ValueError, "eps must be a number >= 0"),
-    (dict(momentum=None, training=True), TypeError, "momentum must be a float"),
     (dict(out=torch.empty(2, 16, 5, 5)), ValueError, "out must have the output's shape"),
     (dict(out=torch.empty(2, 16, 6, 6, dtype=torch.float64)), TypeError, "out has dtype torch.float64"),
     (dict(out=torch.empty(2, 16, 6, 6, device="meta")), ValueError, "out is on meta"),
