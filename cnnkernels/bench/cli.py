@@ -4,6 +4,7 @@ models against torchvision eager and torch.compile of the same model, in one run
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import pathlib
 import sys
@@ -207,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_models:
         print(list_models_text())
         return 0
+    missing = [name for name in ("matplotlib", "tqdm", "torchvision") if importlib.util.find_spec(name) is None]
+    if missing:
+        parser.error(f"cnnkernels-bench needs {', '.join(missing)}: pip install 'cnnkernels[bench]' "
+                     f"(or pip install {' '.join(missing)})")
     settings = resolve(parser, args)
 
     from cnnkernels.bench import harness, report

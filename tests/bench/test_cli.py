@@ -110,4 +110,25 @@ def test_console_script_is_declared():
     assert project["project"]["scripts"]["cnnkernels-bench"] == "cnnkernels.bench.cli:main"
     assert "cnnkernels.bench" in project["tool"]["setuptools"]["packages"]
     for dependency in ("matplotlib", "tqdm"):
-        assert any(d.startswith(dependency) for d in project["project"]["dependencies"]), dependency
+        assert any(d.startswith(dependency) for d in project["project"]["optional-dependencies"]["bench"]), dependency
+        assert not any(d.startswith(dependency) for d in project["project"]["dependencies"]), dependency
+
+
+def test_missing_bench_dependency_is_named(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tqdm" else real(name, *a))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--models", "resnet50"])
+    assert exit_info.value.code == 2
+    assert "cnnkernels-bench needs tqdm: pip install 'cnnkernels[bench]'" in capsys.readouterr().err
+
+
+def test_import_cnnkernels_loads_no_plotting_or_progress_bars():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; before = set(sys.modules); import cnnkernels; "  # torch itself may load tqdm
+            "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in ('matplotlib', 'tqdm')))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
