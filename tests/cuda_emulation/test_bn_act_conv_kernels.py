@@ -21,7 +21,7 @@ import emulation_build
 from emulation_build import ROOT
 
 HARNESS = ROOT / "tests" / "cuda_emulation" / "bn_act_conv_harness.cpp"
-KERNELS = [ROOT / "csrc" / "cuda" / name for name in ("bn_act_conv_kernels.cuh", "bn_kernels.cuh")]
+KERNELS = [ROOT / "csrc" / "cuda" / name for name in ("bn_act_conv_kernels.cuh", "bn_kernels.cuh", "strided_walk.cuh")]
 
 P, INT = ctypes.c_void_p, ctypes.c_int
 SIGNATURES = {
