@@ -18,39 +18,13 @@ def _triton_version() -> str:
     return triton.__version__
 
 
-def _public_ops() -> list[str]:
-    """Every registered op a user calls (the backward ops run inside autograd)."""
-    return [name for name in _backends._registry if not name.endswith("_backward")]
-
-
-def _sample_calls(device: str) -> dict[str, tuple[tuple, dict]]:
-    """One small float32 call (args, kwargs) per public op, written as a user writes it."""
-    x = torch.randn(2, 8, 8, 8, device=device)
-    weight = torch.randn(16, 8, 3, 3, device=device)
-    per_out, per_in = torch.ones(16, device=device), torch.ones(8, device=device)
-    se_weights = (torch.randn(2, 8, device=device), torch.zeros(2, device=device), torch.randn(8, 2, device=device),
-                  torch.zeros(8, device=device))
-    return {
-        "conv_bn_act": ((x, weight, None, per_out, per_out, per_out, per_out), {"padding": 1}),
-        "add_act": ((x, torch.randn_like(x)), {}),
-        "se_excite": ((x, *se_weights), {}),
-        "bn_act_conv": ((x, weight, None, per_in, per_in, per_in, per_in), {"padding": 1}),
-        "bn_act_conv_into": ((x, weight, None, per_in, per_in, per_in, per_in),
-                             {"padding": 1, "out": torch.empty(2, 16, 8, 8, device=device)}),
-    }
-
-
 def _sample_inputs(device: str) -> dict[str, tuple]:
-    """The schema arguments of one small float32 call of every public op, to ask each
-    backend whether it can run it here. An op registered without a sample fails loudly."""
-    from cnnkernels import ops
+    """The schema arguments of one small float32 call of every public op (each op file
+    declares its sample call), to ask each backend whether it can run it here."""
+    from cnnkernels.ops import _registration
 
-    calls = _sample_calls(device)
-    missing = set(_public_ops()) - set(calls)
-    if missing:
-        raise RuntimeError(f"cnnkernels.info has no sample call of {', '.join(sorted(missing))}: add one to "
-                           f"_sample_calls")
-    return {name: ops._NORMALIZERS[name](*args, **kwargs) for name, (args, kwargs) in calls.items()}
+    return {name: call.normalize(*args, **kwargs) for name, call in _registration.PUBLIC_CALLS.items()
+            for args, kwargs in [call.sample(device)]}
 
 
 def _kernel_choices() -> dict[tuple[str, str], list[tuple[str, str]]]:

@@ -9,6 +9,7 @@ dispatcher kernel for cpu and cuda that runs the implementation _backends.select
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -17,6 +18,23 @@ from cnnkernels import _backends, _library
 from cnnkernels._backends import Implementation
 
 _NATIVE = (("cpu", "CPU", "csrc/cpu/{}.cpp"), ("cuda", "CUDA", "csrc/cuda/{}.cu"))  # backend = device type
+
+
+@dataclass(frozen=True)
+class PublicCall:
+    """How users call a registered op. normalize(*args, **kwargs): the op's Python
+    signature checked and turned into the schema's arguments (what every backend takes);
+    sample(device) -> (args, kwargs): one small float32 call, for `python -m cnnkernels.info`."""
+    normalize: Callable[..., tuple]
+    sample: Callable[[str], tuple[tuple, dict]]
+
+
+PUBLIC_CALLS: dict[str, PublicCall] = {}
+"""Every op a user calls (the backward ops run inside autograd), by name; explain() and info read it."""
+
+
+def declare_call(op_name: str, normalize: Callable[..., tuple], sample: Callable[[str], tuple[tuple, dict]]) -> None:
+    PUBLIC_CALLS[op_name] = PublicCall(normalize, sample)
 
 
 def no_reasons(*_) -> list[str]:

@@ -57,6 +57,13 @@ def _normalize_call(*args, **kwargs) -> tuple:
     return _normalize(*bound.arguments.values())
 
 
+def _sample(device):
+    return (torch.randn(2, 8, 8, 8, device=device), torch.randn(2, 8, 8, 8, device=device)), {}
+
+
+_registration.declare_call(OP, _normalize_call, _sample)
+
+
 # --- backends and dispatcher registrations ---------------------------------------------
 
 _TRITON = _registration.TritonModule("cnnkernels.triton.add_act")

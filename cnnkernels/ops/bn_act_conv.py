@@ -120,6 +120,17 @@ def _normalize_into_call(*args, **kwargs) -> tuple:
     return (out,) + schema_args
 
 
+def _sample(device, out=False):
+    x, weight, per_channel = torch.randn(2, 8, 8, 8, device=device), torch.randn(16, 8, 3, 3, device=device), \
+        torch.ones(8, device=device)
+    kwargs = {"padding": 1, **({"out": torch.empty(2, 16, 8, 8, device=device)} if out else {})}
+    return (x, weight, None, per_channel, per_channel, per_channel, per_channel), kwargs
+
+
+_registration.declare_call(OP, _normalize_call, _sample)
+_registration.declare_call(INTO_OP, _normalize_into_call, lambda device: _sample(device, out=True))
+
+
 # --- backends and dispatcher registrations ---------------------------------------------
 
 _TRITON = _registration.TritonModule("cnnkernels.triton.bn_act_conv")

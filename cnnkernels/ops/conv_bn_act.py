@@ -77,6 +77,15 @@ def _normalize_call(*args, **kwargs) -> tuple:
     return _normalize(*values.values())
 
 
+def _sample(device):
+    x, weight, per_channel = torch.randn(2, 8, 8, 8, device=device), torch.randn(16, 8, 3, 3, device=device), \
+        torch.ones(16, device=device)
+    return (x, weight, None, per_channel, per_channel, per_channel, per_channel), {"padding": 1}
+
+
+_registration.declare_call(OP, _normalize_call, _sample)
+
+
 # --- backends and dispatcher registrations ---------------------------------------------
 
 _TRITON = _registration.TritonModule("cnnkernels.triton.conv_bn_act")

@@ -95,6 +95,15 @@ def _normalize_call(*args, **kwargs) -> tuple:
     return _normalize(*bound.arguments.values())
 
 
+def _sample(device):
+    weights = (torch.randn(2, 8, device=device), torch.zeros(2, device=device), torch.randn(8, 2, device=device),
+               torch.zeros(8, device=device))
+    return (torch.randn(2, 8, 8, 8, device=device), *weights), {}
+
+
+_registration.declare_call(OP, _normalize_call, _sample)
+
+
 # --- backends and dispatcher registrations ---------------------------------------------
 
 _TRITON = _registration.TritonModule("cnnkernels.triton.se_excite")
