@@ -8,6 +8,7 @@ Shared shape of both tables:
   narrow  C_in/groups <= 16 or C_out/groups <= 16: 16 x 16 dot tiles;
   wide    per kernel (below);
   dot BLOCK_M is 128 on tensor cores (16-bit, or float32 with a tf32 precision), else 64.
+Triton before 3.8 gets 8 warps for two more entries (see _support.TRITON_BEFORE_3_8).
 Unaligned launches (an operand not channels-last with 16-divisible strides: NCHW
 outputs, channel counts that are not multiples of 16) address every element on its own
 and need smaller tiles to stay within registers: direct 16 x 32, dot 64 x min(N, 32) x 16.
@@ -15,6 +16,8 @@ and need smaller tiles to stay within registers: direct 16 x 32, dot 64 x min(N,
 from __future__ import annotations
 
 import torch
+
+from cnnkernels.triton._support import TRITON_BEFORE_3_8
 
 DIRECT_MAX_CIN_G = 4  # up to this many input channels per group: multiply-adds, not tl.dot
 
@@ -47,14 +50,17 @@ def _dot(dtype, precision, block_n: int, block_k: int, num_warps: int) -> dict:
 def conv_bn_act_config(dtype: torch.dtype, cin_g: int, cout_g: int, c_out: int, precision: str,
                        aligned: bool = True) -> dict:
     """conv_bn_act's _conv_fwd_kernel. Wide: BLOCK_N 64 (C_out/groups <= 64) or 128
-    (tensor cores only, 8 warps), BLOCK_K 64 (16-bit) or 32 (float32)."""
+    (tensor cores only, 8 warps), BLOCK_K 64 (16-bit) or 32 (float32); with triton < 3.8
+    the 16-bit 64-column tile runs on 8 warps too."""
     common = _common(dtype, cin_g, cout_g, c_out, precision, aligned)
     if common is not None:
         return common
     tensor_cores = dtype != torch.float32 or precision != "ieee"
     block_n = (64 if cout_g <= 64 else 128) if tensor_cores else 64
     block_k = 32 if dtype == torch.float32 else 64
-    return _dot(dtype, precision, block_n, block_k, 8 if block_n == 128 else 4)
+    # triton < 3.8: the 16-bit 128 x 64 x 64 tile spills on sm_80 with 4 warps (_support.TRITON_BEFORE_3_8)
+    wide = block_n == 128 or (TRITON_BEFORE_3_8 and block_k == 64)
+    return _dot(dtype, precision, block_n, block_k, 8 if wide else 4)
 
 
 def bn_act_conv_config(dtype: torch.dtype, cin_g: int, cout_g: int, c_out: int, precision: str,
@@ -63,9 +69,12 @@ def bn_act_conv_config(dtype: torch.dtype, cin_g: int, cout_g: int, c_out: int, 
     C_out/groups <= 32), 64, or 128 (tensor cores only), BLOCK_K 64 (16-bit), 32
     (float32) or 16 (float32 "ieee" with 32 columns); 8 warps for 128 columns, for 16-bit
     64 x 64 and float32 "ieee" 64 x 32 (N x K) tiles (the prologue keeps the A tile in
-    registers: 4 warps would spill on sm_80)."""
+    registers: 4 warps would spill on sm_80); with triton < 3.8 also the aligned 64 x 64
+    direct tile."""
     common = _common(dtype, cin_g, cout_g, c_out, precision, aligned)
     if common is not None:
+        if TRITON_BEFORE_3_8 and common["DIRECT"] and common["BLOCK_N"] == 64:
+            common["num_warps"] = 8  # the prologue's 64 x 64 direct tile spills on sm_80 with 4
         return common
     tensor_cores = dtype != torch.float32 or precision != "ieee"
     if cout_g <= 32:

@@ -16,7 +16,11 @@ compiled kernel. :func:`kernel` keeps the raw Python function and builds both fo
   them to float32 first, which is exact, and turns off the interpreter's int32
   overflow sanitizer (it checks every integer op through int64 and makes the
   interpreter about 2.5x slower; the launchers compute offsets in int64 where
-  they can exceed int32).
+  they can exceed int32). It also makes ``tl.tensor.__index__`` read a scalar's
+  one-element array through ``.squeeze()``, as Triton 3.8's interpreter does: Triton
+  3.6's calls ``int()`` on the shape-(1,) array, which NumPy 2.4 refuses ("only
+  0-dimensional arrays can be converted to Python scalars"), so every
+  ``range(0, C, BLOCK)`` over a runtime int failed there.
 
 Launch as usual: ``k[grid](*args, **constexprs)``; the first tensor argument decides.
 """
@@ -63,6 +67,14 @@ def _create_dot(a, b, d, input_precision, max_num_imprecise_acc):
 
 
 _stock_create_dot = _interp.interpreter_builder.create_dot
+_stock_patch_lang_tensor = _interp._patch_lang_tensor
+
+
+def _patch_lang_tensor(tensor, scope):
+    # Triton <= 3.6 sets __index__ to int(self.handle.data), a shape-(1,) array for a
+    # scalar, which NumPy >= 2.4 refuses to convert; 3.8 squeezes it first. Same value.
+    _stock_patch_lang_tensor(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
 
 
 @contextlib.contextmanager
@@ -74,9 +86,11 @@ def _interpreter_scope():
         JITFunction.__call__ = _interpreted_device_call
         builder.create_dot = _create_dot
         builder.options = dataclasses.replace(options, sanitize_overflow=False)
+        _interp._patch_lang_tensor = _patch_lang_tensor  # looked up by _interp._patch_lang
         try:
             yield
         finally:
+            _interp._patch_lang_tensor = _stock_patch_lang_tensor
             builder.options = options
             del builder.create_dot
             JITFunction.__call__ = original

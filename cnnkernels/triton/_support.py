@@ -12,9 +12,18 @@ import torch
 from cnnkernels import reference
 
 try:
+    import triton
     import triton.language as tl
 except ImportError:  # the op modules' unsupported_reasons() say so before calling in here
-    tl = None
+    triton = tl = None
+
+# Triton before 3.8 (3.6 is the one torch 2.11 pulls in) compiles four tile configurations
+# of the conv kernels to code that spills 4-16 bytes of registers on sm_80 where 3.8 spills
+# none (ptxas -v, tests/triton/*_aot.py): the tables (conv1x1_bn_act, grouped_conv_bn_act,
+# _conv_tiles) give those more warps or fewer pipeline stages there. Same tile sizes, and
+# 3.8 gets exactly the tables it had. (A fifth, se_excite's backward elementwise kernel,
+# runs on 8 warps under every version: it is elementwise.)
+TRITON_BEFORE_3_8 = triton is not None and tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 8)
 
 
 def acc_dtype(dtype: torch.dtype):

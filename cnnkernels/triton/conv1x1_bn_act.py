@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from cnnkernels.triton import _support
+
 try:
     import triton
     import triton.language as tl
@@ -101,7 +103,7 @@ def config(dtype: torch.dtype, c_in: int, c_out: int, precision: str, vector: bo
       tensor cores (16-bit input, or float32 with a tf32 precision): BLOCK_M 128,
         BLOCK_N 64 (C_out <= 64, 4 warps) or 128 (8 warps), BLOCK_K 64 (16-bit) or 32
         (tf32: the same bytes), 3 pipeline stages (64 KiB of operands at most);
-      float32 "ieee" (FMA, no tensor cores): 64 x 64 x 32, 4 warps, 2 stages.
+      float32 "ieee" (FMA, no tensor cores): 64 x 64 x 32, 4 warps (8 with triton < 3.8), 2 stages.
     Otherwise (NCHW data, or channel counts that are not multiples of 16) every access
     is a scalar one with its own 64-bit address, and the tiles shrink until nothing
     spills: 64 x 64 x 32 (16-bit) or x 16 (tf32) with 8 warps, "ieee" 64 x 64 x 16
@@ -113,8 +115,8 @@ def config(dtype: torch.dtype, c_in: int, c_out: int, precision: str, vector: bo
     if vector and tensor_cores:
         wide = c_out > 64
         block_m, block_n, block_k, warps, stages = 128, 128 if wide else 64, 64 if half else 32, 8 if wide else 4, 3
-    elif vector:
-        block_m, block_n, block_k, warps, stages = 64, 64, 32, 4, 2
+    elif vector:  # (8 warps with triton < 3.8: 4 spill on sm_80 in training, _support.TRITON_BEFORE_3_8)
+        block_m, block_n, block_k, warps, stages = 64, 64, 32, 8 if _support.TRITON_BEFORE_3_8 else 4, 2
     elif tensor_cores:
         block_m, block_n, block_k, warps, stages = 64, 64, 32 if half else 16, 8, 3
     else:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from cnnkernels.triton import _support
+
 try:
     import triton
     import triton.language as tl
@@ -136,7 +138,8 @@ def config(dtype: torch.dtype, channels_per_group: int, precision: str, vector: 
       tensor cores, scalar access (anything else: every element its own address):
         BLOCK_M 64, 8 warps;
       float32 "ieee" (FMA dots, whose operands sit whole in registers): BLOCK_M 32, 8 warps.
-    3 pipeline stages over the 9 taps on tensor cores, 2 for "ieee". Each was picked
+    3 pipeline stages over the 9 taps on tensor cores (2 for tf32 with triton < 3.8,
+    see _support.TRITON_BEFORE_3_8), 2 for "ieee". Each was picked
     among a few candidates as the widest that spills no registers on sm_80 and sm_90
     in its worst case (ptxas -v; tests/triton/test_grouped_conv_bn_act_aot.py compiles
     every configuration this can return)."""
@@ -145,6 +148,8 @@ def config(dtype: torch.dtype, channels_per_group: int, precision: str, vector: 
     tensor_cores = dtype != torch.float32 or precision != "ieee"
     if tensor_cores:
         block_m, stages = (128 if vector else 64), 3
+        if _support.TRITON_BEFORE_3_8 and dtype == torch.float32:
+            stages = 2  # triton < 3.8: the tf32 128-row tile spills on sm_80 with 3 stages
     else:
         block_m, stages = 32, 2
     return dict(BLOCK_M=block_m, BLOCK_K=width, BLOCK_N=width, GROUPS_PER_TILE=per_tile,

@@ -45,6 +45,9 @@ _BLOCK_K = 32  # reduction step of the fc kernels
 _BLOCK_R = 32  # hidden units per program
 _BLOCK_M = 64  # rows per program of the elementwise kernels
 _BLOCK_W = 32  # rows / columns per program of the weight-gradient kernel
+# 8 warps for _se_bwd_elementwise_kernel: with 4, triton 3.6 spills 4 bytes on sm_90
+# (float16, relu, grad_x only); elementwise, so the warps change no result.
+_BWD_ELEMENTWISE_WARPS = 8
 
 
 # --- kernels --------------------------------------------------------------------------
@@ -390,6 +393,6 @@ def backward(grad_out, out, x, fc1_weight, fc2_weight, squeezed, hidden, gate, a
             grad_out, out_arg, gate, dsq_arg, gx_arg, gres_arg, m, c, s, w,
             *grad_out.stride(), *out_arg.stride(), *gx_arg.stride(), *gres_arg.stride(),
             RELU=relu, WRITE_GX=grad_x is not None, WRITE_GRES=grad_res is not None, ACC_DTYPE=acc,
-            BLOCK_M=_BLOCK_M, BLOCK_C=_BLOCK_C)
+            BLOCK_M=_BLOCK_M, BLOCK_C=_BLOCK_C, num_warps=_BWD_ELEMENTWISE_WARPS)
     return (grad_x if grad_x is not None else empty, *(g if g is not None else empty for g in grads),
             grad_res if grad_res is not None else empty)

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <exception>
 #include <vector>
 
 #include "common/conv_bn_act_driver.h"
@@ -317,7 +318,8 @@ void backward_elementwise_cpu(const at::Tensor& grad_out, const at::Tensor& out,
 // torch's mkldnn::_convolution_pointwise runs the convolution with the bias, residual
 // add and ReLU as oneDNN post-ops: no extra pass over the output. Looked up through the
 // dispatcher and called boxed, so a torch without it (or with another signature) only
-// loses the fast path. An input oneDNN rejects falls back to the plain path; bf16 on a
+// loses the fast path. An input oneDNN rejects (c10::Error from torch's checks, or
+// oneDNN's own dnnl::error) falls back to the plain path; bf16 on a
 // CPU without AVX512 or AVX-NE-CONVERT always fails, so after one failure bf16 is not
 // tried again.
 
@@ -356,6 +358,11 @@ at::Tensor eval_fused_conv_cpu(const at::Tensor& x, const at::Tensor& weight, co
     op->callBoxed(&stack);
   } catch (const c10::Error&) {
     if (is_bf16) onednn_bf16_failed.store(true);
+    return at::Tensor();
+  } catch (const std::exception&) {
+    // oneDNN's own dnnl::error is no c10::Error: torch 2.11's .binary form throws
+    // "could not create a memory" for a channels_last input of 1x1 spatial size (strides
+    // (C, 1, C, C); torch 2.14 takes it). An input rejected so falls back like any other.
     return at::Tensor();
   }
   return stack.at(0).toTensor();
