@@ -6,8 +6,9 @@ The stem (conv0 -> norm0 -> relu0) runs as one fused conv_bn_act op (features is
 cnnkernels.nn.FusedSequential). The dense blocks are cnnkernels.nn.DenseBlock: one
 feature buffer per block, each layer reading its channel-prefix view and writing its
 new channels into its own slice (no torch.cat), with a lean backward (memory linear in
-depth). The transitions are pre-activation units (BatchNorm -> ReLU -> 1x1 conv) that
-go through the one function `bn_act_conv` below.
+depth). Each transition's BatchNorm -> ReLU -> 1x1 conv runs as one fused bn_act_conv op
+over its own norm and conv modules (keys transition.norm / transition.conv), then the
+2x2 average pool.
 """
 from __future__ import annotations
 
@@ -19,21 +20,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnkernels.nn import DenseBlock, FusedSequential
+from cnnkernels.nn.functional import bn_act_conv_modules
 
 from ._registry import load_weights, register_model
 
-__all__ = ["DenseNet", "bn_act_conv", "densenet121", "densenet161", "densenet169", "densenet201"]
-
-
-def bn_act_conv(norm: nn.BatchNorm2d, relu: nn.Module, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Pre-activation unit conv(relu(norm(x))) of the transitions, [N, C_in, H, W] ->
-    [N, C_out, H', W']; plain torch for now (the single place a fused bn_act_conv op will
-    plug in)."""
-    return conv(relu(norm(x)))
+__all__ = ["DenseNet", "densenet121", "densenet161", "densenet169", "densenet201"]
 
 
 class _Transition(nn.Module):
-    """BN-ReLU-1x1 conv then 2x2/2 average pool. [N, C_in, H, W] -> [N, C_out, H/2, W/2]."""
+    """BN-ReLU-1x1 conv (one fused bn_act_conv op) then 2x2/2 average pool.
+    [N, C_in, H, W] -> [N, C_out, H/2, W/2]. The children are torchvision's (norm, relu,
+    conv, pool); `relu` is kept for the structure, the op applies the ReLU itself."""
 
     def __init__(self, num_input_features: int, num_output_features: int) -> None:
         super().__init__()
@@ -43,7 +40,7 @@ class _Transition(nn.Module):
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(bn_act_conv(self.norm, self.relu, self.conv, x))
+        return self.pool(bn_act_conv_modules(self.norm, self.conv, x))
 
 
 class DenseNet(nn.Module):

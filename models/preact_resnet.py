@@ -11,10 +11,17 @@ projection shortcut (a bare 1x1 conv with the stride, no BN); all other units ta
 raw input as shortcut; after the last stage a final BN-ReLU (`final_bn`), global
 average pool and fc.
 
-Every BN-ReLU-conv of the blocks goes through `bn_act_conv` below, which is plain torch
-for now: switching the blocks to a fused pre-activation op is a change of that one
-line. (Units with a projection shortcut need the pre-activated tensor itself; they
-call `bn_act` and then the conv.)
+Every BN-ReLU-conv of the blocks runs as one fused cnnkernels bn_act_conv op over the
+block's own nn.BatchNorm2d and nn.Conv2d modules (cnnkernels.nn.functional.bn_act_conv_modules), so the
+keys stay those of the plain modules. Where one pre-activation feeds two convolutions
+(conv1 and the projection shortcut), each is its own bn_act_conv op over the same BN
+(`shared_bn_act_convs`): the first updates the running statistics and
+num_batches_tracked, the second normalises with the batch statistics of the same x
+(training) or the running statistics (eval) and updates nothing; relu(bn(x)) is never
+materialised and BN is applied as by one call. Plain torch remains where no fused op
+fits: the first unit's conv1 (and the Bottleneck's shortcut) on the stem's output (no
+BN before them), the residual sums (no activation follows them; the next unit's BN
+does) and the head's BN-ReLU (followed by pooling, not a conv).
 """
 from __future__ import annotations
 
@@ -24,41 +31,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnkernels.nn.functional import conv_bn_act_modules
+from cnnkernels.nn.functional import bn_act_conv_modules, conv_bn_act_modules
 
 from ._registry import load_weights, register_model
 from .resnet import _batch_norm, conv1x1, conv3x3
 
-__all__ = ["PreActBasicBlock", "PreActBottleneck", "PreActResNet", "bn_act", "bn_act_conv", "preact_resnet18",
-           "preact_resnet34", "preact_resnet50", "preact_resnet101", "preact_resnet152"]
+__all__ = ["PreActBasicBlock", "PreActBottleneck", "PreActResNet", "shared_bn_act_convs",
+           "preact_resnet18", "preact_resnet34", "preact_resnet50", "preact_resnet101", "preact_resnet152"]
 
 
-def bn_act(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-    """relu(bn(x)): [N, C, H, W] -> [N, C, H, W]."""
-    return F.relu(bn(x))
-
-
-def bn_act_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """conv(relu(bn(x))): [N, C_in, H, W] -> [N, C_out, H_out, W_out]. The pre-activation
-    unit of every block; the one line to change for a fused BN-ReLU-conv op."""
-    return conv(F.relu(bn(x)))
+def shared_bn_act_convs(bn: nn.BatchNorm2d, convs: tuple[nn.Conv2d, ...], x: torch.Tensor) -> list[torch.Tensor]:
+    """[conv(relu(bn(x))) for conv in convs], each one fused bn_act_conv op with the
+    modules' parameters and buffers: x [N, C_in, H, W] -> one [N, C_out, H_out, W_out]
+    per conv. BN behaves as one bn(x) call: the first op updates the running statistics
+    (and num_batches_tracked), the others normalise alike and update nothing."""
+    return [bn_act_conv_modules(bn, conv, x, update_running_stats=i == 0) for i, conv in enumerate(convs)]
 
 
 class _PreActBlock(nn.Module):
     """Shared forward: the shortcut and the first unit, then the block's remaining units
     (the subclass's `_units`), then the (unactivated) sum with the shortcut."""
 
+    def _check_downsample(self, downsample: nn.Module | None, preact: bool) -> None:
+        if preact and downsample is not None and not isinstance(downsample, nn.Conv2d):
+            raise TypeError(f"a pre-activated block's projection shortcut shares its BN-ReLU with conv1 and runs "
+                            f"as a fused bn_act_conv op: downsample must be an nn.Conv2d, got "
+                            f"{type(downsample).__name__}")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bn1 is None:  # first unit of the network: the stem already ends with BN-ReLU
             identity = x if self.downsample is None else self.downsample(x)
             out = self.conv1(x)
         elif self.downsample is not None:  # pre-activation shared with the projection shortcut
-            pre = bn_act(self.bn1, x)
-            identity = self.downsample(pre)
-            out = self.conv1(pre)
+            out, identity = shared_bn_act_convs(self.bn1, (self.conv1, self.downsample), x)
         else:
             identity = x
-            out = bn_act_conv(self.bn1, self.conv1, x)
+            out = bn_act_conv_modules(self.bn1, self.conv1, x)
         return self._units(out) + identity
 
 
@@ -79,11 +87,12 @@ class PreActBasicBlock(_PreActBlock):
         self.conv1 = conv3x3(inplanes, planes, stride)
         self.bn2 = _batch_norm(norm_layer, planes)
         self.conv2 = conv3x3(planes, planes)
+        self._check_downsample(downsample, preact)
         self.downsample = downsample
         self.stride = stride
 
     def _units(self, out: torch.Tensor) -> torch.Tensor:
-        return bn_act_conv(self.bn2, self.conv2, out)
+        return bn_act_conv_modules(self.bn2, self.conv2, out)
 
 
 class PreActBottleneck(_PreActBlock):
@@ -104,11 +113,12 @@ class PreActBottleneck(_PreActBlock):
         self.conv2 = conv3x3(planes, planes, stride)
         self.bn3 = _batch_norm(norm_layer, planes)
         self.conv3 = conv1x1(planes, planes * self.expansion)
+        self._check_downsample(downsample, preact)
         self.downsample = downsample
         self.stride = stride
 
     def _units(self, out: torch.Tensor) -> torch.Tensor:
-        return bn_act_conv(self.bn3, self.conv3, bn_act_conv(self.bn2, self.conv2, out))
+        return bn_act_conv_modules(self.bn3, self.conv3, bn_act_conv_modules(self.bn2, self.conv2, out))
 
 
 class PreActResNet(nn.Module):
@@ -157,7 +167,7 @@ class PreActResNet(nn.Module):
         """x [N, 3, H, W] -> relu(final_bn(last stage)) [N, 512 * expansion, H/32, W/32]."""
         x = self.maxpool(conv_bn_act_modules(self.conv1, self.bn1, x))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return bn_act(self.final_bn, x)
+        return F.relu(self.final_bn(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.forward_features(x))

@@ -4,8 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cnnkernels.nn.functional import batch_norm_mode
-from cnnkernels.ops.bn_act_conv import bn_act_conv
+from cnnkernels.nn.functional import bn_act_conv_modules, check_zero_padding
 
 
 class BNActConv(nn.Module):
@@ -36,9 +35,7 @@ class BNActConv(nn.Module):
     @classmethod
     def from_modules(cls, bn: nn.BatchNorm2d, conv: nn.Conv2d, activation: str = "relu") -> "BNActConv":
         """Wraps existing modules (shared, not copied)."""
-        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-            raise ValueError(f"fused conv needs integer zero padding, got padding={conv.padding!r} "
-                             f"padding_mode={conv.padding_mode!r}")
+        check_zero_padding(conv)
         if bn.num_features != conv.in_channels:
             raise ValueError(f"bn has {bn.num_features} features but conv has {conv.in_channels} input channels")
         module = cls.__new__(cls)
@@ -47,15 +44,7 @@ class BNActConv(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        conv = self.conv
-        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-            raise ValueError(f"fused conv needs integer zero padding, got padding={conv.padding!r} "
-                             f"padding_mode={conv.padding_mode!r}")
-        training, momentum, running_mean, running_var = batch_norm_mode(self.bn)
-        return bn_act_conv(x, conv.weight, conv.bias, self.bn.weight, self.bn.bias, running_mean, running_var,
-                           stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                           training=training, momentum=momentum, eps=self.bn.eps, activation=self.activation,
-                           out=out)
+        return bn_act_conv_modules(self.bn, self.conv, x, self.activation, out)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"

@@ -6,7 +6,15 @@ import torch
 from torch import nn
 
 from cnnkernels.nn.freeze import folded_eval_arguments
+from cnnkernels.ops.bn_act_conv import bn_act_conv
 from cnnkernels.ops.conv_bn_act import conv_bn_act
+
+
+def check_zero_padding(conv: nn.Conv2d) -> None:
+    """The fused ops take integer zero padding only."""
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ValueError(f"fused conv needs integer zero padding, got padding={conv.padding!r} "
+                         f"padding_mode={conv.padding_mode!r}")
 
 
 def batch_norm_mode(bn: nn.BatchNorm2d) -> tuple[bool, float, torch.Tensor | None, torch.Tensor | None]:
@@ -27,9 +35,7 @@ def conv_bn_act_modules(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor,
     """act(bn(conv(x)) + residual) with the modules' parameters and buffers, fused; same
     results and running-statistics updates as calling the modules in turn. A bn marked by
     cnnkernels.nn.freeze runs with its folded weights cached (cnnkernels/nn/freeze.py)."""
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        raise ValueError(f"fused conv needs integer zero padding, got padding={conv.padding!r} "
-                         f"padding_mode={conv.padding_mode!r}")
+    check_zero_padding(conv)
     training, momentum, running_mean, running_var = batch_norm_mode(bn)
     folded = None if training else folded_eval_arguments(conv, bn, x)
     if folded is not None:
@@ -41,3 +47,22 @@ def conv_bn_act_modules(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor,
                        stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
                        training=training, momentum=momentum, eps=bn.eps, residual=residual,
                        activation=activation)
+
+
+def bn_act_conv_modules(bn: nn.BatchNorm2d, conv: nn.Conv2d, x: torch.Tensor, activation: str = "relu",
+                        out: torch.Tensor | None = None, update_running_stats: bool = True) -> torch.Tensor:
+    """conv(act(bn(x))) with the modules' parameters and buffers, fused; same results and
+    running-statistics updates as calling the modules in turn. [N, C_in, H, W] ->
+    [N, C_out, H_out, W_out] (written into `out` when given; see ops.bn_act_conv).
+    update_running_stats=False: a second use of the same bn(x) (one pre-activation feeding
+    two convolutions): batch statistics in training as bn(x) would use, but neither the
+    running statistics nor num_batches_tracked are touched."""
+    check_zero_padding(conv)
+    if update_running_stats:
+        training, momentum, running_mean, running_var = batch_norm_mode(bn)
+    else:
+        training, momentum = bn.training or bn.running_mean is None, 0.0
+        running_mean, running_var = (None, None) if training else (bn.running_mean, bn.running_var)
+    return bn_act_conv(x, conv.weight, conv.bias, bn.weight, bn.bias, running_mean, running_var,
+                       stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                       training=training, momentum=momentum, eps=bn.eps, activation=activation, out=out)

@@ -1,16 +1,16 @@
 """DenseNet-121/161/169/201: parity with torchvision (keys, parameter counts, eval and train
 outputs, gradients, running statistics; dropout and recomputation variants), dense blocks
-as cnnkernels.nn.DenseBlock and the transitions' pre-activation entry point, and
-torch.compile(fullgraph=True) without a graph break."""
+as cnnkernels.nn.DenseBlock, every BN-ReLU-conv (dense layers and transitions) one fused
+bn_act_conv op, and torch.compile(fullgraph=True) without a graph break."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torchvision
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cnnkernels import models
-from cnnkernels.models import densenet
 from cnnkernels.nn import DenseBlock, FusedSequential
 from helpers import randomize_batchnorm, rel_err
 
@@ -74,25 +74,51 @@ def test_densenet_parameter_counts_at_1000_classes():
         assert sum(p.numel() for p in model.parameters()) == count, name
 
 
-def test_stem_is_fused_blocks_are_dense_blocks_transitions_go_through_bn_act_conv(monkeypatch):
-    """The dense blocks are cnnkernels.nn.DenseBlock (concatenation in place); each
-    transition's BN-ReLU-conv calls densenet.bn_act_conv, the one place a fused op replaces."""
-    model = models.create_model("densenet121", num_classes=10).eval()
+class RecordOps(TorchDispatchMode):
+    """Counts every op reaching the dispatcher (per overload) and records the weight of
+    each fused bn_act_conv call (out-of-place form)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts, self.bn_act_conv_weights = {}, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func] = self.counts.get(func, 0) + 1
+        if func is torch.ops.cnnkernels.bn_act_conv.default:
+            self.bn_act_conv_weights.append(args[1].data_ptr())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_stem_blocks_and_transitions_run_fused_ops(training):
+    """The stem is one conv_bn_act op; the dense blocks are cnnkernels.nn.DenseBlock (each
+    layer's bottleneck unit a bn_act_conv op, its 3x3 unit a bn_act_conv_into op writing
+    into the block buffer); each transition's norm-relu-conv is one bn_act_conv op (and,
+    in training, one bn_act_conv_backward). Plain torch is left only for the head (norm5,
+    relu, pooling, classifier) and the transitions' average pools: no plain convolution."""
+    model = models.create_model("densenet121", num_classes=10).train(training)
     assert type(model.features) is FusedSequential
     blocks = [m for name, m in model.features.named_children() if name.startswith("denseblock")]
     assert len(blocks) == 4 and all(type(b) is DenseBlock for b in blocks)
-    calls = []
-    original = densenet.bn_act_conv
-
-    def counting(norm, relu, conv, x):
-        calls.append(conv)
-        return original(norm, relu, conv, x)
-
-    monkeypatch.setattr(densenet, "bn_act_conv", counting)
-    with torch.no_grad():
-        model(torch.randn(1, 3, 32, 32))
-    transitions = [getattr(model.features, f"transition{i}").conv for i in (1, 2, 3)]
-    assert [id(c) for c in calls] == [id(c) for c in transitions]
+    transitions = [getattr(model.features, f"transition{i}") for i in (1, 2, 3)]
+    layers = sum(len(b) for b in blocks)
+    x = torch.randn(2, 3, 64, 64, requires_grad=training)
+    with torch.set_grad_enabled(training), RecordOps() as forward:
+        out = model(x)
+    counts = forward.counts
+    expected = [c.weight for block, t in zip(blocks, transitions + [None])
+                for c in [layer.conv1 for layer in block.values()] + ([t.conv] if t is not None else [])]
+    assert forward.bn_act_conv_weights == [w.data_ptr() for w in expected]
+    assert counts.get(torch.ops.cnnkernels.bn_act_conv_into.default) == layers
+    assert counts.get(torch.ops.cnnkernels.conv_bn_act.default) == 1
+    assert counts.get(torch.ops.aten.convolution.default) is None
+    assert sum(n for f, n in counts.items() if "batch_norm" in f.name()) == 1  # norm5
+    if training:
+        with RecordOps() as backward:
+            out.sum().backward()
+        assert backward.counts.get(torch.ops.cnnkernels.bn_act_conv_backward.default) == 3 + 2 * layers
+        assert all(t.norm.weight.grad is not None and t.conv.weight.grad is not None for t in transitions)
+        assert all(int(t.norm.num_batches_tracked) == 1 for t in transitions)
 
 
 def test_densenet121_compiles_fullgraph():

@@ -5,18 +5,23 @@ formula of the paper's design (fb.resnet.torch's preresnet layout): structure an
 parameter counts from the architecture's arithmetic for every depth; outputs, gradients
 and running statistics in eval and train, in float64, for the basic-block and the
 bottleneck network (the deeper ones run the same code with more blocks; their forward
-and backward are smoke-tested in test_registry.py); the untouched identity path; and
-that every BN-ReLU-conv unit goes through the one swappable function bn_act_conv.
+and backward are smoke-tested in test_registry.py); the untouched identity path; that
+every BN-ReLU-conv unit (the projection shortcut's included) runs as one fused
+cnnkernels bn_act_conv op, forward and backward, with BN's running statistics updated
+once where a pre-activation is shared; and torch.compile(fullgraph=True).
 """
+
+import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cnnkernels import models
-from cnnkernels.models import preact_resnet
 from cnnkernels.models.preact_resnet import PreActBasicBlock, PreActBottleneck, PreActResNet
+from cnnkernels.models.resnet import conv1x1
 from helpers import Formula, rel_err
 from test_resnet_family import compare, randomize_batch_norms
 
@@ -108,22 +113,128 @@ def test_identity_path_is_untouched(block_type):
         assert torch.equal(block(x), x)
 
 
-def test_every_preactivation_unit_goes_through_bn_act_conv(monkeypatch):
-    """bn_act_conv is the one place to put a fused BN-ReLU-conv op."""
-    calls = []
-    original = preact_resnet.bn_act_conv
+class RecordOps(TorchDispatchMode):
+    """Counts every op reaching the dispatcher (per overload) and records the weight of
+    each fused bn_act_conv call."""
 
-    def counting(bn, conv, x):
-        calls.append(conv)
-        return original(bn, conv, x)
+    def __init__(self):
+        super().__init__()
+        self.counts, self.bn_act_conv_weights = {}, []
 
-    monkeypatch.setattr(preact_resnet, "bn_act_conv", counting)
-    model = models.create_model("preact_resnet50", num_classes=10)
-    model(torch.randn(2, 3, 32, 32))
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func] = self.counts.get(func, 0) + 1
+        if func is torch.ops.cnnkernels.bn_act_conv.default:
+            self.bn_act_conv_weights.append(args[1].data_ptr())
+        return func(*args, **(kwargs or {}))
+
+
+def pre_activated_convs(model):
+    """The convs that follow a BN-ReLU, in execution order: conv1 (and the projection
+    shortcut sharing its pre-activation) unless the block follows the stem, then the
+    block's other units."""
+    convs = []
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for b in layer:
+            if b.bn1 is not None:
+                convs += [b.conv1] + ([b.downsample] if b.downsample is not None else [])
+            convs += [b.conv2] + ([b.conv3] if isinstance(b, PreActBottleneck) else [])
+    return convs
+
+
+@pytest.mark.parametrize("name", ["preact_resnet18", "preact_resnet50"])
+def test_every_pre_activation_unit_runs_the_fused_bn_act_conv_op(name):
+    """Train-mode forward and backward: each BN-ReLU-conv (the shortcut projections on a
+    shared pre-activation included) is one cnnkernels bn_act_conv op and one backward op;
+    the only plain convolutions left are those on the stem's output (no BN before them),
+    the only plain BatchNorm and ReLU the head's final_bn, and the residual sums plain
+    adds (one per block, no activation after them)."""
+    model = models.create_model(name, num_classes=10)
     blocks = [b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer]
-    shared = [b for b in blocks if b.bn1 is None or b.downsample is not None]  # conv1 on a shared pre-activation
-    assert len(calls) == 3 * len(blocks) - len(shared) == 3 * 16 - 4
-    assert len(set(map(id, calls))) == len(calls)
+    expected = pre_activated_convs(model)
+    assert len(expected) == {"preact_resnet18": 2 * 8 - 1 + 3, "preact_resnet50": 3 * 16 - 1 + 3}[name]
+    first = model.layer1[0]
+    plain_convs = 1 + (first.downsample is not None)
+    with RecordOps() as forward:
+        out = model(torch.randn(2, 3, 32, 32))
+    with RecordOps() as backward:
+        out.sum().backward()
+    counts = forward.counts
+    assert forward.bn_act_conv_weights == [c.weight.data_ptr() for c in expected]
+    assert backward.counts.get(torch.ops.cnnkernels.bn_act_conv_backward.default) == len(expected)
+    assert counts.get(torch.ops.cnnkernels.conv_bn_act.default) == 1  # the stem
+    assert counts.get(torch.ops.aten.convolution.default) == plain_convs
+    assert sum(n for f, n in counts.items() if "batch_norm" in f.name()) == 1
+    assert sum(n for f, n in counts.items() if f.name() in ("aten::relu", "aten::relu_")) == 1
+    assert counts.get(torch.ops.aten.add.Tensor) == len(blocks)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("block_type", [PreActBasicBlock, PreActBottleneck])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_shared_pre_activation_updates_the_statistics_once(block_type, momentum):
+    """A block whose BN-ReLU feeds conv1 and the projection shortcut (two fused ops on one
+    BN) against the formula with one bn1 call, in float64 over three train steps and in
+    eval: outputs, gradients, running statistics and num_batches_tracked (momentum=None:
+    the cumulative average, which a second update would skew)."""
+    gen = torch.Generator().manual_seed(0)
+    norm = lambda c: nn.BatchNorm2d(c, momentum=momentum)  # noqa: E731
+    c_out = 32 * block_type.expansion
+    block = block_type(16, 32, 2, conv1x1(16, c_out, 2), norm_layer=norm).double()
+    formula = Formula(block, block_formula)
+    for step in range(3):
+        x = torch.randn(4, 16, 6, 6, generator=gen, dtype=torch.float64)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out, want = block(xa), formula(xb)
+        assert rel_err(out, want) < 1e-12
+        grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+        out.backward(grad)
+        want.backward(grad)
+        assert rel_err(xa.grad, xb.grad) < 1e-12
+        for (key, a), b in zip(block.named_parameters(), formula.parameters(), strict=True):
+            assert rel_err(a.grad, b.grad) < 1e-12, key
+    for (key, a), b in zip(block.named_buffers(), formula.buffers(), strict=True):
+        assert torch.equal(a, b) if a.dtype == torch.long else rel_err(a, b) < 1e-13, key
+    assert int(block.bn1.num_batches_tracked) == 3
+    block.eval(), formula.eval()
+    with torch.no_grad():
+        x = torch.randn(4, 16, 6, 6, generator=gen, dtype=torch.float64)
+        assert rel_err(block(x), formula(x)) < 1e-13
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    """Dynamo captures the training forward as one graph with the fused ops (fullgraph=True
+    raises on a graph break); outputs, gradients and running statistics match eager."""
+    graphs = []
+
+    def counting_aot_eager(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = models.create_model("preact_resnet18", num_classes=10)
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    out = torch.compile(model, backend=counting_aot_eager, fullgraph=True)(x)
+    ref = twin(x)
+    out.sum().backward()
+    ref.sum().backward()
+    assert len(graphs) == 1
+    fused = [n for n in graphs[0].graph.nodes if str(n.target) == "cnnkernels.bn_act_conv"]
+    assert len(fused) == len(pre_activated_convs(model))
+    assert rel_err(out, ref) < 1e-4
+    for (key, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert rel_err(a.grad, b.grad) < 1e-3, key
+    assert rel_err(model.layer2[0].bn1.running_var, twin.layer2[0].bn1.running_var) < 1e-5
+    assert int(model.layer2[0].bn1.num_batches_tracked) == 1
+    torch._dynamo.reset()
+
+
+def test_a_shared_pre_activation_needs_a_conv_shortcut():
+    with pytest.raises(TypeError, match="nn.Conv2d"):
+        PreActBasicBlock(64, 128, 2, nn.Sequential(conv1x1(64, 128, 2), nn.BatchNorm2d(128)))
+    block = PreActBasicBlock(64, 128, 2, nn.Sequential(conv1x1(64, 128, 2)), preact=False)  # gets the raw input
+    assert block(torch.randn(2, 64, 8, 8)).shape == (2, 128, 4, 4)
 
 
 def test_the_stem_runs_the_fused_op():

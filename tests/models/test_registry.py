@@ -1,10 +1,13 @@
 """cnnkernels.models registry (register_model / list_models / create_model), checkpoint
-loading (load_weights), and a forward + backward smoke test of the ResNet-family models."""
+loading (load_weights), a forward + backward smoke test of the ResNet-family models, and
+that no model leaves a residual add + activation unfused."""
 import collections
 
 import pytest
 import torch
 import torchvision
+
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cnnkernels import models
 from cnnkernels.models import _registry
@@ -69,6 +72,45 @@ def test_forward_and_backward_smoke(name):
     model.eval()
     with torch.no_grad():
         assert torch.isfinite(model(x)).all()
+
+
+class UnfusedAddAct(TorchDispatchMode):
+    """Records every plain activation (aten) applied to the result of a plain add: a
+    residual add + activation that should have been one fused op (conv_bn_act with a
+    residual, se_excite with a residual, or add_act)."""
+
+    ADDS = {"aten::add", "aten::add_"}
+    ACTIVATIONS = {"aten::relu", "aten::relu_", "aten::hardtanh", "aten::hardtanh_", "aten::clamp_min",
+                   "aten::clamp_min_", "aten::silu", "aten::silu_", "aten::gelu", "aten::threshold"}
+
+    def __init__(self):
+        super().__init__()
+        self.sums, self.found, self.adds = [], [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._schema.name in self.ADDS:
+            self.sums.append(out)
+            self.adds += func._schema.name == "aten::add"  # out of place (add_ counts num_batches_tracked)
+        elif func._schema.name in self.ACTIVATIONS and any(args[0] is t for t in self.sums):
+            self.found.append(func)
+        return out
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d", "se_resnet50", "preact_resnet18",
+                                  "preact_resnet50"])
+@pytest.mark.parametrize("training", [True, False])
+def test_no_residual_add_is_followed_by_a_plain_activation(name, training):
+    """The residual add + ReLU of ResNet / ResNeXt / SE blocks is inside the fused op of
+    the block's last conv (or SE gate), so no plain add runs at all; pre-activation
+    ResNet's adds (one per block) feed the next unit's fused BN-ReLU-conv, never a plain
+    activation. (A block with a stand-alone add + activation would use ops.add_act.)"""
+    model = models.create_model(name, num_classes=7).train(training)
+    with torch.set_grad_enabled(training), UnfusedAddAct() as recorder:
+        model(torch.randn(2, 3, 32, 32))
+    assert recorder.found == []
+    blocks = sum(len(getattr(model, f"layer{i}")) for i in (1, 2, 3, 4))
+    assert recorder.adds == (blocks if name.startswith("preact") else 0)
 
 
 # --- load_weights ---------------------------------------------------------------------------
