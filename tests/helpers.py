@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def skip_or_fail(reason: str) -> None:
@@ -248,3 +249,18 @@ def check_compile_matches_eager(make_model, training: bool, x_shape: tuple) -> N
         assert rel_err(g, e) < 1e-5
     for key, value in eager.state_dict().items():  # running statistics were updated alike
         assert torch.allclose(compiled_model.state_dict()[key].float(), value.float(), atol=1e-6), key
+
+
+class RecordOps(TorchDispatchMode):
+    """Counts every op reaching the dispatcher (per overload) and records the weight of
+    each fused bn_act_conv call (out-of-place form)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts, self.bn_act_conv_weights = {}, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func] = self.counts.get(func, 0) + 1
+        if func is torch.ops.cnnkernels.bn_act_conv.default:
+            self.bn_act_conv_weights.append(args[1].data_ptr())
+        return func(*args, **(kwargs or {}))

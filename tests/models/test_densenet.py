@@ -8,11 +8,10 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from cnnkernels import models
 from cnnkernels.nn import DenseBlock, FusedSequential
-from helpers import randomize_batchnorm, rel_err
+from helpers import RecordOps, randomize_batchnorm, rel_err
 
 
 def assert_parity(ours: nn.Module, theirs: nn.Module, x: torch.Tensor) -> None:
@@ -72,21 +71,6 @@ def test_densenet_parameter_counts_at_1000_classes():
         with torch.device("meta"):
             model = models.create_model(name)
         assert sum(p.numel() for p in model.parameters()) == count, name
-
-
-class RecordOps(TorchDispatchMode):
-    """Counts every op reaching the dispatcher (per overload) and records the weight of
-    each fused bn_act_conv call (out-of-place form)."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts, self.bn_act_conv_weights = {}, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func] = self.counts.get(func, 0) + 1
-        if func is torch.ops.cnnkernels.bn_act_conv.default:
-            self.bn_act_conv_weights.append(args[1].data_ptr())
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("training", [False, True])

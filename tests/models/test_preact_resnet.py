@@ -17,12 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from cnnkernels import models
 from cnnkernels.models.preact_resnet import PreActBasicBlock, PreActBottleneck, PreActResNet
 from cnnkernels.models.resnet import conv1x1
-from helpers import Formula, rel_err
+from helpers import Formula, RecordOps, rel_err
 from test_resnet_family import compare, randomize_batch_norms
 
 CONFIGS = {"preact_resnet18": (False, [2, 2, 2, 2]), "preact_resnet34": (False, [3, 4, 6, 3]),
@@ -111,21 +110,6 @@ def test_identity_path_is_untouched(block_type):
     for training in (True, False):
         block.train(training)
         assert torch.equal(block(x), x)
-
-
-class RecordOps(TorchDispatchMode):
-    """Counts every op reaching the dispatcher (per overload) and records the weight of
-    each fused bn_act_conv call."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts, self.bn_act_conv_weights = {}, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func] = self.counts.get(func, 0) + 1
-        if func is torch.ops.cnnkernels.bn_act_conv.default:
-            self.bn_act_conv_weights.append(args[1].data_ptr())
-        return func(*args, **(kwargs or {}))
 
 
 def pre_activated_convs(model):
