@@ -32,6 +32,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from cnnkernels.nn.functional import batch_norm_mode
+from cnnkernels.ops import _autocast
 from cnnkernels.ops._conv_bn_core import update_running_stats
 from cnnkernels.ops.bn_act_conv import bn_act_conv
 
@@ -139,10 +140,14 @@ class DenseBlock(nn.ModuleDict):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         params = [p for layer in self.values() for p in _layer_params(layer)]
+        dtype = _autocast.lower_precision(x)
+        if dtype is not None:  # torch.autocast: x and the conv weights / biases in its dtype, BN's as they are
+            (x,) = _autocast.cast(dtype, x)
+            params = [p if i % 4 < 2 else _autocast.cast(dtype, p)[0] for i, p in enumerate(params)]
         if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
             return _DenseBlockFunction.apply(self, x, *params)
         with torch.no_grad():
-            return _run_forward(self, x, keep=False)[0]
+            return _run_forward(self, x, params, keep=False)[0]
 
     def forward_functional(self, x: torch.Tensor) -> torch.Tensor:
         """The same block in plain autograd: every layer is the functional bn_act_conv op
@@ -187,11 +192,15 @@ def _conv_args(conv: nn.Conv2d) -> tuple:
     return list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
 
 
-def _bn_act_conv_forward(norm: nn.BatchNorm2d, conv: nn.Conv2d, x: torch.Tensor, out: torch.Tensor | None):
-    """relu(norm(x)) -> conv, written into `out` when given (else a new tensor), running
-    statistics updated as norm.forward would. Returns (out, save_mean, save_var, training)."""
+def _bn_act_conv_forward(norm: nn.BatchNorm2d, conv: nn.Conv2d, unit_params, x: torch.Tensor,
+                         out: torch.Tensor | None):
+    """relu(norm(x)) -> conv with unit_params (bn weight, bn bias, conv weight, conv bias:
+    the modules' own, or their autocast copies), written into `out` when given (else a new
+    tensor), running statistics updated as norm.forward would. Returns (out, save_mean,
+    save_var, training)."""
+    bn_weight, bn_bias, weight, bias = unit_params
     training, momentum, running_mean, running_var = batch_norm_mode(norm)
-    args = (x, conv.weight, conv.bias, norm.weight, norm.bias, running_mean, running_var, *_conv_args(conv),
+    args = (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *_conv_args(conv),
             training, norm.eps, "relu")
     if out is None:
         out, save_mean, save_var = torch.ops.cnnkernels.bn_act_conv(*args)
@@ -202,7 +211,7 @@ def _bn_act_conv_forward(norm: nn.BatchNorm2d, conv: nn.Conv2d, x: torch.Tensor,
     return out, save_mean, save_var, training
 
 
-def _run_forward(block: DenseBlock, x: torch.Tensor, keep: bool):
+def _run_forward(block: DenseBlock, x: torch.Tensor, params, keep: bool):
     """The in-place forward. Returns (buf, records): per layer, with keep=True,
     (save_mean1, save_var1, save_mean2, save_var2, dropout mask or None, bottleneck or
     None (kept only when not block.memory_efficient), training1, training2)."""
@@ -212,11 +221,13 @@ def _run_forward(block: DenseBlock, x: torch.Tensor, keep: bool):
                       memory_format=_buffer_format(x))
     buf[:, :c].copy_(x)
     records = []
-    for layer in block.values():
+    for i, layer in enumerate(block.values()):
         (norm1, conv1), (norm2, conv2) = layer.units()
-        bottleneck, mean1, var1, training1 = _bn_act_conv_forward(norm1, conv1, buf[:, :c], None)
+        unit1 = params[_PARAMS_PER_LAYER * i:_PARAMS_PER_LAYER * i + 4]
+        unit2 = params[_PARAMS_PER_LAYER * i + 4:_PARAMS_PER_LAYER * (i + 1)]
+        bottleneck, mean1, var1, training1 = _bn_act_conv_forward(norm1, conv1, unit1, buf[:, :c], None)
         new = buf[:, c:c + k]
-        _, mean2, var2, training2 = _bn_act_conv_forward(norm2, conv2, bottleneck, new)
+        _, mean2, var2, training2 = _bn_act_conv_forward(norm2, conv2, unit2, bottleneck, new)
         mask = None
         if layer.drop_rate > 0 and layer.training:
             # aten.native_dropout is what F.dropout runs (CUDA) or matches draw for draw (CPU).
@@ -237,7 +248,7 @@ class _DenseBlockFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, block: DenseBlock, x: torch.Tensor, *params: torch.Tensor | None) -> torch.Tensor:
-        buf, records = _run_forward(block, x, keep=True)
+        buf, records = _run_forward(block, x, params, keep=True)
         ctx.block = block
         ctx.flags = [(r[6], r[7], r[4] is not None, r[5] is not None) for r in records]
         ctx.drop_rates = [layer.drop_rate for layer in block.values()]

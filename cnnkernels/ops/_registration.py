@@ -16,6 +16,7 @@ import torch
 
 from cnnkernels import _backends, _library
 from cnnkernels._backends import Implementation
+from cnnkernels.ops import _autocast
 
 _NATIVE = (("cpu", "CPU", "csrc/cpu/{}.cpp"), ("cuda", "CUDA", "csrc/cuda/{}.cu"))  # backend = device type
 
@@ -112,4 +113,5 @@ def register(op_name: str, *, family: str, x_index: int = 0,
 
     @torch.library.register_kernel(f"cnnkernels::{op_name}", ("cpu", "cuda"))
     def _kernel(*args):
-        return _backends.select(op_name, args).run(*args)
+        with _autocast.suspended():  # the op's dtypes were settled by its Python front (ops/_autocast.py)
+            return _backends.select(op_name, args).run(*args)

@@ -14,7 +14,7 @@ import inspect
 import torch
 
 from cnnkernels import reference
-from cnnkernels.ops import _checks, _registration
+from cnnkernels.ops import _autocast, _checks, _registration
 
 OP = "add_act"
 BACKWARD_OP = "add_act_backward"
@@ -34,6 +34,7 @@ def add_act(x, residual, *, activation="relu"):
     grad_out * (out > 0) for relu, grad_out for none. Which backend runs is explained by
     ``cnnkernels.ops.explain("add_act", x, residual)``.
     """
+    x, residual = _autocast.promote(x, residual)
     return torch.ops.cnnkernels.add_act(*_normalize(x, residual, activation))
 
 

@@ -18,7 +18,7 @@ import inspect
 import torch
 
 from cnnkernels import reference
-from cnnkernels.ops import _checks, _conv_bn_core, _registration
+from cnnkernels.ops import _autocast, _checks, _conv_bn_core, _registration
 
 OP = "bn_act_conv"
 INTO_OP = "bn_act_conv_into"
@@ -58,6 +58,7 @@ def bn_act_conv(x, weight, bias=None, bn_weight=None, bn_bias=None, running_mean
     Which backend runs is explained by ``cnnkernels.ops.explain("bn_act_conv", x, weight, ...)``
     (``"bn_act_conv_into"`` with out=).
     """
+    x, weight, bias = _autocast.cast(_autocast.lower_precision(x), x, weight, bias)
     args = _normalize(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding,
                       dilation, groups, training, eps, activation)
     _conv_bn_core.check_momentum(momentum)

@@ -14,7 +14,7 @@ import inspect
 import torch
 
 from cnnkernels import reference
-from cnnkernels.ops import _checks, _conv_bn_act_choice, _conv_bn_core, _registration
+from cnnkernels.ops import _autocast, _checks, _conv_bn_act_choice, _conv_bn_core, _registration
 
 OP = "conv_bn_act"
 BACKWARD_OP = "conv_bn_act_backward"
@@ -44,6 +44,7 @@ def conv_bn_act(x, weight, bias=None, bn_weight=None, bn_bias=None, running_mean
     bias, bn_weight, bn_bias and residual. Which backend runs is explained by
     ``cnnkernels.ops.explain("conv_bn_act", x, weight, ...)``.
     """
+    x, weight, bias, residual = _autocast.cast(_autocast.lower_precision(x), x, weight, bias, residual)
     args = _normalize(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride,
                       padding, dilation, groups, training, eps, residual, activation)
     _conv_bn_core.check_momentum(momentum)

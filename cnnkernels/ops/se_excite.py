@@ -16,7 +16,7 @@ import inspect
 import torch
 
 from cnnkernels import reference
-from cnnkernels.ops import _checks, _registration
+from cnnkernels.ops import _autocast, _checks, _registration
 
 OP = "se_excite"
 BACKWARD_OP = "se_excite_backward"
@@ -41,6 +41,8 @@ def se_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, residual=None, a
     parameters and residual. Which backend runs is explained by
     ``cnnkernels.ops.explain("se_excite", x, fc1_weight, ...)``.
     """
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual = _autocast.cast(
+        _autocast.lower_precision(x), x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual)
     args = _normalize(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation)
     return torch.ops.cnnkernels.se_excite(*args)[0]
 

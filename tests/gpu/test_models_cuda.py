@@ -18,7 +18,7 @@ import torchvision
 import cnnkernels
 from cnnkernels import models
 from cnnkernels.bench.harness import recording_backends
-from helpers import randomize_batchnorm, rel_err
+from helpers import half_precision_bound, randomize_batchnorm, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -70,3 +70,28 @@ def test_train_step_matches_torchvision(name, twin, backend):
     for key, value in ours.state_dict().items():
         if key.endswith(("running_mean", "running_var")):
             assert rel_err(value, tv_state[key]) < 2e-2, key
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("name, twin", TWINS, ids=[t[0] for t in TWINS])
+def test_autocast_matches_torchvision(name, twin, backend, dtype):
+    """Under torch.autocast("cuda", dtype): eval logits as close to float32 as torchvision's
+    under the same autocast (2x its error, floor 1e-2), and a training step with a
+    GradScaler gives finite float32 gradients."""
+    tv, ours, fmt = _twins(name, twin, True)
+    x = torch.randn(4, 3, 64, 64, device=DEVICE).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        full = tv.eval()(x)
+        with torch.autocast("cuda", dtype=dtype):
+            theirs = tv(x)
+            with cnnkernels.use_backend(backend):
+                got = ours.eval()(x)
+    assert got.dtype == dtype
+    assert rel_err(got, full) < half_precision_bound(rel_err(theirs, full), dtype)
+    scaler = torch.amp.GradScaler("cuda")
+    with torch.autocast("cuda", dtype=dtype), cnnkernels.use_backend(backend):
+        loss = ours.train()(x).float().square().mean()
+    scaler.scale(loss).backward()
+    for key, p in ours.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), key
