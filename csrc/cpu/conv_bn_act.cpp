@@ -319,11 +319,28 @@ void backward_elementwise_cpu(const at::Tensor& grad_out, const at::Tensor& out,
 // add and ReLU as oneDNN post-ops: no extra pass over the output. Looked up through the
 // dispatcher and called boxed, so a torch without it (or with another signature) only
 // loses the fast path. An input oneDNN rejects (c10::Error from torch's checks, or
-// oneDNN's own dnnl::error) falls back to the plain path; bf16 on a
-// CPU without AVX512 or AVX-NE-CONVERT always fails, so after one failure bf16 is not
-// tried again.
+// oneDNN's own dnnl::error) falls back to the plain path, that call only. bf16 on a
+// CPU without AVX512 or AVX-NE-CONVERT always fails: where torch says so
+// (mkldnn::_is_mkldnn_bf16_supported) bf16 is never tried, and where torch cannot say,
+// the first bf16 failure stops the tries.
 
 std::atomic<bool> onednn_bf16_failed{false};
+
+// torch's own answer, asked once: 1 supported, 0 not, -1 torch has no such op.
+int onednn_bf16_support() {
+  static const int support = [] {
+    const auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_is_mkldnn_bf16_supported", ""});
+    if (!op.has_value()) return -1;
+    std::vector<c10::IValue> stack;
+    try {
+      op->callBoxed(&stack);
+    } catch (const std::exception&) {
+      return -1;
+    }
+    return stack.at(0).toBool() ? 1 : 0;
+  }();
+  return support;
+}
 
 std::optional<c10::OperatorHandle> find_onednn_op(const char* overload) {
   return c10::Dispatcher::singleton().findSchema({"mkldnn::_convolution_pointwise", overload});
@@ -333,7 +350,8 @@ at::Tensor eval_fused_conv_cpu(const at::Tensor& x, const at::Tensor& weight, co
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                int64_t groups, const at::Tensor& residual, bool relu) {
   const bool is_float = x.scalar_type() == at::kFloat, is_bf16 = x.scalar_type() == at::kBFloat16;
-  if (!(is_float || (is_bf16 && !onednn_bf16_failed.load())) || (!relu && !residual.defined()) ||
+  if (!(is_float || (is_bf16 && onednn_bf16_support() != 0 && !onednn_bf16_failed.load())) ||
+      (!relu && !residual.defined()) ||
       !at::globalContext().userEnabledMkldnn()) {
     return at::Tensor();
   }
@@ -357,7 +375,7 @@ at::Tensor eval_fused_conv_cpu(const at::Tensor& x, const at::Tensor& weight, co
   try {
     op->callBoxed(&stack);
   } catch (const c10::Error&) {
-    if (is_bf16) onednn_bf16_failed.store(true);
+    if (is_bf16 && onednn_bf16_support() < 0) onednn_bf16_failed.store(true);
     return at::Tensor();
   } catch (const std::exception&) {
     // oneDNN's own dnnl::error is no c10::Error: torch 2.11's .binary form throws
