@@ -35,7 +35,7 @@ CPU_KERNEL_CHOICES = (
     ("aten_pass", "training: ATen convolution + C++ batch statistics and fused normalise/residual/activation pass"),
     ("onednn_fused", "eval float32 (bfloat16 where oneDNN supports it) with ReLU or a residual: "
                      "mkldnn._convolution_pointwise (.binary add for the residual, fused by torch only on "
-                     "channels_last data), BN folded"),
+                     "channels_last data, and not taken by torch for NCHW bfloat16), BN folded"),
     ("aten_folded", "eval float32/float64, no ReLU, no residual: one ATen convolution, BN folded into weight and bias"),
     ("aten_pass", "other eval: ATen convolution + fused C++ scale/shift/residual/activation pass"),
 )
@@ -126,7 +126,8 @@ def describe_cpu(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
     if training:
         return ("aten_pass: ATen convolution + C++ batch statistics (shifted sums) + fused normalise / residual / "
                 "activation pass")
-    if (relu or residual is not None) and _onednn_can_fuse(x.dtype):
+    binary_rejected = residual is not None and x.dtype == torch.bfloat16 and not _channels_last(x)
+    if (relu or residual is not None) and _onednn_can_fuse(x.dtype) and not binary_rejected:
         post_ops = " + ".join((["binary add (residual)"] if residual is not None else []) + (["relu"] if relu else []))
         op = "mkldnn._convolution_pointwise" + (".binary" if residual is not None else "")
         unfused = ("; on NCHW data torch runs the .binary op unfused (convolution, then add and activation)"

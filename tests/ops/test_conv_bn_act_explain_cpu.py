@@ -50,6 +50,8 @@ CASES = [  # (dtype, memory format, training, residual, activation, expected pat
     (torch.float16, CL, False, False, "relu", "aten_pass"),
     (torch.float32, CL, True, True, "relu", "aten_pass"),
     (torch.bfloat16, CL, True, False, "relu", "aten_pass"),
+    # torch's .binary form rejects NCHW bfloat16 (and a CPU without bf16 support rejects all)
+    (torch.bfloat16, torch.contiguous_format, False, True, "relu", "aten_pass"),
 ]
 
 
