@@ -31,9 +31,8 @@ import pytest
 import torch
 import torch._inductor.config as inductor_config
 
-import cnnkernels
 from cnnkernels import ops
-from cnnkernels.bench.layers import LAYERS, layer_traffic
+from cnnkernels.bench.layers import LAYERS, explain_fused, layer_traffic, run_fused
 from cnnkernels.bench.layers import build as build_layer
 from cnnkernels.nn import freeze
 
@@ -80,20 +79,12 @@ def make_step(fn, inputs, mode, grad_targets):
 
 
 def fused_fn(module, backend):
-    op = getattr(ops, module.op)
-
-    def run(*inputs):
-        args, kwargs = module.fused_call(*inputs)
-        with cnnkernels.use_backend(backend):
-            return op(*args, **kwargs)
-    return run
+    return lambda *inputs: run_fused(module, *inputs, backend=backend)
 
 
 def explain(module, backend, inputs) -> str | None:
     """The kernel our op would run on backend; skips the test when the backend refuses."""
-    args, kwargs = module.fused_call(*inputs)
-    with cnnkernels.use_backend(backend):
-        verdict = ops.explain(module.op, *args, **kwargs)
+    verdict = explain_fused(module, *inputs, backend=backend)
     if backend in verdict["rejected"]:
         pytest.skip(f"backend {backend} cannot run this input: {'; '.join(verdict['rejected'][backend])}")
     return verdict["kernel"]

@@ -28,9 +28,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-import cnnkernels  # noqa: E402
-from cnnkernels import ops  # noqa: E402
-from cnnkernels.bench.layers import LAYERS, build  # noqa: E402
+from cnnkernels.bench.layers import LAYERS, build, explain_fused, run_fused  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODES = ("eval", "train")
@@ -106,18 +104,13 @@ def measure(layer, mode: str, variant: str, args) -> dict:
         fn = torch.compile(module)
     elif variant.startswith("ours_"):
         backend = variant.removeprefix("ours_")
-        fused_args, fused_kwargs = module.fused_call(*inputs)
-        with cnnkernels.use_backend(backend):
-            verdict = ops.explain(module.op, *fused_args, **fused_kwargs)
+        verdict = explain_fused(module, *inputs, backend=backend)
         row["kernel"] = verdict["kernel"]
         if backend in verdict["rejected"]:
             return {**row, "status": "declined", "error": "; ".join(verdict["rejected"][backend])}
-        op = getattr(ops, module.op)
 
         def fn(*xs):
-            a, k = module.fused_call(*xs)
-            with cnnkernels.use_backend(backend):
-                return op(*a, **k)
+            return run_fused(module, *xs, backend=backend)
     else:
         fn = module
     step = make_step(fn, inputs, mode, grad_targets, device)
@@ -137,8 +130,7 @@ def default_choices(layer, args) -> dict:
     choice = {}
     for mode in MODES:
         module, inputs = build(layer, mode, args.batch, DTYPES[args.dtype], args.device)
-        fused_args, fused_kwargs = module.fused_call(*inputs)
-        verdict = ops.explain(module.op, *fused_args, **fused_kwargs)
+        verdict = explain_fused(module, *inputs)
         choice[mode] = {"backend": verdict["backend"], "kernel": verdict["kernel"]}
     return choice
 

@@ -59,14 +59,12 @@ def model_rows(stage: dict) -> list[dict]:
     for record in stage.get("records", []):
         entry = grouped.setdefault((record["model"], record["mode"]),
                                    {"model": record["model"], "mode": record["mode"], "ips": {}, "peak_gib": {},
-                                    "first_s": {}, "status": {}, "backends": None})
+                                    "first_s": {}, "status": {}})
         entry["status"][record["variant"]] = record.get("status")
         if record.get("status") == "ok":
             entry["ips"][record["variant"]] = record["images_per_s"]
             entry["peak_gib"][record["variant"]] = record["memory"]["peak_bytes"] / 2**30
             entry["first_s"][record["variant"]] = record["first_call_s"]
-            if record["variant"] == "cnnkernels":
-                entry["backends"] = record.get("cnnkernels_backends_used")
     for entry in grouped.values():
         ips = entry["ips"]
         entry["ours_vs_eager"] = ips["cnnkernels"] / ips["eager"] if "cnnkernels" in ips and "eager" in ips else None

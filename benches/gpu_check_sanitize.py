@@ -19,9 +19,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-import cnnkernels  # noqa: E402
-from cnnkernels import ops  # noqa: E402
-from cnnkernels.bench.layers import LAYERS, build  # noqa: E402
+from cnnkernels.bench.layers import LAYERS, build, explain_fused, run_fused  # noqa: E402
 
 # one layer per kernel the cuda backend picks: cuDNN + epilogue (stem, strided 1x1, NCHW),
 # 1x1 GEMM, grouped 3x3, and one of each other op
@@ -41,14 +39,12 @@ def run_once(layer, backend: str, dtype, memory_format, mode: str, device: str, 
     layer = dataclasses.replace(layer, size=min(layer.size, size))
     module, inputs = build(layer, mode, 2, dtype, device, memory_format)
     inputs = [t.detach().requires_grad_(layer.input_grad or i > 0) for i, t in enumerate(inputs)]
-    args, kwargs = module.fused_call(*inputs)
-    with cnnkernels.use_backend(backend):
-        verdict = ops.explain(module.op, *args, **kwargs)
-        if backend in verdict["rejected"]:
-            return "declined: " + "; ".join(verdict["rejected"][backend])
-        out = getattr(ops, module.op)(*args, **kwargs)
-        leaves = [t for t in inputs if t.requires_grad] + list(module.parameters())
-        grads = torch.autograd.grad(out, leaves, torch.randn_like(out))
+    verdict = explain_fused(module, *inputs, backend=backend)
+    if backend in verdict["rejected"]:
+        return "declined: " + "; ".join(verdict["rejected"][backend])
+    out = run_fused(module, *inputs, backend=backend)
+    leaves = [t for t in inputs if t.requires_grad] + list(module.parameters())
+    grads = torch.autograd.grad(out, leaves, torch.randn_like(out))
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     if not all(torch.isfinite(t).all() for t in (out, *grads)):

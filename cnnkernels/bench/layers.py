@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import cnnkernels
+from cnnkernels import ops
 from cnnkernels.bench import traffic
 from cnnkernels.nn.freeze import folded_eval_arguments
 
@@ -208,3 +210,21 @@ def build(layer: Layer, mode: str, batch: int, dtype: torch.dtype, device: str,
         residual = activation(layer.channels if layer.op != "conv_bn_act" else layer.out_channels, out_size)
         inputs.append(residual.requires_grad_(mode == "train"))
     return module, tuple(inputs)
+
+
+def run_fused(module: nn.Module, *inputs, backend: str | None = None):
+    """The module's fused cnnkernels op over its parameters on inputs, on `backend` (None:
+    the default choice, with no backend context entered, so torch.compile traces it)."""
+    args, kwargs = module.fused_call(*inputs)
+    op = getattr(ops, module.op)
+    if backend is None:
+        return op(*args, **kwargs)
+    with cnnkernels.use_backend(backend):
+        return op(*args, **kwargs)
+
+
+def explain_fused(module: nn.Module, *inputs, backend: str | None = None) -> dict:
+    """ops.explain of the module's fused op on inputs (forced onto `backend` when given)."""
+    args, kwargs = module.fused_call(*inputs)
+    with cnnkernels.use_backend(backend):
+        return ops.explain(module.op, *args, **kwargs)

@@ -17,9 +17,7 @@ import copy
 import pytest
 import torch
 
-import cnnkernels
-from cnnkernels import ops
-from cnnkernels.bench.layers import LAYERS, build
+from cnnkernels.bench.layers import LAYERS, build, explain_fused, run_fused
 from helpers import half_precision_bound, rel_err
 
 pytestmark = pytest.mark.gpu
@@ -39,9 +37,7 @@ def _run(module, inputs, grad_out, fused_backend=None):
     if fused_backend is None:
         out = module(*inputs)
     else:
-        args, kwargs = module.fused_call(*inputs)
-        with cnnkernels.use_backend(fused_backend):
-            out = getattr(ops, module.op)(*args, **kwargs)
+        out = run_fused(module, *inputs, backend=fused_backend)
     leaves = [t for t in inputs if t.requires_grad] + list(module.parameters())
     grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
     return out, grads, [b.clone() for b in module.buffers() if b.is_floating_point()]
@@ -54,9 +50,7 @@ def _run(module, inputs, grad_out, fused_backend=None):
 def test_op_matches_unfused_torch(layer, backend, dtype, memory_format, mode):
     module, inputs = build(layer, mode, BATCH, dtype, DEVICE, memory_format)
     inputs = [t.detach().requires_grad_(layer.input_grad or i > 0) for i, t in enumerate(inputs)]
-    args, kwargs = module.fused_call(*inputs)
-    with cnnkernels.use_backend(backend):
-        verdict = ops.explain(module.op, *args, **kwargs)
+    verdict = explain_fused(module, *inputs, backend=backend)
     if backend in verdict["rejected"]:
         pytest.skip(f"{backend} declines this input: {'; '.join(verdict['rejected'][backend])}")
 

@@ -10,9 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-import cnnkernels
-from cnnkernels import ops
-from cnnkernels.bench.layers import LAYERS, build
+from cnnkernels.bench.layers import LAYERS, build, run_fused
 from helpers import half_precision_bound, rel_err
 
 # one layer per op and kind, at a small size
@@ -20,14 +18,6 @@ CASES = [dataclasses.replace(layer, size=min(layer.size, 8)) for layer in LAYERS
          if layer.id in ("conv_bn_act-resnet50-layer1.1.conv3", "conv_bn_act-resnext50_32x4d-layer1.1.conv2",
                          "add_act-resnet50-layer3.1", "se_excite-seresnext50_32x4d-layer1.1.se",
                          "bn_act_conv-densenet121-denseblock1.denselayer1.norm2/relu2/conv2")]
-
-
-def _fused(module, backend):
-    def run(*inputs):
-        args, kwargs = module.fused_call(*inputs)
-        with cnnkernels.use_backend(backend):
-            return getattr(ops, module.op)(*args, **kwargs)
-    return run
 
 
 def test_one_case_per_op():
@@ -49,7 +39,7 @@ def test_op_follows_autocast(layer, backend, mode):
     ref_grads = torch.autograd.grad(ref, ref_inputs + list(ref_module.parameters()), grad)
 
     results = {}
-    for name, make in (("torch", lambda m: m), ("ours", lambda m: _fused(m, backend))):
+    for name, make in (("torch", lambda m: m), ("ours", lambda m: (lambda *xs: run_fused(m, *xs, backend=backend)))):
         m = copy.deepcopy(module)
         xs = [t.detach().requires_grad_() for t in inputs]
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -89,8 +79,7 @@ def test_compiled_under_autocast(layer):
     module, inputs = build(layer, "train", 2, torch.float32, "cpu")
 
     def fused(*xs):  # the default backend on CPU tensors: cpu
-        args, kwargs = module.fused_call(*xs)
-        return getattr(ops, module.op)(*args, **kwargs)
+        return run_fused(module, *xs)
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         eager = fused(*inputs)
