@@ -5,7 +5,7 @@ classic convolutional networks, as registered torch ops with autograd and fake t
     y = cnnkernels.ops.conv_bn_act(x, w, bn_weight=g, bn_bias=b, running_mean=m, running_var=v)
     with cnnkernels.use_backend("reference"): ...
 
-    net = cnnkernels.models.resnext50()             # models, analysis, eval import on first use
+    net = cnnkernels.models.resnext50()             # analysis and eval import on first use
 
 `python -m cnnkernels.info` tells which backends can run each op on this machine.
 """
@@ -21,7 +21,7 @@ from cnnkernels import ops, nn
 
 __version__ = "0.1.0"
 __all__ = ["BACKENDS", "BackendError", "use_backend", "ops", "nn", "models", "analysis", "eval", "__version__"]
-_LAZY = ("models", "analysis", "eval")
+_LAZY = ("analysis", "eval")
 
 
 class _SourceTreeModels(importlib.abc.MetaPathFinder):
@@ -41,6 +41,8 @@ class _SourceTreeModels(importlib.abc.MetaPathFinder):
 
 if not any(isinstance(finder, _SourceTreeModels) for finder in sys.meta_path):
     sys.meta_path.append(_SourceTreeModels())
+
+from cnnkernels import models  # noqa: E402  (its families register their nn.convert rules)
 
 
 def __getattr__(name):

@@ -23,6 +23,7 @@ from . import vgg  # noqa: E402,F401
 from . import googlenet  # noqa: E402,F401
 from . import inception  # noqa: E402,F401
 from . import densenet  # noqa: E402,F401
+from . import resnet_convert  # noqa: E402,F401  (cnnkernels.nn.convert's ResNet rules)
 
 
 # Every registered name is a builder attribute too, as in torchvision.models: models.resnext50()

@@ -18,10 +18,11 @@ keys stay those of the plain modules. Where one pre-activation feeds two convolu
 (`shared_bn_act_convs`): the first updates the running statistics and
 num_batches_tracked, the second normalises with the batch statistics of the same x
 (training) or the running statistics (eval) and updates nothing; relu(bn(x)) is never
-materialised and BN is applied as by one call. Plain torch remains where no fused op
-fits: the first unit's conv1 (and the Bottleneck's shortcut) on the stem's output (no
-BN before them), the residual sums (no activation follows them; the next unit's BN
-does) and the head's BN-ReLU (followed by pooling, not a conv).
+materialised and BN is applied as by one call. Each residual sum is one add_act op with
+activation "none" (no activation follows it; the next unit's BN does). Plain torch
+remains where no fused op fits: the first unit's conv1 (and the Bottleneck's shortcut)
+on the stem's output (no BN before them) and the head's BN-ReLU (followed by pooling,
+not a conv).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnkernels.nn.functional import bn_act_conv_modules, conv_bn_act_modules
+from cnnkernels.ops import add_act
 
 from ._registry import load_weights, register_model
 from .resnet import _batch_norm, conv1x1, conv3x3
@@ -67,7 +69,7 @@ class _PreActBlock(nn.Module):
         else:
             identity = x
             out = bn_act_conv_modules(self.bn1, self.conv1, x)
-        return self._units(out) + identity
+        return add_act(self._units(out), identity, activation="none")
 
 
 class PreActBasicBlock(_PreActBlock):

@@ -10,13 +10,11 @@ flag of the module it replaces, and the shared children keep theirs (a frozen BN
 in eval mode). Every module is tried once per call. A replacement is not looked into
 when its class sets `cnnkernels_fused = True` (every conv in it already runs fused);
 otherwise its children are converted in turn. Modules no rule matches are left as they
-are and their children are visited. Other families add their rules with register_rule().
+are and their children are visited. The model families add their rules with
+register_rule() when they are imported (models/resnet_convert.py: torchvision and timm
+ResNets and their blocks; `import cnnkernels` imports the models), so nn knows no model.
 
-Built-in rules:
-  torchvision_resnet     torchvision ResNet -> cnnkernels.models.resnet.ResNet (fused stem)
-  torchvision_resnet_block  torchvision BasicBlock / Bottleneck -> the fused blocks
-  timm_resnet_block      timm BasicBlock / Bottleneck (plain, or Bottleneck with SEModule)
-                         -> the fused blocks (SE through cnnkernels.nn.SqueezeExcite)
+Rules defined here:
   basic_conv2d           torchvision Inception / GoogLeNet BasicConv2d -> ConvBNAct
   sequential_conv_bn     nn.Sequential (or a subclass keeping its forward) holding a
                          Conv2d followed by BatchNorm2d -> FusedSequential
@@ -139,19 +137,19 @@ def is_relu(module) -> bool:
     return type(module) is nn.ReLU
 
 
-def _children(module: nn.Module) -> dict[str, nn.Module]:
+def children_of(module: nn.Module) -> dict[str, nn.Module]:
     return dict(module.named_children())
 
 
-def _has_exactly(module: nn.Module, names: set[str]) -> bool:
-    return set(_children(module)) == names
+def has_exactly(module: nn.Module, names: set[str]) -> bool:
+    return set(children_of(module)) == names
 
 
-def _is_identity(module) -> bool:
+def is_identity(module) -> bool:
     return module is None or type(module) is nn.Identity
 
 
-def _is_plain_downsample(module) -> bool:
+def is_plain_downsample(module) -> bool:
     """None or torchvision's projection shortcut Sequential(Conv2d, BatchNorm2d)."""
     return module is None or (type(module) is nn.Sequential and len(module) == 2
                               and is_conv_bn_pair(module[0], module[1]))
@@ -164,114 +162,12 @@ def _class_of(module_name: str, class_name: str):
         return None
 
 
-def _is_instance_of(module, module_name: str, class_name: str) -> bool:
+def is_instance_of(module, module_name: str, class_name: str) -> bool:
     """type(module) is module_name.class_name, without importing a package that is not loaded yet."""
     if module_name not in sys.modules:
         return False
     cls = _class_of(module_name, class_name)
     return cls is not None and type(module) is cls
-
-
-def _resnet_module():
-    return importlib.import_module("cnnkernels.models.resnet")
-
-
-# --- torchvision ResNet -----------------------------------------------------------------
-
-_TV_RESNET = "torchvision.models.resnet"
-
-
-def _match_tv_resnet(module) -> bool:
-    return (_is_instance_of(module, _TV_RESNET, "ResNet") and is_conv_bn_pair(module.conv1, module.bn1)
-            and is_relu(module.relu) and type(module.maxpool) is nn.MaxPool2d
-            and _has_exactly(module, {"conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4",
-                                      "avgpool", "fc"}))
-
-
-def _replace_tv_resnet(module):
-    children = {k: v for k, v in _children(module).items() if k != "relu"}
-    attributes = {k: getattr(module, k) for k in ("inplanes", "dilation", "groups", "base_width", "_norm_layer")}
-    return adopt(_resnet_module().ResNet, module, children, {**attributes, "_block_args": {}})
-
-
-def _match_tv_block(module) -> bool:
-    if _is_instance_of(module, _TV_RESNET, "BasicBlock"):
-        units = (("conv1", "bn1"), ("conv2", "bn2"))
-    elif _is_instance_of(module, _TV_RESNET, "Bottleneck"):
-        units = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
-    else:
-        return False
-    names = {n for unit in units for n in unit} | {"relu"}
-    if module.downsample is not None:
-        names.add("downsample")
-    return (_has_exactly(module, names) and is_relu(module.relu) and _is_plain_downsample(module.downsample)
-            and all(is_conv_bn_pair(getattr(module, c), getattr(module, b)) for c, b in units))
-
-
-def _replace_block(module, se: SqueezeExcite | None = None):
-    resnet = _resnet_module()
-    bottleneck = hasattr(module, "conv3")
-    names = ("conv1", "bn1", "conv2", "bn2") + (("conv3", "bn3") if bottleneck else ())
-    children = {n: getattr(module, n) for n in names}
-    if bottleneck:
-        children["se"] = se
-    downsample = module.downsample
-    if downsample is not None and not _is_plain_downsample(downsample):  # timm's avg-down: fuse its conv-BN
-        downsample = FusedSequential.from_sequential(downsample)
-    children["downsample"] = downsample
-    stride = module.conv2.stride[0] if bottleneck else module.conv1.stride[0]
-    return adopt(resnet.Bottleneck if bottleneck else resnet.BasicBlock, module, children, {"stride": stride})
-
-
-# --- timm ResNet blocks -------------------------------------------------------------------
-
-_TIMM_RESNET = "timm.models.resnet"
-
-
-def _timm_se(module) -> bool:
-    """timm's SEModule in its plain form: mean squeeze, fc1, ReLU, fc2, sigmoid gate."""
-    return (type(module).__name__ == "SEModule" and type(module).__module__.startswith("timm.")
-            and not getattr(module, "add_maxpool", True) and type(module.bn) is nn.Identity
-            and is_relu(module.act) and _is_sigmoid(module.gate)
-            and type(module.fc1) is nn.Conv2d and type(module.fc2) is nn.Conv2d)
-
-
-def _is_sigmoid(module) -> bool:
-    """nn.Sigmoid or timm's own Sigmoid layer (same function)."""
-    cls = type(module)
-    return cls is nn.Sigmoid or (cls.__name__ == "Sigmoid" and cls.__module__ == "timm.layers.activations")
-
-
-def _is_timm_downsample(module) -> bool:
-    """None, Sequential(Conv2d, BatchNorm2d), or timm's avg-down Sequential(AvgPool2d or
-    Identity, Conv2d, BatchNorm2d)."""
-    if _is_plain_downsample(module):
-        return True
-    return (type(module) is nn.Sequential and len(module) == 3 and type(module[0]) in (nn.AvgPool2d, nn.Identity)
-            and is_conv_bn_pair(module[1], module[2]))
-
-
-def _match_timm_block(module) -> bool:
-    if _is_instance_of(module, _TIMM_RESNET, "BasicBlock"):
-        units, acts = (("conv1", "bn1"), ("conv2", "bn2")), ("act1", "act2")
-        if module.se is not None:  # the fused BasicBlock has no SE gate
-            return False
-    elif _is_instance_of(module, _TIMM_RESNET, "Bottleneck"):
-        units, acts = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")), ("act1", "act2", "act3")
-        if module.se is not None and not _timm_se(module.se):
-            return False
-    else:
-        return False
-    allowed = {n for unit in units for n in unit} | set(acts) | {"drop_block", "aa", "se", "downsample", "drop_path"}
-    return (set(_children(module)) <= allowed and _is_identity(module.drop_block) and _is_identity(module.aa)
-            and _is_identity(module.drop_path) and all(is_relu(getattr(module, a)) for a in acts)
-            and _is_timm_downsample(module.downsample)
-            and all(is_conv_bn_pair(getattr(module, c), getattr(module, b)) for c, b in units))
-
-
-def _replace_timm_block(module):
-    se = getattr(module, "se", None)
-    return _replace_block(module, SqueezeExcite.from_modules(se.fc1, se.fc2) if se is not None else None)
 
 
 # --- BasicConv2d and Sequential runs ------------------------------------------------------
@@ -283,8 +179,8 @@ BASIC_CONV2D_CLASSES = (("torchvision.models.inception", "BasicConv2d"),
 def _match_basic_conv2d(module) -> bool:
     """A module computing relu(bn(conv(x))) with exactly the children conv and bn
     (torchvision's Inception v3 and GoogLeNet BasicConv2d)."""
-    return (any(_is_instance_of(module, m, c) for m, c in BASIC_CONV2D_CLASSES)
-            and _has_exactly(module, {"conv", "bn"}) and is_conv_bn_pair(module.conv, module.bn))
+    return (any(is_instance_of(module, m, c) for m, c in BASIC_CONV2D_CLASSES)
+            and has_exactly(module, {"conv", "bn"}) and is_conv_bn_pair(module.conv, module.bn))
 
 
 def _replace_basic_conv2d(module):
@@ -349,9 +245,6 @@ def _match_sequential(module) -> bool:
 
 
 for _rule in (
-    Rule("torchvision_resnet", _match_tv_resnet, _replace_tv_resnet),
-    Rule("torchvision_resnet_block", _match_tv_block, _replace_block),
-    Rule("timm_resnet_block", _match_timm_block, _replace_timm_block),
     Rule("basic_conv2d", _match_basic_conv2d, _replace_basic_conv2d),
     Rule("sequential_conv_bn", _match_sequential, FusedSequential.from_sequential),
 ):

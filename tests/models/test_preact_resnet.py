@@ -130,8 +130,8 @@ def test_every_pre_activation_unit_runs_the_fused_bn_act_conv_op(name):
     """Train-mode forward and backward: each BN-ReLU-conv (the shortcut projections on a
     shared pre-activation included) is one cnnkernels bn_act_conv op and one backward op;
     the only plain convolutions left are those on the stem's output (no BN before them),
-    the only plain BatchNorm and ReLU the head's final_bn, and the residual sums plain
-    adds (one per block, no activation after them)."""
+    the only plain BatchNorm and ReLU the head's final_bn, and the residual sums add_act
+    ops with activation "none" (one per block), no plain add left."""
     model = models.create_model(name, num_classes=10)
     blocks = [b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer]
     expected = pre_activated_convs(model)
@@ -149,7 +149,8 @@ def test_every_pre_activation_unit_runs_the_fused_bn_act_conv_op(name):
     assert counts.get(torch.ops.aten.convolution.default) == plain_convs
     assert sum(n for f, n in counts.items() if "batch_norm" in f.name()) == 1
     assert sum(n for f, n in counts.items() if f.name() in ("aten::relu", "aten::relu_")) == 1
-    assert counts.get(torch.ops.aten.add.Tensor) == len(blocks)
+    assert counts.get(torch.ops.cnnkernels.add_act.default) == len(blocks)
+    assert counts.get(torch.ops.aten.add.Tensor) is None
     assert all(p.grad is not None for p in model.parameters())
 
 
