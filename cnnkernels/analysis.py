@@ -9,8 +9,8 @@
 How it works: the model runs once in eval mode under torch.no_grad() inside a
 TorchFunctionMode that records every costed torch call (conv2d, linear, batch_norm,
 activations, pools, cat, tensor add/mul, flatten, local_response_norm) and every call of
-the fused cnnkernels ops (conv_bn_act, add_act, se_excite), with module hooks telling
-which module runs. Since
+a fused cnnkernels op (each costed by the cost model declared with the op,
+cnnkernels/ops/<op>.py), with module hooks telling which module runs. Since
 the calls are recorded rather than the modules, a layer counts the same whether it runs
 as separate modules, as torchvision's functional code or as a fused op (ConvBNAct,
 FusedSequential, conv_bn_act_modules in a residual block).
@@ -52,6 +52,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+from cnnkernels._cost import OpCost, nbytes
+from cnnkernels.ops._registration import PUBLIC_CALLS, schema_values
 
 __all__ = ["LayerRow", "Summary", "summary"]
 
@@ -151,19 +154,6 @@ class Summary:
 # --- recording ------------------------------------------------------------------------------
 
 @dataclass
-class _Event:
-    kinds: list[str]
-    module: str
-    primary: Optional[torch.Tensor]
-    extra: list[torch.Tensor]
-    weights: list[torch.Tensor]
-    out: torch.Tensor
-    flops: int
-    bytes_unfused: int
-    view: bool = False
-
-
-@dataclass
 class _Row:
     name: str
     kinds: list[str]
@@ -180,10 +170,6 @@ def _key(t: torch.Tensor) -> tuple[int, int]:
     """Identifies a parameter or buffer, and the views of it a fused op makes (a 1x1 conv
     weight flattened to a matrix has the same data pointer and size)."""
     return t.data_ptr(), t.numel()
-
-
-def _nbytes(*tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def _arg(args, kwargs, index, name, default=None):
@@ -203,11 +189,13 @@ def _func_name(func) -> str:
     return qualified if qualified is not None else getattr(func, "__name__", "")
 
 
-def _event(func, args, kwargs, out) -> Optional[_Event]:
+def _event(func, args, kwargs, out) -> Optional[OpCost]:
     """The costed call `func(*args, **kwargs) -> out`, or None for calls that are not costed."""
     name = _func_name(func)
-    if name in _FUSED_OPS:
-        return _FUSED_OPS[name](args, kwargs, out)
+    if name.startswith("cnnkernels::"):
+        op = name.split("::", 1)[1]
+        call = PUBLIC_CALLS.get(op)
+        return call.cost(schema_values(op, args, kwargs), out) if call is not None and call.cost else None
     if not isinstance(out, torch.Tensor) and name not in _POOLS:
         return None
     first = _arg(args, kwargs, 0, "input")
@@ -216,18 +204,18 @@ def _event(func, args, kwargs, out) -> Optional[_Event]:
     if name == "conv2d":
         weight, bias = _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
         flops = out.numel() * weight[0].numel()
-        return _Event(["conv"], "", first, [], [weight, bias], out, flops, _nbytes(first, weight, bias, out))
+        return OpCost(["conv"], first, [], [weight, bias], out, flops, nbytes(first, weight, bias, out))
     if name == "linear":
         weight, bias = _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
         flops = out.numel() * weight.shape[1]
-        return _Event(["linear"], "", first, [], [weight, bias], out, flops, _nbytes(first, weight, bias, out))
+        return OpCost(["linear"], first, [], [weight, bias], out, flops, nbytes(first, weight, bias, out))
     if name == "batch_norm":
         vectors = [_arg(args, kwargs, i, key) for i, key in ((1, "running_mean"), (2, "running_var"),
                                                             (3, "weight"), (4, "bias"))]
-        return _Event(["bn"], "", first, [], vectors, out, out.numel(), _nbytes(first, out, *vectors))
+        return OpCost(["bn"], first, [], vectors, out, out.numel(), nbytes(first, out, *vectors))
     if name in _ACTIVATIONS:
         kind = name.rstrip("_")
-        return _Event([kind], "", first, [], [], out, 0, _nbytes(first, out))
+        return OpCost([kind], first, [], [], out, 0, nbytes(first, out))
     if name in _POOLS:
         result = out[0] if isinstance(out, (tuple, list)) else out
         if name.startswith("adaptive"):
@@ -235,99 +223,27 @@ def _event(func, args, kwargs, out) -> Optional[_Event]:
         else:
             kh, kw = _pair(_arg(args, kwargs, 1, "kernel_size"))
             flops, kind = result.numel() * kh * kw, "avgpool" if "avg" in name else "maxpool"
-        return _Event([kind], "", first, [], [], result, flops, _nbytes(first, result))
+        return OpCost([kind], first, [], [], result, flops, nbytes(first, result))
     if name == "cat":
         tensors = list(_arg(args, kwargs, 0, "tensors"))
-        return _Event(["cat"], "", None, tensors, [], out, 0, _nbytes(*tensors, out))
+        return OpCost(["cat"], None, tensors, [], out, 0, nbytes(*tensors, out))
     if name in _ADDS or name in _MULS:
         other = _arg(args, kwargs, 1, "other")
         if not (isinstance(first, torch.Tensor) and isinstance(other, torch.Tensor) and other.dim() > 0):
             return None
         kind = "add" if name in _ADDS else "mul"
-        return _Event([kind], "", first, [other], [], out, out.numel() if kind == "mul" else 0,
-                      _nbytes(first, other, out))
+        return OpCost([kind], first, [other], [], out, out.numel() if kind == "mul" else 0,
+                      nbytes(first, other, out))
     if name == "flatten":
-        return _Event(["flatten"], "", first, [], [], out, 0, 0, view=True)
+        return OpCost(["flatten"], first, [], [], out, 0, 0, view=True)
     if name == "dropout":
         if out is first:
             return None
-        return _Event(["dropout"], "", first, [], [], out, 0, _nbytes(first, out))
+        return OpCost(["dropout"], first, [], [], out, 0, nbytes(first, out))
     if name == "local_response_norm":
         size = _arg(args, kwargs, 1, "size")
-        return _Event(["lrn"], "", first, [], [], out, out.numel() * size, _nbytes(first, out))
+        return OpCost(["lrn"], first, [], [], out, out.numel() * size, nbytes(first, out))
     return None
-
-
-def _conv_bn_act_event(args, kwargs, result) -> _Event:
-    keys = ("x", "weight", "bias", "bn_weight", "bn_bias", "running_mean", "running_var", "stride", "padding",
-            "dilation", "groups", "training", "eps", "residual", "activation")
-    values = dict(zip(keys, args))
-    values.update(kwargs)
-    x, weight, out = values["x"], values["weight"], result[0]
-    residual, activation = values.get("residual"), values.get("activation", "relu")
-    bn_vectors = [values.get(k) for k in ("bn_weight", "bn_bias", "running_mean", "running_var")]
-    kinds = ["conv", "bn"] + (["add"] if residual is not None else []) + ([activation] if activation != "none" else [])
-    per_channel = _nbytes(*bn_vectors)
-    unfused = _nbytes(x, weight, values.get("bias"), out) + 2 * _nbytes(out) + per_channel
-    if residual is not None:
-        unfused += 3 * _nbytes(out)
-    if activation != "none":
-        unfused += 2 * _nbytes(out)
-    flops = out.numel() * weight[0].numel() + out.numel()
-    extra = [residual] if residual is not None else []
-    return _Event(kinds, "", x, extra, [weight, values.get("bias"), *bn_vectors], out, flops, unfused)
-
-
-def _add_act_event(args, kwargs, out) -> _Event:
-    values = dict(zip(("x", "residual", "activation"), args), **kwargs)
-    x, residual, activation = values["x"], values["residual"], values.get("activation", "relu")
-    kinds = ["add"] + ([activation] if activation != "none" else [])
-    unfused = _nbytes(x, residual, out) + (2 * _nbytes(out) if activation != "none" else 0)
-    return _Event(kinds, "", x, [residual], [], out, 0, unfused)
-
-
-def _se_excite_event(args, kwargs, result) -> _Event:
-    keys = ("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "residual", "activation")
-    values = dict(zip(keys, args), **kwargs)
-    x, out, squeezed, hidden, gate = values["x"], result[0], result[1], result[2], result[3]
-    residual, activation = values.get("residual"), values.get("activation", "none")
-    weights = [values[k] for k in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")]
-    kinds = ["se"] + (["add"] if residual is not None else []) + ([activation] if activation != "none" else [])
-    # unfused: pool x -> s; fc1 -> h; relu; fc2 -> g; sigmoid; x * g; (+ residual); (act)
-    unfused = (_nbytes(x, squeezed) + _nbytes(squeezed, weights[0], weights[1], hidden) + 2 * _nbytes(hidden)
-               + _nbytes(hidden, weights[2], weights[3], gate) + 2 * _nbytes(gate) + _nbytes(x, gate, out))
-    if residual is not None:
-        unfused += 3 * _nbytes(out)
-    if activation != "none":
-        unfused += 2 * _nbytes(out)
-    flops = x.numel() + 2 * weights[0].numel() * x.shape[0] + out.numel()
-    extra = [residual] if residual is not None else []
-    return _Event(kinds, "", x, extra, weights, out, flops, unfused)
-
-
-def _bn_act_conv_event(args, kwargs, result, into: bool = False) -> _Event:
-    keys = ("x", "weight", "bias", "bn_weight", "bn_bias", "running_mean", "running_var", "stride", "padding",
-            "dilation", "groups", "training", "eps", "activation")
-    if into:  # bn_act_conv_into(out, x, ...) writes out in place and returns the statistics
-        out, args = (args[0], args[1:]) if args else (kwargs["out"], args)
-    values = dict(zip(keys, args))
-    values.update({k: v for k, v in kwargs.items() if k != "out"})
-    x, weight = values["x"], values["weight"]
-    out = out if into else result[0]
-    activation = values.get("activation", "relu")
-    bn_vectors = [values.get(k) for k in ("bn_weight", "bn_bias", "running_mean", "running_var")]
-    kinds = ["bn"] + ([activation] if activation != "none" else []) + ["conv"]
-    # unfused: BN (x in, x out, per-channel vectors), act (x in, x out), conv (x, w, b in, out)
-    unfused = 2 * _nbytes(x) + _nbytes(*bn_vectors) + _nbytes(x, weight, values.get("bias"), out)
-    if activation != "none":
-        unfused += 2 * _nbytes(x)
-    flops = x.numel() + out.numel() * weight[0].numel()
-    return _Event(kinds, "", x, [], [weight, values.get("bias"), *bn_vectors], out, flops, unfused)
-
-
-_FUSED_OPS = {"cnnkernels::conv_bn_act": _conv_bn_act_event, "cnnkernels::add_act": _add_act_event,
-              "cnnkernels::se_excite": _se_excite_event, "cnnkernels::bn_act_conv": _bn_act_conv_event,
-              "cnnkernels::bn_act_conv_into": lambda a, k, r: _bn_act_conv_event(a, k, r, into=True)}
 
 
 class _Recorder(TorchFunctionMode):
@@ -336,7 +252,7 @@ class _Recorder(TorchFunctionMode):
     def __init__(self, stack: list[str]):
         super().__init__()
         self.stack = stack
-        self.events: list[_Event] = []
+        self.events: list[OpCost] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -350,7 +266,7 @@ class _Recorder(TorchFunctionMode):
 
 # --- rows -------------------------------------------------------------------------------------
 
-def _row_name(event: _Event, owners: dict[tuple[int, int], str], modules: dict[str, nn.Module],
+def _row_name(event: OpCost, owners: dict[tuple[int, int], str], modules: dict[str, nn.Module],
               func_label: str) -> str:
     """The weight's module for conv/linear/bn calls; the running module itself when all its
     parameters belong to this call (ConvBNAct); the running module and the call otherwise."""
@@ -370,29 +286,29 @@ def _row_name(event: _Event, owners: dict[tuple[int, int], str], modules: dict[s
     return f"{running}:{func_label}" if running else func_label
 
 
-def _new_row(event: _Event, name: str) -> _Row:
+def _new_row(event: OpCost, name: str) -> _Row:
     inputs = ([event.primary] if event.primary is not None else []) + event.extra
-    return _Row(name, list(event.kinds), event.out, _nbytes(*inputs), _nbytes(*event.weights),
+    return _Row(name, list(event.kinds), event.out, nbytes(*inputs), nbytes(*event.weights),
                 event.bytes_unfused, event.flops, view=event.view)
 
 
-def _absorb(row: _Row, event: _Event) -> None:
+def _absorb(row: _Row, event: OpCost) -> None:
     row.kinds += event.kinds
     row.out = event.out
-    row.input_bytes += _nbytes(*event.extra)
-    row.weight_bytes += _nbytes(*event.weights)
+    row.input_bytes += nbytes(*event.extra)
+    row.weight_bytes += nbytes(*event.weights)
     row.bytes_unfused += event.bytes_unfused
     row.flops += event.flops
 
 
-def _count_params(row: _Row, event: _Event, seen: set, param_keys: set) -> None:
+def _count_params(row: _Row, event: OpCost, seen: set, param_keys: set) -> None:
     for w in event.weights:
         if isinstance(w, torch.Tensor) and _key(w) in param_keys and _key(w) not in seen:
             seen.add(_key(w))
             row.params += w.numel()
 
 
-def _build_rows(events: Sequence[_Event], model: nn.Module) -> list[_Row]:
+def _build_rows(events: Sequence[OpCost], model: nn.Module) -> list[_Row]:
     modules = dict(model.named_modules())
     owners: dict[tuple[int, int], str] = {}
     for mod_name, module in modules.items():
@@ -481,7 +397,7 @@ def summary(model: nn.Module, input_size: Sequence[int], batch_size: int = 1,
     rows = []
     for row in _build_rows(recorder.events, model):
         out = row.out
-        fused = 0 if row.view else row.input_bytes + row.weight_bytes + _nbytes(out)
+        fused = 0 if row.view else row.input_bytes + row.weight_bytes + nbytes(out)
         rows.append(LayerRow(row.name, "+".join(row.kinds), tuple(out.shape[1:]),
                              out.numel() * out.element_size() / 1024, row.params, row.flops,
                              row.bytes_unfused, fused))

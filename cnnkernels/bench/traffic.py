@@ -43,231 +43,35 @@ Counting rules
   normalises into a temporary (the cpu backend may) adds one write and one read of
   x's size per normalisation.
 
-Each op's function returns a Traffic with both pass lists, so that every figure can
-be traced to the passes that make it up (Traffic.describe()).
+Each op declares its model with the op (the traffic= function its cnnkernels/ops/<op>.py
+gives ops._registration.declare_call); `traffic.<op>(...)` and `for_op(name)` return it.
+It returns a Traffic with both pass lists, so that every figure can be traced to the
+passes that make it up (Traffic.describe()).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from math import prod
+from typing import Callable
 
-MODES = ("eval", "train")
+from cnnkernels._cost import MODES, Pass, Traffic, conv_output_shape
+from cnnkernels.ops._registration import PUBLIC_CALLS
 
-
-@dataclass(frozen=True)
-class Pass:
-    """One kernel: the tensors it reads and writes, each as (name, bytes)."""
-    name: str
-    reads: tuple[tuple[str, int], ...]
-    writes: tuple[tuple[str, int], ...]
-
-    @property
-    def bytes(self) -> int:
-        return sum(size for _, size in self.reads) + sum(size for _, size in self.writes)
-
-    def describe(self) -> str:
-        def names(items):
-            return ", ".join(name for name, _ in items) or "-"
-        return f"{self.name}: {names(self.reads)} -> {names(self.writes)}"
+__all__ = ["MODES", "Pass", "Traffic", "conv_output_shape", "for_op", "ops"]
 
 
-@dataclass(frozen=True)
-class Traffic:
-    """Bytes read + written by the unfused sequence and by the fused op."""
-    op: str
-    mode: str
-    unfused: tuple[Pass, ...]
-    fused: tuple[Pass, ...]
-
-    @property
-    def unfused_bytes(self) -> int:
-        return sum(p.bytes for p in self.unfused)
-
-    @property
-    def fused_bytes(self) -> int:
-        return sum(p.bytes for p in self.fused)
-
-    @property
-    def saved_bytes(self) -> int:
-        return self.unfused_bytes - self.fused_bytes
-
-    @property
-    def saved_fraction(self) -> float:
-        return self.saved_bytes / self.unfused_bytes
-
-    def describe(self) -> str:
-        """The two pass lists, one pass a line."""
-        lines = [f"{self.op} {self.mode}: unfused {self.unfused_bytes} B"]
-        lines += [f"  {p.describe()}" for p in self.unfused]
-        lines.append(f"fused {self.fused_bytes} B")
-        lines += [f"  {p.describe()}" for p in self.fused]
-        return "\n".join(lines)
-
-    def extra_info(self) -> dict:
-        """The figures for pytest-benchmark's extra_info."""
-        return {"traffic_unfused_bytes": self.unfused_bytes, "traffic_fused_bytes": self.fused_bytes,
-                "traffic_saved_bytes": self.saved_bytes,
-                "traffic_saved_pct": round(100 * self.saved_fraction, 1),
-                "traffic_unfused_passes": [p.describe() for p in self.unfused],
-                "traffic_fused_passes": [p.describe() for p in self.fused]}
+def ops() -> list[str]:
+    """The ops that declare a traffic model."""
+    return sorted(name for name, call in PUBLIC_CALLS.items() if call.traffic is not None)
 
 
-class _Passes:
-    """Builds passes from tensor names; sizes maps each name to its bytes."""
-
-    def __init__(self, sizes: dict[str, int]):
-        self.sizes = sizes
-        self.passes: list[Pass] = []
-
-    def add(self, name: str, reads, writes=(), when: bool = True) -> None:
-        if when:
-            self.passes.append(Pass(name, tuple((t, self.sizes[t]) for t in reads if t),
-                                    tuple((t, self.sizes[t]) for t in writes if t)))
+def for_op(name: str) -> Callable[..., Traffic]:
+    """The traffic model of op `name` (its arguments: shapes, then keyword options)."""
+    call = PUBLIC_CALLS.get(name)
+    if call is None or call.traffic is None:
+        raise ValueError(f"no traffic model for {name!r}; ops with one: {', '.join(ops())}")
+    return call.traffic
 
 
-def _check_mode(mode: str) -> bool:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return mode == "train"
-
-
-def _check_activation(activation: str) -> bool:
-    if activation not in ("relu", "none"):
-        raise ValueError(f"activation must be 'relu' or 'none', got {activation!r}")
-    return activation == "relu"
-
-
-def _pair(value) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
-
-
-def conv_output_shape(x_shape, weight_shape, stride=1, padding=0, dilation=1) -> tuple[int, int, int, int]:
-    """[N, C_out, H_out, W_out] of conv2d(x [N, C_in, H, W], weight [C_out, C_in/g, kH, kW])."""
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
-    n, _, h, w = x_shape
-    kh, kw = weight_shape[2:]
-    return (n, weight_shape[0], (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
-            (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
-
-
-def conv_bn_act(x_shape, weight_shape, *, stride=1, padding=0, dilation=1, residual=False,
-                activation="relu", mode="eval", input_grad=True, itemsize=4) -> Traffic:
-    """act(bn(conv2d(x, weight)) + residual): x [N, C_in, H, W], weight [C_out, C_in/g, kH, kW]."""
-    train, relu = _check_mode(mode), _check_activation(activation)
-    x = prod(x_shape) * itemsize
-    w = prod(weight_shape) * itemsize
-    y = prod(conv_output_shape(x_shape, weight_shape, stride, padding, dilation)) * itemsize
-    res = "residual" if residual else None
-    sizes = {"x": x, "weight": w, "folded_weight": w, "grad_x": x, "grad_weight": w}
-    sizes.update({name: y for name in ("conv_out", "bn_out", "sum", "out", "residual", "grad_out", "grad_sum",
-                                       "grad_conv_out", "grad_residual")})
-    unfused, fused = _Passes(sizes), _Passes(sizes)
-    unfused.add("conv2d", ("x", "weight"), ("conv_out",))
-    if train:
-        unfused.add("batch_norm statistics", ("conv_out",))
-    unfused.add("batch_norm", ("conv_out",), ("bn_out",))
-    unfused.add("add", ("bn_out", res), ("sum",), when=residual)
-    unfused.add("relu", ("sum" if residual else "bn_out",), ("out",), when=relu)
-    if train:
-        grad_bn = "grad_sum" if relu else "grad_out"
-        unfused.add("relu backward", ("grad_out", "out"), ("grad_sum",), when=relu)
-        unfused.add("batch_norm backward reduce", (grad_bn, "conv_out"))
-        unfused.add("batch_norm backward", (grad_bn, "conv_out"), ("grad_conv_out",))
-        unfused.add("conv2d backward input", ("grad_conv_out", "weight"), ("grad_x",), when=input_grad)
-        unfused.add("conv2d backward weight", ("grad_conv_out", "x"), ("grad_weight",))
-
-        fused.add("conv2d", ("x", "weight"), ("conv_out",))
-        fused.add("batch statistics", ("conv_out",))
-        fused.add("normalize + residual + act", ("conv_out", res), ("out",))
-        mask = "out" if relu else None
-        fused.add("backward reduce", ("grad_out", mask, "conv_out"))
-        fused.add("backward elementwise", ("grad_out", mask, "conv_out"),
-                  ("grad_conv_out", "grad_residual" if residual else None))
-        fused.add("conv2d backward input", ("grad_conv_out", "weight"), ("grad_x",), when=input_grad)
-        fused.add("conv2d backward weight", ("grad_conv_out", "x"), ("grad_weight",))
-    else:
-        fused.add("fold BN scale into weight", ("weight",), ("folded_weight",))
-        fused.add("conv2d + shift + residual + act epilogue", ("x", "folded_weight", res), ("out",))
-    return Traffic("conv_bn_act", mode, tuple(unfused.passes), tuple(fused.passes))
-
-
-def add_act(shape, *, activation="relu", mode="eval", itemsize=4) -> Traffic:
-    """act(x + residual): x and residual of one shape."""
-    train, relu = _check_mode(mode), _check_activation(activation)
-    a = prod(shape) * itemsize
-    sizes = {name: a for name in ("x", "residual", "sum", "out", "grad_out", "grad_sum")}
-    unfused, fused = _Passes(sizes), _Passes(sizes)
-    unfused.add("add", ("x", "residual"), ("sum",))
-    unfused.add("relu", ("sum",), ("out",), when=relu)
-    fused.add("add_act", ("x", "residual"), ("out",))
-    if train:
-        unfused.add("relu backward", ("grad_out", "out"), ("grad_sum",), when=relu)
-        fused.add("add_act backward", ("grad_out", "out"), ("grad_sum",), when=relu)
-    return Traffic("add_act", mode, tuple(unfused.passes), tuple(fused.passes))
-
-
-def se_excite(shape, hidden_channels, *, residual=True, activation="relu", mode="eval", itemsize=4) -> Traffic:
-    """act(x * sigmoid(fc2(relu(fc1(mean_hw(x))))) + residual): x [N, C, H, W], fc1 [R, C],
-    fc2 [C, R] with R = hidden_channels."""
-    train, relu = _check_mode(mode), _check_activation(activation)
-    a = prod(shape) * itemsize
-    fc = shape[1] * hidden_channels * itemsize
-    sizes = {name: a for name in ("x", "scaled", "sum", "out", "residual", "grad_out", "grad_sum", "grad_x_gate",
-                                  "grad_gate_product", "grad_x_mean", "grad_x", "grad_residual")}
-    sizes.update({name: fc for name in ("fc1_weight", "fc2_weight", "grad_fc1_weight", "grad_fc2_weight")})
-    res = "residual" if residual else None
-    unfused, fused = _Passes(sizes), _Passes(sizes)
-    unfused.add("mean over H, W", ("x",))
-    unfused.add("fc1, relu, fc2, sigmoid", ("fc1_weight", "fc2_weight"))
-    unfused.add("mul by gate", ("x",), ("scaled",))
-    unfused.add("add", ("scaled", res), ("sum",), when=residual)
-    unfused.add("relu", ("sum" if residual else "scaled",), ("out",), when=relu)
-    fused.add("squeeze", ("x",))
-    fused.add("fc1, relu, fc2, sigmoid", ("fc1_weight", "fc2_weight"))
-    fused.add("scale + residual + act", ("x", res), ("out",))
-    if train:
-        grad = "grad_sum" if relu else "grad_out"
-        unfused.add("relu backward", ("grad_out", "out"), ("grad_sum",), when=relu)
-        unfused.add("mul backward to x", (grad,), ("grad_x_gate",))
-        unfused.add("mul backward to gate", (grad, "x"), ("grad_gate_product",))
-        unfused.add("sum over H, W", ("grad_gate_product",))
-        unfused.add("fc backward", ("fc1_weight", "fc2_weight"), ("grad_fc1_weight", "grad_fc2_weight"))
-        unfused.add("mean backward", (), ("grad_x_mean",))
-        unfused.add("accumulate grad x", ("grad_x_gate", "grad_x_mean"), ("grad_x",))
-        mask = "out" if relu else None
-        fused.add("backward reduce sum_hw(g * x)", ("grad_out", mask, "x"))
-        fused.add("fc backward", ("fc1_weight", "fc2_weight"), ("grad_fc1_weight", "grad_fc2_weight"))
-        fused.add("backward elementwise", ("grad_out", mask), ("grad_x", "grad_residual" if residual else None))
-    return Traffic("se_excite", mode, tuple(unfused.passes), tuple(fused.passes))
-
-
-def bn_act_conv(x_shape, weight_shape, *, stride=1, padding=0, dilation=1, activation="relu", mode="eval",
-                itemsize=4) -> Traffic:
-    """conv2d(act(bn(x)), weight): x [N, C_in, H, W], weight [C_out, C_in/g, kH, kW]."""
-    train, relu = _check_mode(mode), _check_activation(activation)
-    x = prod(x_shape) * itemsize
-    w = prod(weight_shape) * itemsize
-    y = prod(conv_output_shape(x_shape, weight_shape, stride, padding, dilation)) * itemsize
-    sizes = {"weight": w, "grad_weight": w, "out": y, "grad_out": y}
-    sizes.update({name: x for name in ("x", "bn_out", "act_out", "grad_act", "grad_bn_out", "grad_x")})
-    conv_in = "act_out" if relu else "bn_out"
-    unfused, fused = _Passes(sizes), _Passes(sizes)
-    if train:
-        unfused.add("batch_norm statistics", ("x",))
-        fused.add("batch statistics", ("x",))
-    unfused.add("batch_norm", ("x",), ("bn_out",))
-    unfused.add("relu", ("bn_out",), ("act_out",), when=relu)
-    unfused.add("conv2d", (conv_in, "weight"), ("out",))
-    fused.add("conv2d with bn + act prologue", ("x", "weight"), ("out",))
-    if train:
-        grad_bn = "grad_bn_out" if relu else "grad_act"
-        unfused.add("conv2d backward input", ("grad_out", "weight"), ("grad_act",))
-        unfused.add("conv2d backward weight", ("grad_out", conv_in), ("grad_weight",))
-        unfused.add("relu backward", ("grad_act", "act_out"), ("grad_bn_out",), when=relu)
-        unfused.add("batch_norm backward reduce", (grad_bn, "x"))
-        unfused.add("batch_norm backward", (grad_bn, "x"), ("grad_x",))
-        fused.add("conv2d backward input", ("grad_out", "weight"), ("grad_act",))
-        fused.add("conv2d backward weight, bn + act recomputed from x", ("grad_out", "x"), ("grad_weight",))
-        fused.add("bn + act backward reduce", ("grad_act", "x"))
-        fused.add("bn + act backward elementwise", ("grad_act", "x"), ("grad_x",))
-    return Traffic("bn_act_conv", mode, tuple(unfused.passes), tuple(fused.passes))
+def __getattr__(name: str):
+    if name in PUBLIC_CALLS and PUBLIC_CALLS[name].traffic is not None:
+        return PUBLIC_CALLS[name].traffic
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,12 +1,19 @@
 """The public functional ops. Each is a registered torch op (schemas in cnnkernels/schemas.def)
-with forward, backward, a fake implementation and four backends; each op file declares
-how it is called (ops/_registration.declare_call), which explain() and info read."""
+with forward, backward, a fake implementation and four backends, declared in its own module
+cnnkernels/ops/<op>.py, which defines the function <op> and declares how it is called and
+what it costs (ops/_registration.declare_call); explain(), info, analysis and the bench's
+traffic tables read those declarations. Every module here not starting with "_" is an op
+and is imported below, so a new op needs no line in this file."""
+import importlib
+import pkgutil
+
 from cnnkernels._backends import explain as _explain
 from cnnkernels.ops import _registration
-from cnnkernels.ops.add_act import add_act
-from cnnkernels.ops.bn_act_conv import bn_act_conv
-from cnnkernels.ops.conv_bn_act import conv_bn_act
-from cnnkernels.ops.se_excite import se_excite
+
+__all__ = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+for _name in __all__:
+    globals()[_name] = getattr(importlib.import_module(f"{__name__}.{_name}"), _name)
+__all__.append("explain")
 
 
 def explain(op_name: str, *args, **kwargs) -> dict:
@@ -16,6 +23,3 @@ def explain(op_name: str, *args, **kwargs) -> dict:
     if op_name not in calls:
         raise ValueError(f"unknown op {op_name!r}; known: {', '.join(sorted(calls))}")
     return _explain(op_name, calls[op_name].normalize(*args, **kwargs))
-
-
-__all__ = ["add_act", "bn_act_conv", "conv_bn_act", "se_excite", "explain"]

@@ -9,12 +9,13 @@ dispatcher kernel for cpu and cuda that runs the implementation _backends.select
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from cnnkernels import _backends, _library
+from cnnkernels import _backends, _cost, _library
 from cnnkernels._backends import Implementation
 from cnnkernels.ops import _autocast
 
@@ -23,19 +24,43 @@ _NATIVE = (("cpu", "CPU", "csrc/cpu/{}.cpp"), ("cuda", "CUDA", "csrc/cuda/{}.cu"
 
 @dataclass(frozen=True)
 class PublicCall:
-    """How users call a registered op. normalize(*args, **kwargs): the op's Python
-    signature checked and turned into the schema's arguments (what every backend takes);
-    sample(device) -> (args, kwargs): one small float32 call, for `python -m cnnkernels.info`."""
+    """How users call a registered op, and what a call costs.
+
+    normalize(*args, **kwargs): the op's Python signature checked and turned into the
+    schema's arguments (what every backend takes); sample(device) -> (args, kwargs): one
+    small float32 call, for `python -m cnnkernels.info`; cost(values, result) -> OpCost:
+    one call of the registered op ({schema argument name: value}, its result) as
+    cnnkernels.analysis counts it; traffic(...) -> Traffic: the op's passes over memory
+    from shapes, fused and unfused, for cnnkernels.bench.traffic (cnnkernels/_cost.py)."""
     normalize: Callable[..., tuple]
     sample: Callable[[str], tuple[tuple, dict]]
+    cost: Callable[[dict, object], _cost.OpCost] | None = None
+    traffic: Callable[..., _cost.Traffic] | None = None
 
 
 PUBLIC_CALLS: dict[str, PublicCall] = {}
-"""Every op a user calls (the backward ops run inside autograd), by name; explain() and info read it."""
+"""Every op a user calls (the backward ops run inside autograd), by name; explain(), info,
+analysis and the bench's traffic tables read it."""
 
 
-def declare_call(op_name: str, normalize: Callable[..., tuple], sample: Callable[[str], tuple[tuple, dict]]) -> None:
-    PUBLIC_CALLS[op_name] = PublicCall(normalize, sample)
+def declare_call(op_name: str, normalize: Callable[..., tuple], sample: Callable[[str], tuple[tuple, dict]], *,
+                 cost: Callable[[dict, object], _cost.OpCost] | None = None,
+                 traffic: Callable[..., _cost.Traffic] | None = None) -> None:
+    PUBLIC_CALLS[op_name] = PublicCall(normalize, sample, cost, traffic)
+
+
+def bind(function: Callable, args: tuple, kwargs: dict, drop: tuple[str, ...] = ()) -> list:
+    """The values of `function`'s parameters for the call function(*args, **kwargs), in
+    signature order with defaults applied, leaving out the names in `drop`."""
+    bound = inspect.signature(function).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return [value for name, value in bound.arguments.items() if name not in drop]
+
+
+def schema_values(op_name: str, args: tuple, kwargs: dict) -> dict:
+    """{schema argument name: value} of a call torch.ops.cnnkernels.<op_name>(*args, **kwargs)."""
+    names = [a.name for a in getattr(torch.ops.cnnkernels, op_name).default._schema.arguments]
+    return {**dict(zip(names, args)), **kwargs}
 
 
 def no_reasons(*_) -> list[str]:

@@ -9,11 +9,12 @@ so torch.compile(fullgraph=True) traces the op without a graph break.
 """
 from __future__ import annotations
 
-import inspect
+
+from math import prod
 
 import torch
 
-from cnnkernels import reference
+from cnnkernels import _cost, reference
 from cnnkernels.ops import _autocast, _checks, _registration
 
 OP = "add_act"
@@ -53,16 +54,36 @@ def _normalize(x, residual, activation) -> tuple:
 
 def _normalize_call(*args, **kwargs) -> tuple:
     """The schema's arguments for a call written like add_act(*args, **kwargs)."""
-    bound = inspect.signature(add_act).bind(*args, **kwargs)
-    bound.apply_defaults()
-    return _normalize(*bound.arguments.values())
+    return _normalize(*_registration.bind(add_act, args, kwargs, drop=()))
 
 
 def _sample(device):
     return (torch.randn(2, 8, 8, 8, device=device), torch.randn(2, 8, 8, 8, device=device)), {}
 
 
-_registration.declare_call(OP, _normalize_call, _sample)
+def _analysis_cost(v: dict, out) -> _cost.OpCost:
+    """One call as cnnkernels.analysis counts it (module docstring there)."""
+    x, residual, activation = v["x"], v["residual"], v["activation"]
+    unfused = _cost.nbytes(x, residual, out) + (2 * _cost.nbytes(out) if activation != "none" else 0)
+    return _cost.OpCost(_cost.steps(["add"], False, activation), x, [residual], [], out, 0, unfused)
+
+
+def _traffic(shape, *, activation="relu", mode="eval", itemsize=4) -> _cost.Traffic:
+    """Memory traffic (cnnkernels.bench.traffic) of act(x + residual): x and residual of one shape."""
+    train, relu = _cost.check_mode(mode), _cost.check_activation(activation)
+    a = prod(shape) * itemsize
+    sizes = {name: a for name in ("x", "residual", "sum", "out", "grad_out", "grad_sum")}
+    unfused, fused = _cost.Passes(sizes), _cost.Passes(sizes)
+    unfused.add("add", ("x", "residual"), ("sum",))
+    unfused.add("relu", ("sum",), ("out",), when=relu)
+    fused.add("add_act", ("x", "residual"), ("out",))
+    if train:
+        unfused.add("relu backward", ("grad_out", "out"), ("grad_sum",), when=relu)
+        fused.add("add_act backward", ("grad_out", "out"), ("grad_sum",), when=relu)
+    return _cost.Traffic("add_act", mode, tuple(unfused.passes), tuple(fused.passes))
+
+
+_registration.declare_call(OP, _normalize_call, _sample, cost=_analysis_cost, traffic=_traffic)
 
 
 # --- backends and dispatcher registrations ---------------------------------------------

@@ -13,11 +13,12 @@ without a graph break.
 """
 from __future__ import annotations
 
-import inspect
+
+from math import prod
 
 import torch
 
-from cnnkernels import reference
+from cnnkernels import _cost, reference
 from cnnkernels.ops import _autocast, _checks, _conv_bn_core, _registration
 
 OP = "bn_act_conv"
@@ -102,12 +103,7 @@ def _check_out(out, args) -> None:
 
 def _normalize_call(*args, **kwargs) -> tuple:
     """The schema arguments of bn_act_conv for a call written like bn_act_conv(*args, **kwargs)."""
-    bound = inspect.signature(bn_act_conv).bind(*args, **kwargs)
-    bound.apply_defaults()
-    values = dict(bound.arguments)
-    values.pop("momentum")
-    values.pop("out")
-    return _normalize(*values.values())
+    return _normalize(*_registration.bind(bn_act_conv, args, kwargs, drop=("momentum", "out")))
 
 
 def _normalize_into_call(*args, **kwargs) -> tuple:
@@ -128,8 +124,56 @@ def _sample(device, out=False):
     return (x, weight, None, per_channel, per_channel, per_channel, per_channel), kwargs
 
 
-_registration.declare_call(OP, _normalize_call, _sample)
-_registration.declare_call(INTO_OP, _normalize_into_call, lambda device: _sample(device, out=True))
+def _analysis_cost(v: dict, result) -> _cost.OpCost:
+    """One call as cnnkernels.analysis counts it (module docstring there); the into form
+    (v holds "out") writes out in place and returns the statistics."""
+    nbytes = _cost.nbytes
+    x, weight, activation = v["x"], v["weight"], v["activation"]
+    out = v["out"] if "out" in v else result[0]
+    bn_vectors = [v[k] for k in ("bn_weight", "bn_bias", "running_mean", "running_var")]
+    kinds = ["bn"] + ([activation] if activation != "none" else []) + ["conv"]
+    # unfused: BN (x in, x out, per-channel vectors), act (x in, x out), conv (x, w, b in, out)
+    unfused = 2 * nbytes(x) + nbytes(*bn_vectors) + nbytes(x, weight, v["bias"], out)
+    if activation != "none":
+        unfused += 2 * nbytes(x)
+    return _cost.OpCost(kinds, x, [], [weight, v["bias"], *bn_vectors], out,
+                              x.numel() + out.numel() * weight[0].numel(), unfused)
+
+
+def _traffic(x_shape, weight_shape, *, stride=1, padding=0, dilation=1, activation="relu", mode="eval",
+                itemsize=4) -> _cost.Traffic:
+    """Memory traffic (cnnkernels.bench.traffic) of conv2d(act(bn(x)), weight): x [N, C_in, H, W], weight [C_out, C_in/g, kH, kW]."""
+    train, relu = _cost.check_mode(mode), _cost.check_activation(activation)
+    x = prod(x_shape) * itemsize
+    w = prod(weight_shape) * itemsize
+    y = prod(_cost.conv_output_shape(x_shape, weight_shape, stride, padding, dilation)) * itemsize
+    sizes = {"weight": w, "grad_weight": w, "out": y, "grad_out": y}
+    sizes.update({name: x for name in ("x", "bn_out", "act_out", "grad_act", "grad_bn_out", "grad_x")})
+    conv_in = "act_out" if relu else "bn_out"
+    unfused, fused = _cost.Passes(sizes), _cost.Passes(sizes)
+    if train:
+        unfused.add("batch_norm statistics", ("x",))
+        fused.add("batch statistics", ("x",))
+    unfused.add("batch_norm", ("x",), ("bn_out",))
+    unfused.add("relu", ("bn_out",), ("act_out",), when=relu)
+    unfused.add("conv2d", (conv_in, "weight"), ("out",))
+    fused.add("conv2d with bn + act prologue", ("x", "weight"), ("out",))
+    if train:
+        grad_bn = "grad_bn_out" if relu else "grad_act"
+        unfused.add("conv2d backward input", ("grad_out", "weight"), ("grad_act",))
+        unfused.add("conv2d backward weight", ("grad_out", conv_in), ("grad_weight",))
+        unfused.add("relu backward", ("grad_act", "act_out"), ("grad_bn_out",), when=relu)
+        unfused.add("batch_norm backward reduce", (grad_bn, "x"))
+        unfused.add("batch_norm backward", (grad_bn, "x"), ("grad_x",))
+        fused.add("conv2d backward input", ("grad_out", "weight"), ("grad_act",))
+        fused.add("conv2d backward weight, bn + act recomputed from x", ("grad_out", "x"), ("grad_weight",))
+        fused.add("bn + act backward reduce", ("grad_act", "x"))
+        fused.add("bn + act backward elementwise", ("grad_act", "x"), ("grad_x",))
+    return _cost.Traffic("bn_act_conv", mode, tuple(unfused.passes), tuple(fused.passes))
+
+
+_registration.declare_call(OP, _normalize_call, _sample, cost=_analysis_cost, traffic=_traffic)
+_registration.declare_call(INTO_OP, _normalize_into_call, lambda device: _sample(device, out=True), cost=_analysis_cost)
 
 
 # --- backends and dispatcher registrations ---------------------------------------------

@@ -9,11 +9,12 @@ so torch.compile(fullgraph=True) traces the op without a graph break.
 """
 from __future__ import annotations
 
-import inspect
+
+from math import prod
 
 import torch
 
-from cnnkernels import reference
+from cnnkernels import _cost, reference
 from cnnkernels.ops import _autocast, _checks, _conv_bn_act_choice, _conv_bn_core, _registration
 
 OP = "conv_bn_act"
@@ -71,11 +72,7 @@ def _normalize(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, s
 
 def _normalize_call(*args, **kwargs) -> tuple:
     """The schema's arguments for a call written like conv_bn_act(*args, **kwargs)."""
-    bound = inspect.signature(conv_bn_act).bind(*args, **kwargs)
-    bound.apply_defaults()
-    values = dict(bound.arguments)
-    values.pop("momentum")
-    return _normalize(*values.values())
+    return _normalize(*_registration.bind(conv_bn_act, args, kwargs, drop=("momentum",)))
 
 
 def _sample(device):
@@ -84,7 +81,59 @@ def _sample(device):
     return (x, weight, None, per_channel, per_channel, per_channel, per_channel), {"padding": 1}
 
 
-_registration.declare_call(OP, _normalize_call, _sample)
+def _analysis_cost(v: dict, result) -> _cost.OpCost:
+    """One call as cnnkernels.analysis counts it (module docstring there)."""
+    x, weight, out, residual, activation = v["x"], v["weight"], result[0], v["residual"], v["activation"]
+    bn_vectors = [v[k] for k in ("bn_weight", "bn_bias", "running_mean", "running_var")]
+    unfused = (_cost.nbytes(x, weight, v["bias"], out) + 2 * _cost.nbytes(out)
+               + _cost.nbytes(*bn_vectors) + _cost.epilogue_bytes(out, residual, activation))
+    return _cost.OpCost(_cost.steps(["conv", "bn"], residual is not None, activation), x,
+                              [residual] if residual is not None else [], [weight, v["bias"], *bn_vectors], out,
+                              out.numel() * weight[0].numel() + out.numel(), unfused)
+
+
+def _traffic(x_shape, weight_shape, *, stride=1, padding=0, dilation=1, residual=False,
+                activation="relu", mode="eval", input_grad=True, itemsize=4) -> _cost.Traffic:
+    """Memory traffic (cnnkernels.bench.traffic) of act(bn(conv2d(x, weight)) + residual): x [N, C_in, H, W], weight [C_out, C_in/g, kH, kW]."""
+    train, relu = _cost.check_mode(mode), _cost.check_activation(activation)
+    x = prod(x_shape) * itemsize
+    w = prod(weight_shape) * itemsize
+    y = prod(_cost.conv_output_shape(x_shape, weight_shape, stride, padding, dilation)) * itemsize
+    res = "residual" if residual else None
+    sizes = {"x": x, "weight": w, "folded_weight": w, "grad_x": x, "grad_weight": w}
+    sizes.update({name: y for name in ("conv_out", "bn_out", "sum", "out", "residual", "grad_out", "grad_sum",
+                                       "grad_conv_out", "grad_residual")})
+    unfused, fused = _cost.Passes(sizes), _cost.Passes(sizes)
+    unfused.add("conv2d", ("x", "weight"), ("conv_out",))
+    if train:
+        unfused.add("batch_norm statistics", ("conv_out",))
+    unfused.add("batch_norm", ("conv_out",), ("bn_out",))
+    unfused.add("add", ("bn_out", res), ("sum",), when=residual)
+    unfused.add("relu", ("sum" if residual else "bn_out",), ("out",), when=relu)
+    if train:
+        grad_bn = "grad_sum" if relu else "grad_out"
+        unfused.add("relu backward", ("grad_out", "out"), ("grad_sum",), when=relu)
+        unfused.add("batch_norm backward reduce", (grad_bn, "conv_out"))
+        unfused.add("batch_norm backward", (grad_bn, "conv_out"), ("grad_conv_out",))
+        unfused.add("conv2d backward input", ("grad_conv_out", "weight"), ("grad_x",), when=input_grad)
+        unfused.add("conv2d backward weight", ("grad_conv_out", "x"), ("grad_weight",))
+
+        fused.add("conv2d", ("x", "weight"), ("conv_out",))
+        fused.add("batch statistics", ("conv_out",))
+        fused.add("normalize + residual + act", ("conv_out", res), ("out",))
+        mask = "out" if relu else None
+        fused.add("backward reduce", ("grad_out", mask, "conv_out"))
+        fused.add("backward elementwise", ("grad_out", mask, "conv_out"),
+                  ("grad_conv_out", "grad_residual" if residual else None))
+        fused.add("conv2d backward input", ("grad_conv_out", "weight"), ("grad_x",), when=input_grad)
+        fused.add("conv2d backward weight", ("grad_conv_out", "x"), ("grad_weight",))
+    else:
+        fused.add("fold BN scale into weight", ("weight",), ("folded_weight",))
+        fused.add("conv2d + shift + residual + act epilogue", ("x", "folded_weight", res), ("out",))
+    return _cost.Traffic("conv_bn_act", mode, tuple(unfused.passes), tuple(fused.passes))
+
+
+_registration.declare_call(OP, _normalize_call, _sample, cost=_analysis_cost, traffic=_traffic)
 
 
 # --- backends and dispatcher registrations ---------------------------------------------

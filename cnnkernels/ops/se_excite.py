@@ -11,11 +11,12 @@ op without a graph break.
 """
 from __future__ import annotations
 
-import inspect
+
+from math import prod
 
 import torch
 
-from cnnkernels import reference
+from cnnkernels import _cost, reference
 from cnnkernels.ops import _autocast, _checks, _registration
 
 OP = "se_excite"
@@ -92,9 +93,7 @@ def _normalize(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activati
 
 def _normalize_call(*args, **kwargs) -> tuple:
     """The schema's arguments for a call written like se_excite(*args, **kwargs)."""
-    bound = inspect.signature(se_excite).bind(*args, **kwargs)
-    bound.apply_defaults()
-    return _normalize(*bound.arguments.values())
+    return _normalize(*_registration.bind(se_excite, args, kwargs, drop=()))
 
 
 def _sample(device):
@@ -103,7 +102,57 @@ def _sample(device):
     return (torch.randn(2, 8, 8, 8, device=device), *weights), {}
 
 
-_registration.declare_call(OP, _normalize_call, _sample)
+def _analysis_cost(v: dict, result) -> _cost.OpCost:
+    """One call as cnnkernels.analysis counts it (module docstring there)."""
+    nbytes = _cost.nbytes
+    x, (out, squeezed, hidden, gate) = v["x"], result
+    residual, activation = v["residual"], v["activation"]
+    weights = [v[k] for k in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")]
+    # unfused: pool x -> s; fc1 -> h; relu; fc2 -> g; sigmoid; x * g; (+ residual); (act)
+    unfused = (nbytes(x, squeezed) + nbytes(squeezed, weights[0], weights[1], hidden) + 2 * nbytes(hidden)
+               + nbytes(hidden, weights[2], weights[3], gate) + 2 * nbytes(gate) + nbytes(x, gate, out)
+               + _cost.epilogue_bytes(out, residual, activation))
+    return _cost.OpCost(_cost.steps(["se"], residual is not None, activation), x,
+                              [residual] if residual is not None else [], weights, out,
+                              x.numel() + 2 * weights[0].numel() * x.shape[0] + out.numel(), unfused)
+
+
+def _traffic(shape, hidden_channels, *, residual=True, activation="relu", mode="eval", itemsize=4) -> _cost.Traffic:
+    """Memory traffic (cnnkernels.bench.traffic) of act(x * sigmoid(fc2(relu(fc1(mean_hw(x))))) + residual): x [N, C, H, W], fc1 [R, C],
+    fc2 [C, R] with R = hidden_channels."""
+    train, relu = _cost.check_mode(mode), _cost.check_activation(activation)
+    a = prod(shape) * itemsize
+    fc = shape[1] * hidden_channels * itemsize
+    sizes = {name: a for name in ("x", "scaled", "sum", "out", "residual", "grad_out", "grad_sum", "grad_x_gate",
+                                  "grad_gate_product", "grad_x_mean", "grad_x", "grad_residual")}
+    sizes.update({name: fc for name in ("fc1_weight", "fc2_weight", "grad_fc1_weight", "grad_fc2_weight")})
+    res = "residual" if residual else None
+    unfused, fused = _cost.Passes(sizes), _cost.Passes(sizes)
+    unfused.add("mean over H, W", ("x",))
+    unfused.add("fc1, relu, fc2, sigmoid", ("fc1_weight", "fc2_weight"))
+    unfused.add("mul by gate", ("x",), ("scaled",))
+    unfused.add("add", ("scaled", res), ("sum",), when=residual)
+    unfused.add("relu", ("sum" if residual else "scaled",), ("out",), when=relu)
+    fused.add("squeeze", ("x",))
+    fused.add("fc1, relu, fc2, sigmoid", ("fc1_weight", "fc2_weight"))
+    fused.add("scale + residual + act", ("x", res), ("out",))
+    if train:
+        grad = "grad_sum" if relu else "grad_out"
+        unfused.add("relu backward", ("grad_out", "out"), ("grad_sum",), when=relu)
+        unfused.add("mul backward to x", (grad,), ("grad_x_gate",))
+        unfused.add("mul backward to gate", (grad, "x"), ("grad_gate_product",))
+        unfused.add("sum over H, W", ("grad_gate_product",))
+        unfused.add("fc backward", ("fc1_weight", "fc2_weight"), ("grad_fc1_weight", "grad_fc2_weight"))
+        unfused.add("mean backward", (), ("grad_x_mean",))
+        unfused.add("accumulate grad x", ("grad_x_gate", "grad_x_mean"), ("grad_x",))
+        mask = "out" if relu else None
+        fused.add("backward reduce sum_hw(g * x)", ("grad_out", mask, "x"))
+        fused.add("fc backward", ("fc1_weight", "fc2_weight"), ("grad_fc1_weight", "grad_fc2_weight"))
+        fused.add("backward elementwise", ("grad_out", mask), ("grad_x", "grad_residual" if residual else None))
+    return _cost.Traffic("se_excite", mode, tuple(unfused.passes), tuple(fused.passes))
+
+
+_registration.declare_call(OP, _normalize_call, _sample, cost=_analysis_cost, traffic=_traffic)
 
 
 # --- backends and dispatcher registrations ---------------------------------------------
