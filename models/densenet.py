@@ -22,6 +22,7 @@ from torch import nn
 from cnnkernels.nn import DenseBlock, FusedSequential
 from cnnkernels.nn.functional import bn_act_conv_modules
 
+from ._init import initialize, kaiming_fan_in, zero_bias
 from ._registry import load_weights, register_model
 
 __all__ = ["DenseNet", "densenet121", "densenet161", "densenet169", "densenet201"]
@@ -82,14 +83,7 @@ class DenseNet(nn.Module):
         self.features.add_module("norm5", nn.BatchNorm2d(num_features))
         self.classifier = nn.Linear(num_features, num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-            elif isinstance(m, nn.Linear):
-                nn.init.constant_(m.bias, 0)
+        initialize(self, conv=kaiming_fan_in, linear=zero_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.features(x), inplace=True)

@@ -23,6 +23,7 @@ from torch import nn
 
 from cnnkernels.nn import ConvBNAct
 
+from ._init import initialize, trunc_normal
 from ._registry import load_weights, register_model
 
 __all__ = ["GoogLeNet", "GoogLeNetOutputs", "Inception", "InceptionAux", "googlenet", "googlenet_loss"]
@@ -120,12 +121,7 @@ class GoogLeNet(nn.Module):
         self.fc = nn.Linear(1024, num_classes)
 
         if init_weights:
-            for m in self.modules():
-                if isinstance(m, (nn.Conv2d, nn.Linear)):
-                    nn.init.trunc_normal_(m.weight, mean=0.0, std=0.01, a=-2, b=2)
-                elif isinstance(m, nn.BatchNorm2d):
-                    nn.init.constant_(m.weight, 1)
-                    nn.init.constant_(m.bias, 0)
+            initialize(self, conv=trunc_normal(0.01), linear=trunc_normal(0.01))
 
     def _transform_input(self, x: torch.Tensor) -> torch.Tensor:
         if not self.transform_input:

@@ -27,6 +27,7 @@ from torch import nn
 
 from cnnkernels.nn import ConvBNAct
 
+from ._init import initialize, kaiming_fan_out, normal, trunc_normal
 from ._registry import load_weights, register_model
 
 __all__ = ["BNInception", "BNInceptionBlock", "BN_INCEPTION_BLOCKS", "Inception3", "InceptionOutputs",
@@ -99,15 +100,7 @@ class BNInception(nn.Module):
         self.dropout = nn.Dropout(p=dropout)
         self.fc = nn.Linear(channels, num_classes)
         if init_weights:
-            for m in self.modules():
-                if isinstance(m, nn.Conv2d):
-                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                elif isinstance(m, nn.BatchNorm2d):
-                    nn.init.constant_(m.weight, 1)
-                    nn.init.constant_(m.bias, 0)
-                elif isinstance(m, nn.Linear):
-                    nn.init.normal_(m.weight, 0, 0.01)
-                    nn.init.constant_(m.bias, 0)
+            initialize(self, conv=kaiming_fan_out, linear=normal(0.01))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool1(self.conv1(x))
@@ -314,12 +307,7 @@ class Inception3(nn.Module):
         self.dropout = nn.Dropout(p=dropout)
         self.fc = nn.Linear(2048, num_classes)
         if init_weights:
-            for m in self.modules():
-                if isinstance(m, (nn.Conv2d, nn.Linear)):
-                    nn.init.trunc_normal_(m.weight, mean=0.0, std=0.1, a=-2, b=2)
-                elif isinstance(m, nn.BatchNorm2d):
-                    nn.init.constant_(m.weight, 1)
-                    nn.init.constant_(m.bias, 0)
+            initialize(self, conv=trunc_normal(0.1), linear=trunc_normal(0.1))
             if self.AuxLogits is not None:
                 nn.init.trunc_normal_(self.AuxLogits.fc.weight, mean=0.0, std=0.001, a=-2, b=2)
 

@@ -35,6 +35,7 @@ from torch import nn
 from cnnkernels.nn.functional import bn_act_conv_modules, conv_bn_act_modules
 from cnnkernels.ops import add_act
 
+from ._init import initialize, kaiming_fan_out
 from ._registry import load_weights, register_model
 from .resnet import _batch_norm, conv1x1, conv3x3
 
@@ -147,12 +148,7 @@ class PreActResNet(nn.Module):
         self.final_bn = _batch_norm(norm_layer, 512 * block.expansion)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * block.expansion, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        initialize(self, conv=kaiming_fan_out)
 
     def _make_layer(self, block: type[PreActBasicBlock | PreActBottleneck], planes: int, blocks: int, stride: int,
                     first_stage: bool = False) -> nn.Sequential:

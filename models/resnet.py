@@ -21,6 +21,7 @@ from torch import nn
 from cnnkernels.nn.functional import conv_bn_act_modules
 from cnnkernels.nn.squeeze_excite import SqueezeExcite
 
+from ._init import initialize, kaiming_fan_out
 from ._registry import load_weights, register_model
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -173,12 +174,7 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * block.expansion, num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        initialize(self, conv=kaiming_fan_out, norms=(nn.BatchNorm2d, nn.GroupNorm))
         if zero_init_residual:
             for m in self.modules():
                 if isinstance(m, Bottleneck) and m.bn3.weight is not None:

@@ -16,6 +16,7 @@ from torch import nn
 
 from cnnkernels.nn import FusedSequential
 
+from ._init import initialize, kaiming_fan_out_zero_bias, normal
 from ._registry import load_weights, register_model
 
 __all__ = ["VGG", "CONFIGS", "make_layers", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn",
@@ -72,17 +73,7 @@ class VGG(nn.Module):
             nn.Linear(4096, num_classes),
         )
         if init_weights:
-            for m in self.modules():
-                if isinstance(m, nn.Conv2d):
-                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                    if m.bias is not None:
-                        nn.init.constant_(m.bias, 0)
-                elif isinstance(m, nn.BatchNorm2d):
-                    nn.init.constant_(m.weight, 1)
-                    nn.init.constant_(m.bias, 0)
-                elif isinstance(m, nn.Linear):
-                    nn.init.normal_(m.weight, 0, 0.01)
-                    nn.init.constant_(m.bias, 0)
+            initialize(self, conv=kaiming_fan_out_zero_bias, linear=normal(0.01))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
