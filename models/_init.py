@@ -1,12 +1,14 @@
-"""Weight initialisation as torchvision's builders do it, shared by the families:
+"""What torchvision's builders share, for the families here: the weight initialisation
 initialize(model, conv=..., linear=...) visits model.modules() in order (so the random
 draws are torchvision's), applies `conv` to every nn.Conv2d and `linear` to every
 nn.Linear (None leaves the layer as built) and sets every norm layer's weight to 1 and
-bias to 0."""
+bias to 0; and the input transform of the checkpoints trained on [-1, 1] inputs.
+"""
 from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import nn
 
 Init = Callable[[nn.Module], None]
@@ -58,3 +60,12 @@ def trunc_normal(std: float) -> Init:
     def init(m: nn.Module) -> None:
         nn.init.trunc_normal_(m.weight, mean=0.0, std=std, a=-2, b=2)
     return init
+
+
+def imagenet_to_unit_range(x: torch.Tensor) -> torch.Tensor:
+    """[N, 3, H, W] normalised with ImageNet's mean and std -> normalised to [-1, 1] (mean
+    and std 0.5), as torchvision's GoogLeNet and Inception v3 do with transform_input=True."""
+    x0 = x[:, 0:1] * (0.229 / 0.5) + (0.485 - 0.5) / 0.5
+    x1 = x[:, 1:2] * (0.224 / 0.5) + (0.456 - 0.5) / 0.5
+    x2 = x[:, 2:3] * (0.225 / 0.5) + (0.406 - 0.5) / 0.5
+    return torch.cat((x0, x1, x2), 1)

@@ -39,6 +39,14 @@ def register_model(fn: Callable | None = None, *, name: str | None = None, alias
     return decorate(fn) if fn is not None else decorate
 
 
+def with_weights(model: nn.Module, weights) -> nn.Module:
+    """`model`, with the checkpoint `weights` (a file path or a state_dict) loaded strictly
+    by load_weights when it is not None: every builder's last step."""
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
 def list_models(pattern: str | None = None) -> list[str]:
     """Registered model names (aliases included), sorted; `pattern` filters them with
     shell-style wildcards, e.g. list_models("se_*")."""

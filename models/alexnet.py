@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ._registry import load_weights, register_model
+from ._registry import register_model, with_weights
 
 __all__ = ["AlexNet", "alexnet", "zfnet"]
 
@@ -82,10 +82,7 @@ class AlexNet(nn.Module):
 
 
 def _build(weights, **kwargs) -> AlexNet:
-    model = AlexNet(**kwargs)
-    if weights is not None:
-        load_weights(model, weights)
-    return model
+    return with_weights(AlexNet(**kwargs), weights)
 
 
 @register_model

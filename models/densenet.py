@@ -23,7 +23,7 @@ from cnnkernels.nn import DenseBlock, FusedSequential
 from cnnkernels.nn.functional import bn_act_conv_modules
 
 from ._init import initialize, kaiming_fan_in, zero_bias
-from ._registry import load_weights, register_model
+from ._registry import register_model, with_weights
 
 __all__ = ["DenseNet", "densenet121", "densenet161", "densenet169", "densenet201"]
 
@@ -92,10 +92,7 @@ class DenseNet(nn.Module):
 
 
 def _densenet(growth_rate: int, block_config: tuple[int, ...], num_init_features: int, weights, **kwargs) -> DenseNet:
-    model = DenseNet(growth_rate, block_config, num_init_features, **kwargs)
-    if weights is not None:
-        load_weights(model, weights)
-    return model
+    return with_weights(DenseNet(growth_rate, block_config, num_init_features, **kwargs), weights)
 
 
 @register_model

@@ -23,8 +23,8 @@ from torch import nn
 
 from cnnkernels.nn import ConvBNAct
 
-from ._init import initialize, trunc_normal
-from ._registry import load_weights, register_model
+from ._init import imagenet_to_unit_range, initialize, trunc_normal
+from ._registry import register_model, with_weights
 
 __all__ = ["GoogLeNet", "GoogLeNetOutputs", "Inception", "InceptionAux", "googlenet", "googlenet_loss"]
 
@@ -124,12 +124,7 @@ class GoogLeNet(nn.Module):
             initialize(self, conv=trunc_normal(0.01), linear=trunc_normal(0.01))
 
     def _transform_input(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.transform_input:
-            return x
-        x0 = x[:, 0:1] * (0.229 / 0.5) + (0.485 - 0.5) / 0.5
-        x1 = x[:, 1:2] * (0.224 / 0.5) + (0.456 - 0.5) / 0.5
-        x2 = x[:, 2:3] * (0.225 / 0.5) + (0.406 - 0.5) / 0.5
-        return torch.cat((x0, x1, x2), 1)
+        return imagenet_to_unit_range(x) if self.transform_input else x
 
     def forward(self, x: torch.Tensor):
         x = self._transform_input(x)
@@ -174,7 +169,4 @@ def googlenet(*, weights=None, **kwargs) -> GoogLeNet:
     at 1000 classes). kwargs: num_classes, aux_logits (default True), transform_input,
     init_weights, dropout, dropout_aux; weights: a checkpoint path or state_dict
     (torchvision keys; build with aux_logits=False for a checkpoint without aux heads)."""
-    model = GoogLeNet(**kwargs)
-    if weights is not None:
-        load_weights(model, weights)
-    return model
+    return with_weights(GoogLeNet(**kwargs), weights)

@@ -27,8 +27,8 @@ from torch import nn
 
 from cnnkernels.nn import ConvBNAct
 
-from ._init import initialize, kaiming_fan_out, normal, trunc_normal
-from ._registry import load_weights, register_model
+from ._init import imagenet_to_unit_range, initialize, kaiming_fan_out, normal, trunc_normal
+from ._registry import register_model, with_weights
 
 __all__ = ["BNInception", "BNInceptionBlock", "BN_INCEPTION_BLOCKS", "Inception3", "InceptionOutputs",
            "bn_inception", "inception_v3"]
@@ -112,10 +112,7 @@ class BNInception(nn.Module):
 
 
 def _build(cls, weights, **kwargs) -> nn.Module:
-    model = cls(**kwargs)
-    if weights is not None:
-        load_weights(model, weights)
-    return model
+    return with_weights(cls(**kwargs), weights)
 
 
 @register_model
@@ -312,12 +309,7 @@ class Inception3(nn.Module):
                 nn.init.trunc_normal_(self.AuxLogits.fc.weight, mean=0.0, std=0.001, a=-2, b=2)
 
     def _transform_input(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.transform_input:
-            return x
-        x0 = x[:, 0:1] * (0.229 / 0.5) + (0.485 - 0.5) / 0.5
-        x1 = x[:, 1:2] * (0.224 / 0.5) + (0.456 - 0.5) / 0.5
-        x2 = x[:, 2:3] * (0.225 / 0.5) + (0.406 - 0.5) / 0.5
-        return torch.cat((x0, x1, x2), 1)
+        return imagenet_to_unit_range(x) if self.transform_input else x
 
     def forward(self, x: torch.Tensor):
         x = self._transform_input(x)

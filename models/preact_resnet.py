@@ -36,7 +36,7 @@ from cnnkernels.nn.functional import bn_act_conv_modules, conv_bn_act_modules
 from cnnkernels.ops import add_act
 
 from ._init import initialize, kaiming_fan_out
-from ._registry import load_weights, register_model
+from ._registry import register_model, with_weights
 from .resnet import _batch_norm, conv1x1, conv3x3
 
 __all__ = ["PreActBasicBlock", "PreActBottleneck", "PreActResNet", "shared_bn_act_convs",
@@ -173,10 +173,7 @@ class PreActResNet(nn.Module):
 
 
 def _build(block, layers, weights, **kwargs) -> PreActResNet:
-    model = PreActResNet(block, layers, **kwargs)
-    if weights is not None:
-        load_weights(model, weights)
-    return model
+    return with_weights(PreActResNet(block, layers, **kwargs), weights)
 
 
 @register_model

@@ -22,7 +22,7 @@ from cnnkernels.nn.functional import conv_bn_act_modules
 from cnnkernels.nn.squeeze_excite import SqueezeExcite
 
 from ._init import initialize, kaiming_fan_out
-from ._registry import load_weights, register_model
+from ._registry import register_model, with_weights
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
            "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d"]
@@ -218,10 +218,7 @@ class ResNet(nn.Module):
 def build_resnet(block: type[BasicBlock | Bottleneck], layers: list[int], weights=None, **kwargs) -> ResNet:
     """ResNet(block, layers, **kwargs), then load_weights(model, weights) when a checkpoint
     (a file path or a state_dict: nothing is downloaded) is given."""
-    model = ResNet(block, layers, **kwargs)
-    if weights is not None:
-        load_weights(model, weights)
-    return model
+    return with_weights(ResNet(block, layers, **kwargs), weights)
 
 
 @register_model

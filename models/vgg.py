@@ -17,7 +17,7 @@ from torch import nn
 from cnnkernels.nn import FusedSequential
 
 from ._init import initialize, kaiming_fan_out_zero_bias, normal
-from ._registry import load_weights, register_model
+from ._registry import register_model, with_weights
 
 __all__ = ["VGG", "CONFIGS", "make_layers", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn",
            "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]
@@ -83,10 +83,7 @@ class VGG(nn.Module):
 
 
 def _vgg(cfg: str, batch_norm: bool, weights, **kwargs) -> VGG:
-    model = VGG(make_layers(CONFIGS[cfg], batch_norm=batch_norm), **kwargs)
-    if weights is not None:
-        load_weights(model, weights)
-    return model
+    return with_weights(VGG(make_layers(CONFIGS[cfg], batch_norm=batch_norm), **kwargs), weights)
 
 
 @register_model
