@@ -54,14 +54,6 @@ def weights(arch) -> dict:
     return _weights[arch.name]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _cudnn_benchmark():
-    previous = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = DEVICE == "cuda"
-    yield
-    torch.backends.cudnn.benchmark = previous
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("model", MODELS)

@@ -43,14 +43,6 @@ VARIANTS = ("torch_eager", "torch_compile") + tuple(f"cnnkernels_{b}" for b in O
 MODES = ("eval", "train")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _cudnn_benchmark():
-    previous = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = DEVICE == "cuda"
-    yield
-    torch.backends.cudnn.benchmark = previous
-
-
 def sync():
     if DEVICE == "cuda":
         torch.cuda.synchronize()

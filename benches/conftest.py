@@ -78,6 +78,15 @@ def pytest_configure(config):
         config.option.benchmark_warmup_iterations = WARMUP_ITERATIONS
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _cudnn_benchmark():
+    """cudnn.benchmark on for the GPU suites (eager's strongest setting), restored after each module."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = DEVICE == "cuda"
+    yield
+    torch.backends.cudnn.benchmark = previous
+
+
 @pytest.fixture(scope="session")
 def bench_ops_settings(request):
     """bench_ops.py's batch, dtype and compiled modes, from the options above."""

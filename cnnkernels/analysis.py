@@ -83,6 +83,13 @@ class LayerRow:
     bytes_fused: int
 
 
+_TOTALLED = ("params", "flops", "memory_kb", "bytes_unfused", "bytes_fused")
+
+
+def _column_total(column: str, doc: str) -> property:
+    return property(lambda self: sum(getattr(row, column) for row in self.rows), doc=doc)
+
+
 @dataclass
 class Summary:
     """summary()'s result: rows in execution order, and totals over them.
@@ -91,36 +98,16 @@ class Summary:
     input_size: tuple[int, ...]
     batch_size: int
 
-    @property
-    def total_params(self) -> int:
-        """Learnable parameters used by the forward pass, each counted once."""
-        return sum(r.params for r in self.rows)
-
-    @property
-    def total_flops(self) -> int:
-        """Multiply-adds of all rows."""
-        return sum(r.flops for r in self.rows)
-
-    @property
-    def total_memory_kb(self) -> float:
-        """Output memory of all rows, KB (the notes' activation memory)."""
-        return sum(r.memory_kb for r in self.rows)
-
-    @property
-    def total_bytes_unfused(self) -> int:
-        """Bytes moved with every call as its own kernel."""
-        return sum(r.bytes_unfused for r in self.rows)
-
-    @property
-    def total_bytes_fused(self) -> int:
-        """Bytes moved with every row as one kernel."""
-        return sum(r.bytes_fused for r in self.rows)
+    total_params = _column_total("params", "Learnable parameters used by the forward pass, each counted once.")
+    total_flops = _column_total("flops", "Multiply-adds of all rows.")
+    total_memory_kb = _column_total("memory_kb", "Output memory of all rows, KB (the notes' activation memory).")
+    total_bytes_unfused = _column_total("bytes_unfused", "Bytes moved with every call as its own kernel.")
+    total_bytes_fused = _column_total("bytes_fused", "Bytes moved with every row as one kernel.")
 
     @property
     def totals(self) -> dict:
         """{"params", "flops", "memory_kb", "bytes_unfused", "bytes_fused"} summed over the rows."""
-        return {"params": self.total_params, "flops": self.total_flops, "memory_kb": self.total_memory_kb,
-                "bytes_unfused": self.total_bytes_unfused, "bytes_fused": self.total_bytes_fused}
+        return {column: getattr(self, f"total_{column}") for column in _TOTALLED}
 
     def __getitem__(self, name: str) -> LayerRow:
         """The first row called `name`."""

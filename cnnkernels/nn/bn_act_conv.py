@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cnnkernels.nn.functional import bn_act_conv_modules, check_zero_padding
+from cnnkernels.nn.functional import assemble, bn_act_conv_modules, check_zero_padding
 
 
 class BNActConv(nn.Module):
@@ -38,10 +38,7 @@ class BNActConv(nn.Module):
         check_zero_padding(conv)
         if bn.num_features != conv.in_channels:
             raise ValueError(f"bn has {bn.num_features} features but conv has {conv.in_channels} input channels")
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        module.bn, module.conv, module.activation = bn, conv, activation
-        return module
+        return assemble(cls, {"bn": bn, "conv": conv}, {"activation": activation})
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         return bn_act_conv_modules(self.bn, self.conv, x, self.activation, out)

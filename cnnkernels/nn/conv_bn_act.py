@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cnnkernels.nn.functional import conv_bn_act_modules
+from cnnkernels.nn.functional import assemble, check_zero_padding, conv_bn_act_modules
 
 
 class ConvBNAct(nn.Module):
@@ -29,15 +29,10 @@ class ConvBNAct(nn.Module):
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: str = "relu") -> "ConvBNAct":
         """Wraps existing modules (shared, not copied)."""
-        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-            raise ValueError(f"fused conv needs integer zero padding, got padding={conv.padding!r} "
-                             f"padding_mode={conv.padding_mode!r}")
+        check_zero_padding(conv)
         if bn.num_features != conv.out_channels:
             raise ValueError(f"bn has {bn.num_features} features but conv has {conv.out_channels} output channels")
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        module.conv, module.bn, module.activation = conv, bn, activation
-        return module
+        return assemble(cls, {"conv": conv, "bn": bn}, {"activation": activation})
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         return conv_bn_act_modules(self.conv, self.bn, x, residual, self.activation)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from cnnkernels.nn.conv_bn_act import ConvBNAct
-from cnnkernels.nn.functional import conv_bn_act_modules
+from cnnkernels.nn.functional import assemble, conv_bn_act_modules
 from cnnkernels.nn.squeeze_excite import SqueezeExcite
 
 
@@ -111,12 +111,7 @@ def adopt(cls: type[nn.Module], source: nn.Module, modules: dict[str, nn.Module 
           attributes: dict | None = None) -> nn.Module:
     """A new `cls` instance (its __init__ not run) holding the given submodules (shared,
     in the given order, None allowed) and plain attributes, with `source`'s training flag."""
-    module = cls.__new__(cls)
-    nn.Module.__init__(module)
-    for key, child in modules.items():
-        setattr(module, key, child)
-    for key, value in (attributes or {}).items():
-        setattr(module, key, value)
+    module = assemble(cls, modules, attributes)
     module.training = source.training  # its own flag only: the shared children keep theirs
     return module
 

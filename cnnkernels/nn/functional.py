@@ -17,6 +17,18 @@ def check_zero_padding(conv: nn.Conv2d) -> None:
                          f"padding_mode={conv.padding_mode!r}")
 
 
+def assemble(cls: type[nn.Module], children: dict[str, nn.Module | None], attributes: dict | None = None):
+    """A new `cls` instance (its __init__ not run) holding the given submodules (shared, in
+    the given order, None allowed) and plain attributes, in training mode."""
+    module = cls.__new__(cls)
+    nn.Module.__init__(module)
+    for key, child in children.items():
+        setattr(module, key, child)
+    for key, value in (attributes or {}).items():
+        setattr(module, key, value)
+    return module
+
+
 def batch_norm_mode(bn: nn.BatchNorm2d) -> tuple[bool, float, torch.Tensor | None, torch.Tensor | None]:
     """What nn.BatchNorm2d.forward would do now: (use batch statistics, momentum,
     running_mean, running_var), counting num_batches_tracked as it does."""

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnkernels.ops.se_excite import se_excite
+from cnnkernels.nn.functional import assemble
 
 ACTIVATIONS = ("relu", "none")
 
@@ -80,10 +81,7 @@ class SqueezeExcite(nn.Module):
         if fc1.out_channels != fc2.in_channels or fc2.out_channels != fc1.in_channels:
             raise ValueError(f"fc1 {fc1.in_channels}->{fc1.out_channels} and fc2 {fc2.in_channels}->"
                              f"{fc2.out_channels} do not form a C->R->C gate")
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        module.fc1, module.fc2 = fc1, fc2
-        return module
+        return assemble(cls, {"fc1": fc1, "fc2": fc2})
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, activation: str = "none") -> torch.Tensor:
         return se_excite(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, residual=residual,
