@@ -20,6 +20,7 @@ from torch import nn
 
 from cnnkernels.nn.functional import conv_bn_act_modules
 from cnnkernels.nn.squeeze_excite import SqueezeExcite
+from cnnkernels.nn.sync_batchnorm import SyncBatchNorm
 
 from ._init import initialize, kaiming_fan_out
 from ._registry import register_model, with_weights
@@ -50,7 +51,7 @@ def _batch_norm(norm_layer: Callable[..., nn.Module] | None, channels: int) -> n
 def is_conv_bn(module: nn.Module | None) -> bool:
     """Whether `module` is torchvision's projection shortcut: Sequential(Conv2d, BatchNorm2d)."""
     return (isinstance(module, nn.Sequential) and len(module) == 2 and isinstance(module[0], nn.Conv2d)
-            and isinstance(module[1], nn.BatchNorm2d))
+            and isinstance(module[1], (nn.BatchNorm2d, SyncBatchNorm)))
 
 
 def shortcut(downsample: nn.Module | None, x: torch.Tensor) -> torch.Tensor:

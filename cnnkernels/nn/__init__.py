@@ -5,6 +5,7 @@ from cnnkernels.nn.dense_block import DenseBlock
 from cnnkernels.nn.convert import FusedSequential, Rule, convert, register_rule
 from cnnkernels.nn.freeze import freeze, unfreeze
 from cnnkernels.nn.squeeze_excite import SqueezeExcite
+from cnnkernels.nn.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 
-__all__ = ["BNActConv", "ConvBNAct", "DenseBlock", "FusedSequential", "Rule", "SqueezeExcite", "convert",
-           "freeze", "register_rule", "unfreeze"]
+__all__ = ["BNActConv", "ConvBNAct", "DenseBlock", "FusedSequential", "Rule", "SqueezeExcite", "SyncBatchNorm",
+           "convert", "convert_sync_batchnorm", "freeze", "register_rule", "unfreeze"]

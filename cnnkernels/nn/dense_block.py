@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from cnnkernels.nn.functional import batch_norm_mode
+from cnnkernels.nn.functional import batch_norm_mode, bn_act_conv_modules
+from cnnkernels.nn.sync_batchnorm import sync_group
 from cnnkernels.ops import _autocast
 from cnnkernels.ops._conv_bn_core import update_running_stats
 from cnnkernels.ops.bn_act_conv import bn_act_conv
@@ -139,6 +140,8 @@ class DenseBlock(nn.ModuleDict):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if any(sync_group(norm) is not None for layer in self.values() for norm, _ in layer.units()):
+            return self.forward_functional(x)  # statistics reduced over the process group per layer
         params = [p for layer in self.values() for p in _layer_params(layer)]
         dtype = _autocast.lower_precision(x)
         if dtype is not None:  # torch.autocast: x and the conv weights / biases in its dtype, BN's as they are
@@ -318,8 +321,6 @@ class _DenseBlockFunction(torch.autograd.Function):
 
 
 def _bn_act_conv_functional(norm: nn.BatchNorm2d, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """conv(relu(norm(x))) through the functional, autograd-recording op."""
-    training, momentum, running_mean, running_var = batch_norm_mode(norm)
-    return bn_act_conv(x, conv.weight, conv.bias, norm.weight, norm.bias, running_mean, running_var,
-                       stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                       training=training, momentum=momentum, eps=norm.eps, activation="relu")
+    """conv(relu(norm(x))) through the functional, autograd-recording op (or, for a
+    synchronised norm in training, the synchronised BatchNorm and torch ops)."""
+    return bn_act_conv_modules(norm, conv, x)

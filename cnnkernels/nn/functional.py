@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cnnkernels.nn._batch_norm_state import batch_norm_mode
 from cnnkernels.nn.freeze import folded_eval_arguments
+from cnnkernels.nn.sync_batchnorm import sync_batch_norm, sync_group
 from cnnkernels.ops.bn_act_conv import bn_act_conv
 from cnnkernels.ops.conv_bn_act import conv_bn_act
 
@@ -29,26 +31,19 @@ def assemble(cls: type[nn.Module], children: dict[str, nn.Module | None], attrib
     return module
 
 
-def batch_norm_mode(bn: nn.BatchNorm2d) -> tuple[bool, float, torch.Tensor | None, torch.Tensor | None]:
-    """What nn.BatchNorm2d.forward would do now: (use batch statistics, momentum,
-    running_mean, running_var), counting num_batches_tracked as it does."""
-    momentum = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            momentum = 1.0 / float(bn.num_batches_tracked)
-    use_batch_stats = bn.training or bn.running_mean is None
-    track = not bn.training or bn.track_running_stats
-    return use_batch_stats, momentum, bn.running_mean if track else None, bn.running_var if track else None
-
-
 def conv_bn_act_modules(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor,
                         residual: torch.Tensor | None = None, activation: str = "relu") -> torch.Tensor:
     """act(bn(conv(x)) + residual) with the modules' parameters and buffers, fused; same
     results and running-statistics updates as calling the modules in turn. A bn marked by
-    cnnkernels.nn.freeze runs with its folded weights cached (cnnkernels/nn/freeze.py)."""
+    cnnkernels.nn.freeze runs with its folded weights cached (cnnkernels/nn/freeze.py). A
+    synchronised bn (cnnkernels.nn.convert_sync_batchnorm) in training runs conv, the
+    synchronised BatchNorm, the add and the activation as torch ops."""
     check_zero_padding(conv)
     training, momentum, running_mean, running_var = batch_norm_mode(bn)
+    group = sync_group(bn)
+    if group is not None:
+        out = sync_batch_norm(_conv(conv, x), bn, momentum, group)
+        return _activate(out if residual is None else out + residual, activation)
     folded = None if training else folded_eval_arguments(conv, bn, x)
     if folded is not None:
         weight, bias, bn_weight, bn_bias, folded_mean, folded_var, eps = folded
@@ -68,13 +63,27 @@ def bn_act_conv_modules(bn: nn.BatchNorm2d, conv: nn.Conv2d, x: torch.Tensor, ac
     [N, C_out, H_out, W_out] (written into `out` when given; see ops.bn_act_conv).
     update_running_stats=False: a second use of the same bn(x) (one pre-activation feeding
     two convolutions): batch statistics in training as bn(x) would use, but neither the
-    running statistics nor num_batches_tracked are touched."""
+    running statistics nor num_batches_tracked are touched. A synchronised bn in training
+    runs the synchronised BatchNorm, the activation and conv as torch ops."""
     check_zero_padding(conv)
     if update_running_stats:
         training, momentum, running_mean, running_var = batch_norm_mode(bn)
     else:
         training, momentum = bn.training or bn.running_mean is None, 0.0
         running_mean, running_var = (None, None) if training else (bn.running_mean, bn.running_var)
+    group = sync_group(bn)
+    if group is not None:
+        result = _conv(conv, _activate(sync_batch_norm(x, bn, momentum, group, update_running_stats), activation))
+        return result if out is None else out.copy_(result)
     return bn_act_conv(x, conv.weight, conv.bias, bn.weight, bn.bias, running_mean, running_var,
                        stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
                        training=training, momentum=momentum, eps=bn.eps, activation=activation, out=out)
+
+
+def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+                                      conv.groups)
+
+
+def _activate(x: torch.Tensor, activation: str) -> torch.Tensor:
+    return torch.relu(x) if activation == "relu" else x

@@ -1,0 +1,75 @@
+"""cnnkernels.nn.convert_sync_batchnorm: two processes on gloo (tests/nn/sync_bn_worker.py)
+train and run the fused models with synchronised BatchNorm; every figure, in float64,
+must match one process running the whole batch (our fused models, and torchvision's)."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import cnnkernels
+from cnnkernels import models
+
+WORKER = pathlib.Path(__file__).with_name("sync_bn_worker.py")
+CHECKS = [
+    "resnet18: parameters and buffers against one process", "resnet18: parameters and buffers across ranks",
+    "densenet: parameters and buffers against one process", "densenet: parameters and buffers across ranks",
+    "resnet18 vs torchvision: outputs", "resnet18 vs torchvision: gradients",
+    "resnet18 vs torchvision: running statistics",
+    *(f"{case}: {what}" for case in ("batches 3 and 1", "an empty batch")
+      for what in ("outputs", "input gradients", "parameter gradients summed over ranks", "running statistics")),
+]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    folder = tmp_path_factory.mktemp("sync_bn")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(rank), "2", str(folder / "store"),
+                               str(folder / "result")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=env) for rank in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
+    return [json.loads((folder / f"result.{rank}").read_text()) for rank in range(2)]
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_two_ranks_match_one_process_on_the_whole_batch(two_ranks, check):
+    for rank, results in enumerate(two_ranks):
+        assert check in results, f"rank {rank} did not run {check!r}"
+        assert results[check] < 1e-9, f"rank {rank}: {check}: max difference {results[check]:.3g}"
+
+
+def test_convert_replaces_every_batch_norm_and_keeps_the_state():
+    torch.manual_seed(0)
+    model = models.densenet.DenseNet(8, (2, 2), 16, num_classes=3)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    params = {k: p for k, p in model.named_parameters()}
+    converted = cnnkernels.nn.convert_sync_batchnorm(model, process_group=None)
+    assert not any(type(m) in (nn.BatchNorm2d, nn.BatchNorm1d) for m in converted.modules())
+    syncs = [m for m in converted.modules() if isinstance(m, cnnkernels.nn.SyncBatchNorm)]
+    assert len(syncs) == sum(1 for k in state if k.endswith("running_var"))
+    assert converted.state_dict().keys() == state.keys()
+    assert all(torch.equal(converted.state_dict()[k], v) for k, v in state.items())
+    assert all(p is params[k] for k, p in converted.named_parameters())  # shared, as torch's convert does
+    bn = nn.BatchNorm2d(4)
+    root = cnnkernels.nn.convert_sync_batchnorm(bn)
+    assert isinstance(root, cnnkernels.nn.SyncBatchNorm) and root.weight is bn.weight
+
+
+def test_one_process_runs_the_fused_ops_as_before():
+    """Without torch.distributed initialised a converted model computes what it did."""
+    torch.manual_seed(0)
+    model = models.resnet18(num_classes=3)
+    x = torch.randn(2, 3, 32, 32)
+    reference = model(x)
+    converted = cnnkernels.nn.convert_sync_batchnorm(models.resnet18(num_classes=3))
+    converted.load_state_dict(model.state_dict())
+    torch.testing.assert_close(converted(x), reference, rtol=1e-5, atol=1e-5)
