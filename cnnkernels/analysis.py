@@ -46,6 +46,7 @@ default, the notes' tables).
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -343,7 +344,13 @@ def summary(model: nn.Module, input_size: Sequence[int], batch_size: int = 1,
     For AlexNet at (3, 227, 227), the first row is features.0, conv+relu, (64, 56, 56),
     784 KB, 23,296 params, 72,855,552 flops, as in the notes.
     """
-    input_size = tuple(int(s) for s in input_size)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    try:
+        input_size = tuple(operator.index(s) for s in input_size)
+    except TypeError:
+        raise TypeError(f"input_size must be a sequence of ints, (C, H, W) or (N, C, H, W), "
+                        f"got {input_size!r}") from None
     if len(input_size) == 4:
         if batch_size not in (1, input_size[0]):
             raise ValueError(f"input_size {input_size} gives the batch size {input_size[0]}, but batch_size="

@@ -95,6 +95,12 @@ def multi_crop(model: nn.Module, images: torch.Tensor, crops: int = 10, crop_siz
     model runs in eval mode without gradients (its training flag is restored after);
     a tuple output (aux heads) contributes its first element.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
+        described = (f"a {images.dim()}-D {images.dtype} tensor" if isinstance(images, torch.Tensor)
+                     else type(images).__name__)
+        raise ValueError(f"images must be a floating [N, C, H, W] tensor, got {described}")
     if crops == 10:
         views = ten_crops(images, crop_size, resize)
     elif crops == 144:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import os
+import pickle
 from collections import OrderedDict
 from typing import Callable, Mapping
 
@@ -27,16 +29,36 @@ _CHECKPOINT_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
 
 def register_model(fn: Callable | None = None, *, name: str | None = None, aliases: tuple[str, ...] = ()):
     """Registers a model builder under `name` (default: the function's name) and under
-    every alias; usable bare (@register_model) or with arguments. Returns the builder
-    unchanged. Registering a name twice raises ValueError."""
-    def decorate(builder: Callable) -> Callable:
-        for key in (name or builder.__name__, *aliases):
+    every alias; usable bare (@register_model) or with arguments. Returns the builder,
+    wrapped so that num_classes and weights are checked before anything is built.
+    Registering a name twice raises ValueError."""
+    def decorate(build: Callable) -> Callable:
+        builder = build if getattr(build, "checks_arguments", False) else _checking(build)
+        for key in (name or build.__name__, *aliases):
             if key in _REGISTRY and _REGISTRY[key] is not builder:
                 raise ValueError(f"model name {key!r} is already registered (by {_REGISTRY[key].__module__}."
                                  f"{_REGISTRY[key].__qualname__})")
             _REGISTRY[key] = builder
         return builder
     return decorate(fn) if fn is not None else decorate
+
+
+def _checking(build: Callable) -> Callable:
+    @functools.wraps(build)
+    def builder(*args, **kwargs):
+        _check_builder_arguments(build.__name__, kwargs)
+        return build(*args, **kwargs)
+    builder.checks_arguments = True
+    return builder
+
+
+def _check_builder_arguments(builder: str, kwargs: dict) -> None:
+    num_classes = kwargs.get("num_classes", 1)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"{builder}: num_classes must be a positive int, got {num_classes!r}")
+    weights = kwargs.get("weights")
+    if weights is not None and not isinstance(weights, (str, os.PathLike, Mapping)):
+        raise TypeError(f"{builder}: weights must be a checkpoint path or a state_dict, got {type(weights).__name__}")
 
 
 def with_weights(model: nn.Module, weights) -> nn.Module:
@@ -101,14 +123,26 @@ def load_weights(model: nn.Module, path_or_state_dict, strict: bool = True, map_
     first, as with torch's strict load_state_dict), and shape mismatches raise a
     ValueError naming the parameters before anything is loaded."""
     if isinstance(path_or_state_dict, (str, os.PathLike)):
-        checkpoint = torch.load(path_or_state_dict, map_location=map_location, weights_only=True)
         source = os.fspath(path_or_state_dict)
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"checkpoint {source!r} does not exist (nothing is downloaded: give a local file)")
+        try:
+            checkpoint = torch.load(source, map_location=map_location, weights_only=True)
+        except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError, ValueError, OSError) as error:
+            raise ValueError(f"cannot read checkpoint {source!r} (not a file written by torch.save, or truncated): "
+                             f"{type(error).__name__}: {str(error)[:200]}") from error
+        if not isinstance(checkpoint, Mapping):
+            raise TypeError(f"checkpoint {source!r} holds a {type(checkpoint).__name__}, not a state_dict")
     elif isinstance(path_or_state_dict, Mapping):
         checkpoint, source = path_or_state_dict, "the given state_dict"
     else:
         raise TypeError(f"path_or_state_dict must be a path or a mapping, got {type(path_or_state_dict).__name__}")
     state = extract_state_dict(checkpoint)
     own = model.state_dict()
+    if strict and own and not any(k in own for k in state):
+        raise KeyError(f"loading {source} into {type(model).__name__}: none of the checkpoint's {len(state)} keys "
+                       f"({_shorten(list(state), 4)}) is one of the model's ({_shorten(list(own), 4)}): "
+                       f"a checkpoint of another architecture?")
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in state.items() if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
     if mismatched:

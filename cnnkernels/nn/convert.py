@@ -65,6 +65,8 @@ def convert(model: nn.Module, rules: list[Rule] | None = None) -> nn.Module:
     The state_dict (keys, tensors) is unchanged, and so are the outputs, in train and
     eval mode, running statistics included.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     walk = _Walk(RULES if rules is None else rules)
     root = walk.replace(model, "")
     if not _is_fused(root):

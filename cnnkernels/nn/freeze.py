@@ -35,6 +35,7 @@ _ATTR = "_cnnkernels_freeze"  # on the BatchNorm: None (frozen, nothing cached y
 
 def freeze(model: nn.Module) -> nn.Module:
     """Marks every BatchNorm2d of model (the model itself included) frozen; returns model."""
+    _check_module(model)
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             setattr(module, _ATTR, None)
@@ -43,10 +44,16 @@ def freeze(model: nn.Module) -> nn.Module:
 
 def unfreeze(model: nn.Module) -> nn.Module:
     """Undoes freeze(model): drops every cached folded weight; returns model."""
+    _check_module(model)
     for module in model.modules():
         if hasattr(module, _ATTR):
             delattr(module, _ATTR)
     return model
+
+
+def _check_module(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
 def is_frozen(bn: nn.Module) -> bool:
