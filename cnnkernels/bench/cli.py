@@ -46,7 +46,11 @@ torch.compile default mode, mode="max-autotune"); cnnkernels / cnnkernels-compil
 ours; cnnkernels-frozen runs ours after cnnkernels.nn.freeze(model) (BatchNorm folded
 into the convolution weights once instead of per call: CPU float32 inference; the
 same contract as torch.compile's freezing: parameters do not change behind autograd's
-back). se_resnext50 (and other SE nets) have no torchvision twin: their baseline is
+back). compile-freezing is torch.compile with Inductor's freezing (weights constant-folded
+and prepacked at compile time; inference); openvino converts the baseline model with
+openvino.convert_model and runs it on OpenVINO's CPU plugin with the run's precision
+hint and threads (inference on cpu; "skipped" with the reason where openvino is not
+installed). se_resnext50 (and other SE nets) have no torchvision twin: their baseline is
 the same cnnkernels model run unfused (every fused op on the "reference" backend,
 plain torch ops), as the output says.
 
@@ -67,7 +71,7 @@ extra step allocates through torch's CPU allocator and holds at once, from
 torch.profiler's memory events (profile_memory=True). Allocator caches and process RSS
 overheads are not counted.
 
-Exit status: 0 when every variant ran, 1 when some failed (the table and JSON say
+Exit status: 0 when every variant ran or was skipped with a reason, 1 when some failed (the table and JSON say
 which and why), 2 for bad arguments.
 """.format(models=", ".join(DEFAULT_MODELS))
 
@@ -220,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path, png_path = report.write_outputs(document, args.output)
     print(report.format_table(document))
     print(f"\nwrote {json_path}\nwrote {png_path}")
-    failed = [r for r in document["results"] if r["status"] != "ok"]
+    failed = [r for r in document["results"] if r["status"] == "error"]
     if failed:
         print(f"{len(failed)} of {len(document['results'])} runs failed; see the table and the JSON's "
               f"'error' / 'traceback' fields", file=sys.stderr)

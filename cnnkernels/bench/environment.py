@@ -27,6 +27,25 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+"""The instruction-set flags that decide which CPU kernels oneDNN (and so every CPU engine
+here) can use: figures are comparable only between machines with the same ones."""
+
+
+def cpu_flags() -> dict[str, bool]:
+    """{flag: present} for CPU_FLAGS, from /proc/cpuinfo (all False where it is unreadable)."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return {flag: flag in flags for flag in CPU_FLAGS}
+
+
 def describe(device: str) -> dict:
     """Device name, cores, threads, versions (python, torch, torchvision, triton, CUDA,
     cuDNN, cnnkernels) and cnnkernels' backend report."""
@@ -38,6 +57,7 @@ def describe(device: str) -> dict:
         "device": device,
         "device_name": torch.cuda.get_device_name(device) if cuda else _cpu_model(),
         "cpu_model": _cpu_model(),
+        "cpu_flags": cpu_flags(),
         "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "threads": torch.get_num_threads(),
@@ -47,6 +67,7 @@ def describe(device: str) -> dict:
         "torch": torch.__version__,
         "torchvision": _version("torchvision"),
         "triton": _version("triton"),
+        "openvino": _version("openvino"),
         "cuda_build": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,

@@ -37,7 +37,9 @@ from torch import nn
 
 from cnnkernels.bench.architectures import Architecture, architecture
 from cnnkernels.bench.environment import describe
+from cnnkernels.bench import openvino_engine
 from cnnkernels.bench.memory import MEMORY_METHOD, profiled_peak_bytes, state_bytes
+from cnnkernels.bench.variants import BASELINE_VARIANTS, VARIANTS, Variant  # noqa: F401  (harness.VARIANTS)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -48,28 +50,6 @@ SGD_LR, SGD_MOMENTUM = 0.01, 0.9
 AUX_WEIGHT = 0.3  # weight of auxiliary classifiers' losses in train mode (GoogLeNet's)
 
 
-@dataclass(frozen=True)
-class Variant:
-    """How a model runs: role "baseline" (the architecture's baseline model) or "ours";
-    compile_mode None for eager, else torch.compile's mode ("default", "max-autotune");
-    freeze: ours with cnnkernels.nn.freeze applied (it changes CPU float32/float64
-    inference only; elsewhere the model runs as the unfrozen variant)."""
-    name: str
-    role: str
-    compile_mode: str | None
-    label: str
-    freeze: bool = False  # cnnkernels.nn.freeze(model): BatchNorm folded once for CPU inference
-
-
-VARIANTS = {v.name: v for v in (
-    Variant("eager", "baseline", None, "baseline eager"),
-    Variant("compile", "baseline", "default", "baseline torch.compile"),
-    Variant("compile-max-autotune", "baseline", "max-autotune", "baseline torch.compile max-autotune"),
-    Variant("cnnkernels", "ours", None, "cnnkernels eager"),
-    Variant("cnnkernels-frozen", "ours", None, "cnnkernels eager, frozen (BN folded once)", freeze=True),
-    Variant("cnnkernels-compile", "ours", "default", "cnnkernels + torch.compile"),
-)}
-BASELINE_VARIANTS = tuple(name for name, v in VARIANTS.items() if v.role == "baseline")
 
 TIMING_METHOD = {
     "cpu": "time.perf_counter() around each step (CPU execution is synchronous)",
@@ -267,8 +247,12 @@ def prepare(arch: Architecture, variant: Variant, config: Config, state: dict[st
     optimizer = torch.optim.SGD(model.parameters(), lr=SGD_LR, momentum=SGD_MOMENTUM) if training else None
     runner = model
     if variant.compile_mode is not None:
-        runner = torch.compile(model, mode=None if variant.compile_mode == "default" else variant.compile_mode)
+        runner = torch.compile(model, mode=None if variant.compile_mode == "default" else variant.compile_mode,
+                               options=variant.compile_options or None)
     device_type = config.device_type
+    if variant.engine == "openvino":
+        engine = openvino_engine.runner(model, device_type, DTYPES[config.dtype], training)
+        return Prepared(lambda x, y: engine(x), model, None, None)
     dtype = DTYPES[config.dtype]
     use_autocast = dtype != torch.float32
     mark_cudagraph_step = variant.compile_mode is not None and device_type == "cuda"
@@ -404,6 +388,9 @@ def run_variant(arch: Architecture, variant: Variant, config: Config, state, inp
         prepared = prepare(arch, variant, config, state, settings.backend)
         record.update(measure(prepared, inputs, config, settings.iterations, settings.warmup, progress))
         record["status"] = "ok"
+    except openvino_engine.Unavailable as reason:  # not a failure: the table says why it did not run
+        record["status"] = "skipped"
+        record["error"] = str(reason)
     except Exception as error:  # recorded in the results; the run goes on with the next variant
         record["status"] = "error"
         record["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:500]
@@ -474,7 +461,8 @@ def run(settings: Settings, progress: bool = True) -> dict:
                             inner.set_postfix_str(phase)
                         record = run_variant(arch, variant, config, state, inputs, settings, tick)
                     if record["status"] != "ok":
-                        outer.write(f"{desc}: FAILED: {record['error']}")
+                        outer.write(f"{desc}: {'skipped' if record['status'] == 'skipped' else 'FAILED'}: "
+                                    f"{record['error']}")
                     records.append(record)
                     outer.update(1)
                 del inputs

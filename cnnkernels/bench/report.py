@@ -55,6 +55,9 @@ def format_table(document: dict) -> str:
     lines = [f"cnnkernels-bench on {env['device_name']} ({env['device']}, {env['threads']} threads), "
              f"torch {env['torch']}, {document['settings']['iterations']} timed steps after "
              f"{document['settings']['warmup']} warm-up"]
+    if env.get("device") == "cpu" and env.get("cpu_flags"):
+        present = [flag for flag, on in env["cpu_flags"].items() if on]
+        lines.append(f"CPU flags: {' '.join(present) or 'none of ' + ', '.join(env['cpu_flags'])}")
     busy = busy_warning(env)
     if busy:
         lines.append(busy)
@@ -65,7 +68,8 @@ def format_table(document: dict) -> str:
             model = r["model"] if r["model"] != previous_model else ""
             previous_model = r["model"]
             if r["status"] != "ok":
-                rows.append([model, r["variant"], f"FAILED: {r['error'][:90]}"])
+                rows.append([model, r["variant"], f"{'skipped' if r['status'] == 'skipped' else 'FAILED'}: "
+                                                  f"{r['error'][:90]}"])
                 continue
             memory = r["memory"]
             rows.append([model, r["variant"], _fmt(r["images_per_s"], ".1f"), _fmt(r["iqr_percent"], ".1f"),
