@@ -52,4 +52,19 @@ inline AddActBuffers add_act_buffers(const at::Tensor& first, const at::Tensor& 
   return {a, b, out};
 }
 
+// Both ops' host steps before the kernel: the activation and the pair checked, the
+// buffers made. first / second: x / residual (forward) or out / grad_out (backward).
+struct AddActCall {
+  AddActBuffers buffers;
+  bool relu;
+  bool backward;
+};
+
+inline AddActCall add_act_call(const at::Tensor& first, const char* first_name, const at::Tensor& second,
+                               const char* second_name, std::string_view activation, bool backward) {
+  const bool relu = check_activation(activation);
+  check_add_act_pair(first, first_name, second, second_name);
+  return {add_act_buffers(first, second), relu, backward};
+}
+
 }  // namespace cnnkernels

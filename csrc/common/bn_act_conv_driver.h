@@ -37,6 +37,8 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/conv_checks.h"
+#include "common/op_args.h"
 
 namespace cnnkernels {
 
@@ -91,14 +93,6 @@ inline at::MemoryFormat bn_act_conv_memory_format(const at::Tensor& x) {
 
 namespace bn_act_conv_detail {
 
-inline at::Tensor opt(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? *t : at::Tensor();
-}
-
-inline at::ScalarType stats_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // A per-input-channel parameter (bn_*, running_*, save_*): 1-D, floating, C_in elements.
 inline void check_per_input_channel(const at::Tensor& t, int64_t c, const char* name,
                                     const at::Tensor& x) {
@@ -117,39 +111,11 @@ inline std::vector<int64_t> check_args(const at::Tensor& x, const at::Tensor& we
                                        const at::Tensor& bn_bias, at::IntArrayRef stride,
                                        at::IntArrayRef padding, at::IntArrayRef dilation,
                                        int64_t groups, double eps) {
-  check_defined(x, "x");
-  check_defined(weight, "weight");
-  check_ndim(x, 4, "x");
-  check_ndim(weight, 4, "weight");
-  check_floating(x, "x");
-  check_same_dtype(x, "x", weight, "weight");
-  check_same_device(x, "x", weight, "weight");
-  check_channels(x, weight, groups);
-  check_pair(stride, 1, "stride");
-  check_pair(padding, 0, "padding");
-  check_pair(dilation, 1, "dilation");
-  if (bias.defined()) {
-    check_per_channel(bias, weight.size(0), "bias", x, "x");
-    check_same_dtype(x, "x", bias, "bias");
-  }
+  check_conv_operands(x, weight, bias, stride, padding, dilation, groups);
   check_per_input_channel(bn_weight, x.size(1), "bn_weight", x);
   check_per_input_channel(bn_bias, x.size(1), "bn_bias", x);
   TORCH_CHECK(eps >= 0, "eps must be >= 0, got ", eps);
-  std::vector<int64_t> sizes{x.size(0), weight.size(0), 0, 0};
-  for (int d = 0; d < 2; ++d) {
-    const int64_t k = weight.size(2 + d);
-    const int64_t in = x.size(2 + d) + 2 * padding[d];
-    const int64_t extent = dilation[d] * (k - 1) + 1;
-    TORCH_CHECK(in >= extent, "x's padded ", d == 0 ? "height" : "width", " (", in,
-                ") is smaller than the dilated kernel (", extent, ")");
-    sizes[2 + d] = (in - extent) / stride[d] + 1;
-  }
-  return sizes;
-}
-
-inline at::Tensor per_channel_or(const at::Tensor& t, double fill, int64_t c,
-                                 const at::TensorOptions& sopts) {
-  return t.defined() ? t.to(sopts.dtype()).contiguous() : at::full({c}, fill, sopts);
+  return conv_output_sizes(x, weight, stride, padding, dilation);
 }
 
 // BN as an affine map per channel: scale = gamma * invstd, shift = beta - mean * scale.
@@ -301,8 +267,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn
     std::string_view activation, std::array<bool, 5> output_mask) {
   namespace d = bn_act_conv_detail;
   const bool relu = check_activation(activation);
-  const at::Tensor bias = d::opt(bias_opt), bn_weight = d::opt(bn_weight_opt),
-                   bn_bias = d::opt(bn_bias_opt);
+  const at::Tensor bias = opt(bias_opt), bn_weight = opt(bn_weight_opt),
+                   bn_bias = opt(bn_bias_opt);
   const auto out_sizes = d::check_args(x, weight, bias, bn_weight, bn_bias, stride, padding,
                                        dilation, groups, eps);
   const int64_t c = x.size(1);
@@ -317,7 +283,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn
 
   const c10::OptionalDeviceGuard guard(x.device());
   const auto fmt = bn_act_conv_memory_format(x);
-  const auto sopts = x.options().dtype(d::stats_dtype(x.scalar_type()));
+  const auto sopts = x.options().dtype(stats_dtype(x.scalar_type()));
   const at::Tensor mean = save_mean.to(sopts.dtype()).contiguous();
   const at::Tensor invstd = at::rsqrt(save_var.to(sopts.dtype()) + eps);
   const auto [scale, shift] = d::scale_shift(bn_weight, bn_bias, mean, invstd, c, sopts);
@@ -350,7 +316,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn
   at::Tensor grad_x = empty_x;
   if (output_mask[0]) {
     grad_x = at::empty(x.sizes(), x.options().memory_format(fmt));
-    const at::Tensor g_scale = d::per_channel_or(bn_weight, 1.0, c, sopts) * invstd;
+    const at::Tensor g_scale = per_channel_or(bn_weight, 1.0, c, sopts) * invstd;
     if (training) {
       const double count = static_cast<double>(x.size(0) * x.size(2) * x.size(3));
       const at::Tensor x_scale = (g_scale * invstd * sum_g_xhat / count).contiguous();

@@ -33,6 +33,8 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/conv_checks.h"
+#include "common/op_args.h"
 
 namespace cnnkernels {
 
@@ -104,64 +106,12 @@ struct ConvBnActKernels {
 
 namespace detail {
 
-inline at::Tensor opt(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? *t : at::Tensor();
-}
-
-// reference.output_memory_format: channels_last when x is channels-last and not contiguous.
-inline at::MemoryFormat output_memory_format(const at::Tensor& x) {
-  return (x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous())
-             ? at::MemoryFormat::ChannelsLast
-             : at::MemoryFormat::Contiguous;
-}
-
-inline at::ScalarType stats_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// Checks x, weight, bias, stride, padding, dilation, groups; returns the conv output shape.
-inline std::vector<int64_t> check_conv(const at::Tensor& x, const at::Tensor& weight,
-                                       const at::Tensor& bias, at::IntArrayRef stride,
-                                       at::IntArrayRef padding, at::IntArrayRef dilation,
-                                       int64_t groups) {
-  check_defined(x, "x");
-  check_defined(weight, "weight");
-  check_ndim(x, 4, "x");
-  check_ndim(weight, 4, "weight");
-  check_floating(x, "x");
-  check_same_dtype(x, "x", weight, "weight");
-  check_same_device(x, "x", weight, "weight");
-  check_channels(x, weight, groups);
-  check_pair(stride, 1, "stride");
-  check_pair(padding, 0, "padding");
-  check_pair(dilation, 1, "dilation");
-  if (bias.defined()) {
-    check_per_channel(bias, weight.size(0), "bias", x, "x");
-    check_same_dtype(x, "x", bias, "bias");
-  }
-  std::vector<int64_t> sizes{x.size(0), weight.size(0), 0, 0};
-  for (int d = 0; d < 2; ++d) {
-    const int64_t k = weight.size(2 + d);
-    const int64_t in = x.size(2 + d) + 2 * padding[d];
-    const int64_t extent = dilation[d] * (k - 1) + 1;
-    TORCH_CHECK(in >= extent, "x's padded ", d == 0 ? "height" : "width", " (", in,
-                ") is smaller than the dilated kernel (", extent, ")");
-    sizes[2 + d] = (in - extent) / stride[d] + 1;
-  }
-  return sizes;
-}
-
 inline at::Tensor conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                        int64_t groups) {
   return at::convolution(x, weight, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt,
                          stride, padding, dilation, /*transposed=*/false, /*output_padding=*/{0, 0},
                          groups);
-}
-
-inline at::Tensor per_channel_or(const at::Tensor& t, double fill, int64_t c,
-                                 const at::TensorOptions& sopts) {
-  return t.defined() ? t.to(sopts.dtype()).contiguous() : at::full({c}, fill, sopts);
 }
 
 }  // namespace detail
@@ -181,10 +131,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_act_fo
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training, double eps,
     const std::optional<at::Tensor>& residual_opt, std::string_view activation) {
   const bool relu = check_activation(activation);
-  const at::Tensor bias = detail::opt(bias_opt), bn_weight = detail::opt(bn_weight_opt),
-                   bn_bias = detail::opt(bn_bias_opt), running_mean = detail::opt(running_mean_opt),
-                   running_var = detail::opt(running_var_opt), residual = detail::opt(residual_opt);
-  const auto out_sizes = detail::check_conv(x, weight, bias, stride, padding, dilation, groups);
+  const at::Tensor bias = opt(bias_opt), bn_weight = opt(bn_weight_opt),
+                   bn_bias = opt(bn_bias_opt), running_mean = opt(running_mean_opt),
+                   running_var = opt(running_var_opt), residual = opt(residual_opt);
+  const auto out_sizes = check_conv(x, weight, bias, stride, padding, dilation, groups);
   const int64_t c_out = out_sizes[1];
   check_per_channel(bn_weight_opt, c_out, "bn_weight", x, "x");
   check_per_channel(bn_bias_opt, c_out, "bn_bias", x, "x");
@@ -205,12 +155,12 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_act_fo
   }
 
   const c10::OptionalDeviceGuard guard(x.device());
-  const auto fmt = detail::output_memory_format(x);
-  const auto sopts = x.options().dtype(detail::stats_dtype(x.scalar_type()));
+  const auto fmt = output_memory_format(x);
+  const auto sopts = x.options().dtype(stats_dtype(x.scalar_type()));
   const at::Tensor res =
       residual.defined() ? residual.to(x.scalar_type()).contiguous(fmt) : at::Tensor();
-  const at::Tensor gamma = detail::per_channel_or(bn_weight, 1.0, c_out, sopts);
-  const at::Tensor beta = detail::per_channel_or(bn_bias, 0.0, c_out, sopts);
+  const at::Tensor gamma = per_channel_or(bn_weight, 1.0, c_out, sopts);
+  const at::Tensor beta = per_channel_or(bn_bias, 0.0, c_out, sopts);
 
   if (training) {
     at::Tensor mean = at::empty({c_out}, sopts), var = at::empty({c_out}, sopts);
@@ -286,8 +236,8 @@ conv_bn_act_backward(const ConvBnActKernels& kernels, const at::Tensor& grad_out
                      at::IntArrayRef dilation, int64_t groups, bool training, double eps,
                      std::string_view activation, std::array<bool, 6> output_mask) {
   const bool relu = check_activation(activation);
-  const at::Tensor bias = detail::opt(bias_opt), bn_weight = detail::opt(bn_weight_opt);
-  const auto out_sizes = detail::check_conv(x, weight, bias, stride, padding, dilation, groups);
+  const at::Tensor bias = opt(bias_opt), bn_weight = opt(bn_weight_opt);
+  const auto out_sizes = check_conv(x, weight, bias, stride, padding, dilation, groups);
   const int64_t c_out = out_sizes[1];
   check_defined(grad_out, "grad_out");
   check_same_shape(grad_out, out_sizes, "grad_out", "the output");
@@ -313,14 +263,14 @@ conv_bn_act_backward(const ConvBnActKernels& kernels, const at::Tensor& grad_out
   }
 
   const c10::OptionalDeviceGuard guard(x.device());
-  const auto fmt = detail::output_memory_format(x);
-  const auto sopts = x.options().dtype(detail::stats_dtype(x.scalar_type()));
+  const auto fmt = output_memory_format(x);
+  const auto sopts = x.options().dtype(stats_dtype(x.scalar_type()));
   const auto xopts = x.options().memory_format(fmt);
   const at::Tensor go = grad_out.to(x.scalar_type()).contiguous(fmt);
   const at::Tensor o = relu ? out.to(x.scalar_type()).contiguous(fmt) : at::Tensor();
   const at::Tensor mean = save_mean.to(sopts.dtype()).contiguous();
   const at::Tensor invstd = at::rsqrt(save_var.to(sopts.dtype()) + eps);
-  const at::Tensor gamma = detail::per_channel_or(bn_weight, 1.0, c_out, sopts);
+  const at::Tensor gamma = per_channel_or(bn_weight, 1.0, c_out, sopts);
 
   at::Tensor y;
   if (training || output_mask[3]) {

@@ -109,38 +109,35 @@ void for_chunks(int64_t numel, const Span& span) {
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) { span(begin, end); });
 }
 
-at::Tensor add_act_forward_cpu(const at::Tensor& x, const at::Tensor& residual, std::string_view activation) {
-  const bool relu = check_activation(activation);
-  check_add_act_pair(x, "x", residual, "residual");
-  AddActBuffers b = add_act_buffers(x, residual);
-  const int64_t numel = b.out.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_act_forward_cpu", [&] {
-    const auto* xp = lanes<scalar_t>(b.first);
-    const auto* rp = lanes<scalar_t>(b.second);
-    auto* op = mutable_lanes<scalar_t>(b.out);
+// out = act(first + second) (forward) or second * (first > 0) / second (backward).
+at::Tensor run_cpu(const AddActCall& call) {
+  const AddActBuffers& b = call.buffers;
+  at::Tensor out = b.out;
+  const int64_t numel = out.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "add_act_cpu", [&] {
+    const auto* fp = lanes<scalar_t>(b.first);
+    const auto* sp = lanes<scalar_t>(b.second);
+    auto* op = mutable_lanes<scalar_t>(out);
     for_chunks(numel, [&](int64_t begin, int64_t end) {
-      if (relu) add_act_span<true, scalar_t>(xp + begin, rp + begin, op + begin, end - begin);
-      else add_act_span<false, scalar_t>(xp + begin, rp + begin, op + begin, end - begin);
+      const int64_t len = end - begin;
+      if (call.backward) {
+        if (call.relu) add_act_backward_span<true, scalar_t>(sp + begin, fp + begin, op + begin, len);
+        else add_act_backward_span<false, scalar_t>(sp + begin, fp + begin, op + begin, len);
+      } else {
+        if (call.relu) add_act_span<true, scalar_t>(fp + begin, sp + begin, op + begin, len);
+        else add_act_span<false, scalar_t>(fp + begin, sp + begin, op + begin, len);
+      }
     });
   });
-  return b.out;
+  return out;
+}
+
+at::Tensor add_act_forward_cpu(const at::Tensor& x, const at::Tensor& residual, std::string_view activation) {
+  return run_cpu(add_act_call(x, "x", residual, "residual", activation, /*backward=*/false));
 }
 
 at::Tensor add_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& out, std::string_view activation) {
-  const bool relu = check_activation(activation);
-  check_add_act_pair(out, "out", grad_out, "grad_out");
-  AddActBuffers b = add_act_buffers(out, grad_out);  // first = out, second = grad_out
-  const int64_t numel = b.out.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "add_act_backward_cpu", [&] {
-    const auto* gp = lanes<scalar_t>(b.second);
-    const auto* op = lanes<scalar_t>(b.first);
-    auto* dp = mutable_lanes<scalar_t>(b.out);
-    for_chunks(numel, [&](int64_t begin, int64_t end) {
-      if (relu) add_act_backward_span<true, scalar_t>(gp + begin, op + begin, dp + begin, end - begin);
-      else add_act_backward_span<false, scalar_t>(gp + begin, op + begin, dp + begin, end - begin);
-    });
-  });
-  return b.out;
+  return run_cpu(add_act_call(out, "out", grad_out, "grad_out", activation, /*backward=*/true));
 }
 
 }  // namespace

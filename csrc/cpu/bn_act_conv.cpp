@@ -341,43 +341,12 @@ const BnActConvKernels& cpu_kernels() {
   return kernels;
 }
 
-// ---------------------------------------------------------------- registration
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
-    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training,
-    double eps, std::string_view activation) {
-  return bn_act_conv_forward(cpu_kernels(), x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                             stride, padding, dilation, groups, training, eps, activation);
-}
-
-std::tuple<at::Tensor, at::Tensor> into_cpu(
-    at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
-    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training,
-    double eps, std::string_view activation) {
-  return bn_act_conv_into(cpu_kernels(), out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                          stride, padding, dilation, groups, training, eps, activation);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& bn_weight,
-    const std::optional<at::Tensor>& bn_bias, const at::Tensor& save_mean, const at::Tensor& save_var,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training,
-    double eps, std::string_view activation, std::array<bool, 5> output_mask) {
-  return bn_act_conv_backward(cpu_kernels(), grad_out, x, weight, bias, bn_weight, bn_bias, save_mean, save_var,
-                              stride, padding, dilation, groups, training, eps, activation, output_mask);
-}
-
 }  // namespace
 }  // namespace cnnkernels
 
 TORCH_LIBRARY_IMPL(cnnkernels, CPU, m) {
-  m.impl("_bn_act_conv_forward_native", &cnnkernels::forward_cpu);
-  m.impl("_bn_act_conv_into_native", &cnnkernels::into_cpu);
-  m.impl("_bn_act_conv_backward_native", &cnnkernels::backward_cpu);
+  using namespace cnnkernels;
+  m.impl("_bn_act_conv_forward_native", with_kernels<&bn_act_conv_forward, &cpu_kernels>);
+  m.impl("_bn_act_conv_into_native", with_kernels<&bn_act_conv_into, &cpu_kernels>);
+  m.impl("_bn_act_conv_backward_native", with_kernels<&bn_act_conv_backward, &cpu_kernels>);
 }

@@ -397,33 +397,11 @@ const ConvBnActKernels& cpu_kernels() {
   return kernels;
 }
 
-// ---------------------------------------------------------------- registration
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
-    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    bool training, double eps, const std::optional<at::Tensor>& residual, std::string_view activation) {
-  return conv_bn_act_forward(cpu_kernels(), x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                             stride, padding, dilation, groups, training, eps, residual, activation);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& conv_out,
-    const std::optional<at::Tensor>& bn_weight, const at::Tensor& save_mean, const at::Tensor& save_var,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    bool training, double eps, std::string_view activation, std::array<bool, 6> output_mask) {
-  return conv_bn_act_backward(cpu_kernels(), grad_out, out, x, weight, bias, conv_out, bn_weight, save_mean,
-                              save_var, stride, padding, dilation, groups, training, eps, activation,
-                              output_mask);
-}
-
 }  // namespace
 }  // namespace cnnkernels
 
 TORCH_LIBRARY_IMPL(cnnkernels, CPU, m) {
-  m.impl("_conv_bn_act_forward_native", &cnnkernels::forward_cpu);
-  m.impl("_conv_bn_act_backward_native", &cnnkernels::backward_cpu);
+  using namespace cnnkernels;
+  m.impl("_conv_bn_act_forward_native", with_kernels<&conv_bn_act_forward, &cpu_kernels>);
+  m.impl("_conv_bn_act_backward_native", with_kernels<&conv_bn_act_backward, &cpu_kernels>);
 }

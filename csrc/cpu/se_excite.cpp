@@ -28,6 +28,8 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/op_args.h"
+#include "common/se_excite_args.h"
 
 namespace cnnkernels {
 namespace {
@@ -36,21 +38,6 @@ constexpr int64_t kBlock = 256;    // elements per acc_t partial sum before it g
 constexpr int64_t kGrain = 32768;  // elements per parallel task, at least
 
 inline int64_t grain(int64_t per_index) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, per_index)); }
-
-inline at::MemoryFormat activation_format(const at::Tensor& x) {
-  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous() ? at::MemoryFormat::ChannelsLast
-                                                                                : at::MemoryFormat::Contiguous;
-}
-
-// An optional activation tensor: x's shape, dtype and device, in x's memory format.
-at::Tensor like_x(const std::optional<at::Tensor>& t, const at::Tensor& x, at::MemoryFormat fmt, const char* name) {
-  if (!t.has_value() || !t->defined()) return at::Tensor();
-  check_same_dtype(x, "x", *t, name);
-  check_same_device(x, "x", *t, name);
-  check_same_shape(*t, x.sizes(), name, "x");
-  return t->contiguous(fmt);
-}
-
 // A 2-D fc weight [rows, cols] with x's dtype and device.
 void check_fc_weight(const at::Tensor& w, int64_t rows, int64_t cols, const at::Tensor& x, const char* name) {
   check_defined(w, name);
@@ -197,18 +184,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
     const std::optional<at::Tensor>& residual_in, std::string_view activation) {
   const bool relu = check_activation(activation);
-  check_defined(x_in, "x");
-  check_ndim(x_in, 4, "x");
-  check_floating(x_in, "x");
-  const int64_t n = x_in.size(0), c = x_in.size(1), s = x_in.size(2) * x_in.size(3);
-  TORCH_CHECK(c >= 1 && s >= 1, "x must have at least one channel and one pixel, got shape ", x_in.sizes());
+  const SeExciteSizes sizes = check_se_excite_x(x_in);
+  const int64_t n = sizes.n, c = sizes.c;
   check_fc_weight(fc1_weight, fc1_weight.dim() == 2 ? fc1_weight.size(0) : -1, c, x_in, "fc1_weight");
   const int64_t r = fc1_weight.size(0);
   TORCH_CHECK(r >= 1, "fc1_weight must have at least one row");
   check_fc_weight(fc2_weight, c, r, x_in, "fc2_weight");
   check_fc_bias(fc1_bias, r, x_in, "fc1_bias");
   check_fc_bias(fc2_bias, c, x_in, "fc2_bias");
-  const at::MemoryFormat fmt = activation_format(x_in);
+  const at::MemoryFormat fmt = output_memory_format(x_in);
   const at::Tensor x = x_in.contiguous(fmt);
   const at::Tensor residual = like_x(residual_in, x, fmt, "residual");
   const at::ScalarType acc = at::toOpMathType(x.scalar_type());
@@ -321,20 +305,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& fc2_weight, const at::Tensor& squeezed_in, const at::Tensor& hidden_in,
     const at::Tensor& gate_in, std::string_view activation, std::array<bool, 6> mask) {
   const bool relu = check_activation(activation);
-  check_defined(x_in, "x");
-  check_ndim(x_in, 4, "x");
-  check_floating(x_in, "x");
-  const int64_t n = x_in.size(0), c = x_in.size(1), s = x_in.size(2) * x_in.size(3);
-  TORCH_CHECK(c >= 1 && s >= 1, "x must have at least one channel and one pixel, got shape ", x_in.sizes());
+  const SeExciteSizes sizes = check_se_excite_x(x_in);
+  const int64_t n = sizes.n, c = sizes.c;
   check_fc_weight(fc1_weight, fc1_weight.dim() == 2 ? fc1_weight.size(0) : -1, c, x_in, "fc1_weight");
   const int64_t r = fc1_weight.size(0);
   check_fc_weight(fc2_weight, c, r, x_in, "fc2_weight");
-  const at::MemoryFormat fmt = activation_format(x_in);
+  const at::MemoryFormat fmt = output_memory_format(x_in);
   const at::Tensor x = x_in.contiguous(fmt);
-  const at::Tensor grad_out = like_x(grad_out_in, x, fmt, "grad_out");
-  TORCH_CHECK(grad_out.defined(), "grad_out must be a defined tensor");
-  const at::Tensor out = relu ? like_x(out_in, x, fmt, "out") : at::Tensor();
-  TORCH_CHECK(!relu || out.defined(), "out must be a defined tensor for activation \"relu\"");
+  const SeExciteGrads grads = se_excite_backward_inputs(grad_out_in, out_in, x, fmt, relu);
+  const at::Tensor &grad_out = grads.grad_out, &out = grads.out;
   const at::ScalarType acc = at::toOpMathType(x.scalar_type());
   const at::Tensor squeezed = per_sample(squeezed_in, n, c, acc, "squeezed");
   const at::Tensor hidden = per_sample(hidden_in, n, r, acc, "hidden");

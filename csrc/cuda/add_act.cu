@@ -28,42 +28,38 @@ using cuda_launch::out_ptr;
 // Blocks that fill the GPU once; the grid is capped here and loops over the rest.
 int max_blocks() { return cuda_launch::max_blocks(k::kThreads); }
 
-at::Tensor add_act_forward_cuda(const at::Tensor& x, const at::Tensor& residual, std::string_view activation) {
-  const bool relu = check_activation(activation);
-  check_add_act_pair(x, "x", residual, "residual");
-  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got ", x.device());
-  const c10::cuda::CUDAGuard guard(x.device());
-  AddActBuffers b = add_act_buffers(x, residual);
-  const int64_t numel = b.out.numel();
-  if (numel == 0) return b.out;
+// out = act(first + second) (forward) or second * (first > 0) / second (backward), on
+// first's device.
+at::Tensor run_cuda(const AddActCall& call, const char* first_name) {
+  const AddActBuffers& b = call.buffers;
+  TORCH_CHECK(b.first.is_cuda(), first_name, " must be a CUDA tensor, got ", b.first.device());
+  const c10::cuda::CUDAGuard guard(b.first.device());
+  at::Tensor out = b.out;
+  const int64_t numel = out.numel();
+  if (numel == 0) return out;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "add_act_forward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "add_act_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using data_t = typename DeviceType<scalar_t>::type;
-    k::add_act_forward_kernel<data_t, acc_t><<<k::add_act_grid(numel, max_blocks()), k::kThreads, 0, stream>>>(
-        in_ptr<scalar_t>(b.first), in_ptr<scalar_t>(b.second), numel, relu, out_ptr<scalar_t>(b.out));
+    const dim3 grid = k::add_act_grid(numel, max_blocks());
+    if (call.backward) {
+      k::add_act_backward_kernel<data_t, acc_t><<<grid, k::kThreads, 0, stream>>>(
+          in_ptr<scalar_t>(b.second), in_ptr<scalar_t>(b.first), numel, call.relu, out_ptr<scalar_t>(out));
+    } else {
+      k::add_act_forward_kernel<data_t, acc_t><<<grid, k::kThreads, 0, stream>>>(
+          in_ptr<scalar_t>(b.first), in_ptr<scalar_t>(b.second), numel, call.relu, out_ptr<scalar_t>(out));
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return b.out;
+  return out;
+}
+
+at::Tensor add_act_forward_cuda(const at::Tensor& x, const at::Tensor& residual, std::string_view activation) {
+  return run_cuda(add_act_call(x, "x", residual, "residual", activation, /*backward=*/false), "x");
 }
 
 at::Tensor add_act_backward_cuda(const at::Tensor& grad_out, const at::Tensor& out, std::string_view activation) {
-  const bool relu = check_activation(activation);
-  check_add_act_pair(out, "out", grad_out, "grad_out");
-  TORCH_CHECK(out.is_cuda(), "out must be a CUDA tensor, got ", out.device());
-  const c10::cuda::CUDAGuard guard(out.device());
-  AddActBuffers b = add_act_buffers(out, grad_out);  // first = out, second = grad_out
-  const int64_t numel = b.out.numel();
-  if (numel == 0) return b.out;
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "add_act_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    using data_t = typename DeviceType<scalar_t>::type;
-    k::add_act_backward_kernel<data_t, acc_t><<<k::add_act_grid(numel, max_blocks()), k::kThreads, 0, stream>>>(
-        in_ptr<scalar_t>(b.second), in_ptr<scalar_t>(b.first), numel, relu, out_ptr<scalar_t>(b.out));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return b.out;
+  return run_cuda(add_act_call(out, "out", grad_out, "grad_out", activation, /*backward=*/true), "out");
 }
 
 }  // namespace

@@ -16,41 +16,21 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#else
-#include "emulation/cuda_host_emulation.h"
-#endif
+#include "cuda/device_io.cuh"
 
 namespace cnnkernels {
 namespace add_act_cuda {
 
+using namespace device_io;  // load_value, store_value, masked_grad, grid_stride_blocks
+
 constexpr int kThreads = 256;  // threads per block
 constexpr int kUnroll = 4;     // elements per thread and grid-stride step
-
-// Loads and stores through the accumulation type. Overloads instead of casts: torch
-// builds with __CUDA_NO_HALF_CONVERSIONS__, so __half has no implicit float conversion.
-__device__ __forceinline__ float load_value(const float* p) { return *p; }
-__device__ __forceinline__ double load_value(const double* p) { return *p; }
-__device__ __forceinline__ void store_value(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store_value(double* p, double v) { *p = v; }
-#if defined(__CUDACC__)
-__device__ __forceinline__ float load_value(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float load_value(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-__device__ __forceinline__ void store_value(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store_value(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-#endif
 
 // Grid of the kernels: enough blocks for every element once (kUnroll per thread),
 // capped at max_blocks (the GPU's resident-block budget); the grid-stride loop covers
 // the rest.
 inline dim3 add_act_grid(int64_t numel, int max_blocks) {
-  const int64_t per_block = int64_t(kThreads) * kUnroll;
-  int64_t blocks = (numel + per_block - 1) / per_block;
-  if (blocks > max_blocks) blocks = max_blocks;
-  if (blocks < 1) blocks = 1;
-  return dim3(static_cast<unsigned int>(blocks));
+  return grid_stride_blocks(numel, int64_t(kThreads) * kUnroll, max_blocks);
 }
 
 template <typename acc_t>
@@ -92,10 +72,7 @@ __global__ void add_act_backward_kernel(const scalar_t* grad_out, const scalar_t
   const int64_t tile = int64_t(blockDim.x) * kUnroll;
   const int64_t step = tile * gridDim.x;
   int64_t base = int64_t(blockIdx.x) * tile + threadIdx.x;
-  auto masked = [&](int64_t i) -> acc_t {
-    const acc_t g = static_cast<acc_t>(load_value(grad_out + i));
-    return (relu && !(static_cast<acc_t>(load_value(out + i)) > acc_t(0))) ? acc_t(0) : g;
-  };
+  auto masked = [&](int64_t i) { return masked_grad<scalar_t, acc_t>(grad_out, out, i, relu); };
   for (; base + (kUnroll - 1) * int64_t(blockDim.x) < numel; base += step) {
     acc_t v[kUnroll];
 #pragma unroll

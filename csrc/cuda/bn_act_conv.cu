@@ -232,20 +232,7 @@ bool fused_conv_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Te
                                           os,
                                           cs,
                                           cl.out_pixel_fast};
-    switch (cl.variant) {
-      case k::ConvVariant::kWideChannelsFast:
-        k::conv_kernel<data_t, acc_t, k::WideTile, true><<<cl.grid, block, 0, stream>>>(args);
-        break;
-      case k::ConvVariant::kWidePixelFast:
-        k::conv_kernel<data_t, acc_t, k::WideTile, false><<<cl.grid, block, 0, stream>>>(args);
-        break;
-      case k::ConvVariant::kNarrowChannelsFast:
-        k::conv_kernel<data_t, acc_t, k::NarrowTile, true><<<cl.grid, block, 0, stream>>>(args);
-        break;
-      case k::ConvVariant::kNarrowPixelFast:
-        k::conv_kernel<data_t, acc_t, k::NarrowTile, false><<<cl.grid, block, 0, stream>>>(args);
-        break;
-    }
+    k::conv_kernel_of<data_t, acc_t>(cl.variant)<<<cl.grid, block, 0, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return true;
@@ -257,41 +244,12 @@ const BnActConvKernels& cuda_kernels() {
   return kernels;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
-    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training,
-    double eps, std::string_view activation) {
-  return bn_act_conv_forward(cuda_kernels(), x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride,
-                             padding, dilation, groups, training, eps, activation);
-}
-
-std::tuple<at::Tensor, at::Tensor> into_cuda(
-    at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
-    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training,
-    double eps, std::string_view activation) {
-  return bn_act_conv_into(cuda_kernels(), out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                          stride, padding, dilation, groups, training, eps, activation);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
-    const at::Tensor& save_mean, const at::Tensor& save_var, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, bool training, double eps, std::string_view activation,
-    std::array<bool, 5> output_mask) {
-  return bn_act_conv_backward(cuda_kernels(), grad_out, x, weight, bias, bn_weight, bn_bias, save_mean, save_var,
-                              stride, padding, dilation, groups, training, eps, activation, output_mask);
-}
-
 }  // namespace
 }  // namespace cnnkernels
 
 TORCH_LIBRARY_IMPL(cnnkernels, CUDA, m) {
-  m.impl("_bn_act_conv_forward_native", &cnnkernels::forward_cuda);
-  m.impl("_bn_act_conv_into_native", &cnnkernels::into_cuda);
-  m.impl("_bn_act_conv_backward_native", &cnnkernels::backward_cuda);
+  using namespace cnnkernels;
+  m.impl("_bn_act_conv_forward_native", with_kernels<&bn_act_conv_forward, &cuda_kernels>);
+  m.impl("_bn_act_conv_into_native", with_kernels<&bn_act_conv_into, &cuda_kernels>);
+  m.impl("_bn_act_conv_backward_native", with_kernels<&bn_act_conv_backward, &cuda_kernels>);
 }

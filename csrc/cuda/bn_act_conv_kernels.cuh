@@ -42,22 +42,11 @@
 namespace cnnkernels {
 namespace bn_act_conv_cuda {
 
-using namespace bn_cuda;  // kThreads, load_acc, store_value, ReduceLaunch, welford_*, ...
+using namespace bn_cuda;  // kThreads, ReduceLaunch, welford_*, ... and device_io (load_acc, rounded, ...)
 using namespace strided_walk;  // Shape, Strides, RowCursor, Walk, WalkCursor, ...
 
 // CUDA's limit on gridDim.y.
 constexpr int64_t kMaxGridY = 65535;
-
-// v rounded to the data type and back: the fused conv multiplies act(bn(x)) as the
-// unfused path would after writing it in x's dtype (a no-op for float and double).
-__device__ __forceinline__ float round_to_data(float v, const float*) { return v; }
-__device__ __forceinline__ double round_to_data(double v, const double*) { return v; }
-#if defined(__CUDACC__)
-__device__ __forceinline__ float round_to_data(float v, const __half*) { return __half2float(__float2half_rn(v)); }
-__device__ __forceinline__ float round_to_data(float v, const __nv_bfloat16*) {
-  return __bfloat162float(__float2bfloat16_rn(v));
-}
-#endif
 
 // a = act(x * scale + shift); the forward prologue, bn_act_kernel and the backward masks
 // all go through this one expression, so that the relu masks agree bit for bit.
@@ -228,7 +217,8 @@ __device__ __forceinline__ acc_t load_a(const ConvArgs<scalar_t, acc_t>& p, cons
   if (hi < 0 || hi >= s.h || wi < 0 || wi >= s.w) return acc_t(0);
   const acc_t v = load_acc<acc_t>(x_g + row.base + tap.ci * p.xs.c + hi * p.xs.h + wi * p.xs.w);
   const acc_t z = bn_pre(v, scale_g[tap.ci], shift_g[tap.ci]);
-  return (p.relu && z < acc_t(0)) ? acc_t(0) : round_to_data(z, p.x);
+  // rounded: as the unfused path, which writes act(bn(x)) in x's dtype before the conv.
+  return (p.relu && z < acc_t(0)) ? acc_t(0) : rounded<scalar_t>(z);
 }
 
 // Block: kThreads threads (16 x 16). Grid: (ceil(M / BM), groups * ceil(Cog / BN)).
@@ -393,6 +383,25 @@ inline ConvLaunch conv_launch(const ConvShape& s, const Shape& x_shape, const St
   const bool ok = grid_x >= 1 && grid_x <= int64_t(0x7fffffff) && grid_y >= 1 && grid_y <= kMaxGridY;
   return {variant, dim3(static_cast<unsigned int>(grid_x), static_cast<unsigned int>(grid_y)),
           !channels_fast(out_shape, os), ok};
+}
+
+template <typename scalar_t, typename acc_t>
+using ConvKernel = void (*)(ConvArgs<scalar_t, acc_t>);
+
+// The conv_kernel instantiation of a variant (host), to launch with conv_launch's grid
+// and kThreads threads.
+template <typename scalar_t, typename acc_t>
+inline ConvKernel<scalar_t, acc_t> conv_kernel_of(ConvVariant variant) {
+  switch (variant) {
+    case ConvVariant::kWideChannelsFast:
+      return conv_kernel<scalar_t, acc_t, WideTile, true>;
+    case ConvVariant::kWidePixelFast:
+      return conv_kernel<scalar_t, acc_t, WideTile, false>;
+    case ConvVariant::kNarrowChannelsFast:
+      return conv_kernel<scalar_t, acc_t, NarrowTile, true>;
+    default:  // kNarrowPixelFast
+      return conv_kernel<scalar_t, acc_t, NarrowTile, false>;
+  }
 }
 
 // ---------------------------------------------------------------------------------------

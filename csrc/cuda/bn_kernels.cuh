@@ -1,8 +1,8 @@
 // BatchNorm device code shared by the CUDA backends of conv_bn_act
 // (csrc/cuda/conv_bn_act_kernels.cuh) and bn_act_conv (csrc/cuda/bn_act_conv_kernels.cuh):
-// loads and stores through the accumulation type, the launch shapes of the per-channel
-// reductions, Welford / Chan statistics and the block reduction trees, and the finalize
-// kernel of the backward reduction. Each op's kernels address their tensors their own
+// the launch shapes of the per-channel reductions, Welford / Chan statistics and the block
+// reduction trees, and the finalize kernel of the backward reduction (loads and stores
+// are csrc/cuda/device_io.cuh). Each op's kernels address their tensors their own
 // way (dense [N, C, S] geometry, or arbitrary strides); what is here does not depend on it.
 //
 // No torch / ATen here, so that the same source compiles under nvcc and under g++ with
@@ -19,39 +19,17 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#else
-#include "emulation/cuda_host_emulation.h"
-#endif
+#include "cuda/device_io.cuh"
 
 namespace cnnkernels {
 namespace bn_cuda {
+
+using namespace device_io;  // load_acc, store_value, masked_grad, grid_stride_blocks, ...
 
 // Threads per block of every kernel; the reduction trees rely on it being a power of two.
 constexpr int kThreads = 256;
 // Upper bound on blocks per channel tile of a reduction (so also on partials per channel).
 constexpr int kMaxPartials = 1024;
-
-// ---------------------------------------------------------------------------------------
-// Loads and stores through the accumulation type. Overloads instead of casts: torch
-// builds with __CUDA_NO_HALF_CONVERSIONS__, so __half has no implicit float conversion.
-__device__ __forceinline__ float load_value(const float* p) { return *p; }
-__device__ __forceinline__ double load_value(const double* p) { return *p; }
-__device__ __forceinline__ void store_value(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store_value(double* p, double v) { *p = v; }
-#if defined(__CUDACC__)
-__device__ __forceinline__ float load_value(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float load_value(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-__device__ __forceinline__ void store_value(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store_value(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-#endif
-
-template <typename acc_t, typename scalar_t>
-__device__ __forceinline__ acc_t load_acc(const scalar_t* p) {
-  return static_cast<acc_t>(load_value(p));
-}
 
 // ---------------------------------------------------------------------------------------
 // Launch shapes (host).
@@ -82,12 +60,7 @@ inline ReduceLaunch reduce_launch(int64_t c, int64_t rows, bool channel_tiles, i
 }
 
 // Grid of the grid-stride elementwise loops and of the finalize kernels.
-inline dim3 elementwise_grid(int64_t numel, int max_blocks) {
-  int64_t blocks = (numel + kThreads - 1) / kThreads;
-  if (blocks > max_blocks) blocks = max_blocks;
-  if (blocks < 1) blocks = 1;
-  return dim3(static_cast<unsigned int>(blocks));
-}
+inline dim3 elementwise_grid(int64_t numel, int max_blocks) { return grid_stride_blocks(numel, kThreads, max_blocks); }
 
 // ---------------------------------------------------------------------------------------
 // Welford / Chan: (mean, m2, count) of a set, m2 = sum of squared deviations.

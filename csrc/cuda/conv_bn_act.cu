@@ -190,7 +190,7 @@ ConvBnActKernel choose_kernel(const at::Tensor& x, const at::Tensor& weight, at:
   const ConvBnActShape shape{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2),
                              weight.size(3), stride[0], stride[1], padding[0], padding[1], dilation[0],
                              dilation[1], groups, dtype,
-                             detail::output_memory_format(x) == at::MemoryFormat::ChannelsLast,
+                             output_memory_format(x) == at::MemoryFormat::ChannelsLast,
                              at::globalContext().allowTF32CuDNN(at::Float32Op::CONV)};
   return choose_conv_bn_act_kernel(shape);
 }
@@ -312,30 +312,11 @@ const ConvBnActKernels& cuda_kernels() {
   return kernels;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
-    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training,
-    double eps, const std::optional<at::Tensor>& residual, std::string_view activation) {
-  return conv_bn_act_forward(cuda_kernels(), x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                             stride, padding, dilation, groups, training, eps, residual, activation);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& conv_out, const std::optional<at::Tensor>& bn_weight,
-    const at::Tensor& save_mean, const at::Tensor& save_var, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, bool training, double eps, std::string_view activation,
-    std::array<bool, 6> output_mask) {
-  return conv_bn_act_backward(cuda_kernels(), grad_out, out, x, weight, bias, conv_out, bn_weight, save_mean,
-                              save_var, stride, padding, dilation, groups, training, eps, activation, output_mask);
-}
-
 }  // namespace
 }  // namespace cnnkernels
 
 TORCH_LIBRARY_IMPL(cnnkernels, CUDA, m) {
-  m.impl("_conv_bn_act_forward_native", &cnnkernels::forward_cuda);
-  m.impl("_conv_bn_act_backward_native", &cnnkernels::backward_cuda);
+  using namespace cnnkernels;
+  m.impl("_conv_bn_act_forward_native", with_kernels<&conv_bn_act_forward, &cuda_kernels>);
+  m.impl("_conv_bn_act_backward_native", with_kernels<&conv_bn_act_backward, &cuda_kernels>);
 }

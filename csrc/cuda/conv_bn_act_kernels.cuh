@@ -28,7 +28,7 @@
 namespace cnnkernels {
 namespace conv_bn_act_cuda {
 
-using namespace bn_cuda;  // kThreads, load_acc, store_value, ReduceLaunch, welford_*, ...
+using namespace bn_cuda;  // kThreads, ReduceLaunch, welford_*, ... and device_io (load_acc, store_value, ...)
 
 // ---------------------------------------------------------------------------------------
 // Geometry shared by the launchers (csrc/cuda/conv_bn_act.cu and the emulation harness).
@@ -155,14 +155,7 @@ __global__ void scale_shift_act_kernel(const scalar_t* y, const acc_t* __restric
 }
 
 // ---------------------------------------------------------------------------------------
-// Backward. g = grad_out * (out > 0) for relu, grad_out for none.
-
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t masked_grad(const scalar_t* grad_out, const scalar_t* out, int64_t i,
-                                             bool relu) {
-  const acc_t go = load_acc<acc_t>(grad_out + i);
-  return (relu && !(load_acc<acc_t>(out + i) > acc_t(0))) ? acc_t(0) : go;
-}
+// Backward. g = masked_grad(grad_out, out): grad_out * (out > 0) for relu, grad_out for none.
 
 // backward_reduce pass 1: per channel and block, sum_g and sum_g_xhat with
 // xhat = (y - mean[c]) * invstd[c]. y may be null: then only sum_g is computed and

@@ -61,14 +61,6 @@ struct TileEpilogue {
   int partials;
 };
 
-// The value a store of v into scalar_t leaves in memory, read back as acc_t.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t rounded(acc_t v) {
-  scalar_t stored;
-  store_value(&stored, v);
-  return load_acc<acc_t>(&stored);
-}
-
 // Where a thread's micro-tile lands: the output pixel of each row (m < 0: outside the
 // output), the local column (0..63) of each column and the tile's first channel;
 // channels_in_tile columns of the tile are real channels (base_channel + column).

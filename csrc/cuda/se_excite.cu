@@ -21,6 +21,8 @@
 #include <tuple>
 
 #include "common/checks.h"
+#include "common/op_args.h"
+#include "common/se_excite_args.h"
 #include "cuda/aten_launch.h"
 #include "cuda/se_excite_kernels.cuh"
 
@@ -43,19 +45,6 @@ T* acc_out(at::Tensor& t) {
 }
 
 int max_blocks() { return cuda_launch::max_blocks(k::kThreads); }
-
-at::MemoryFormat activation_format(const at::Tensor& x) {
-  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous() ? at::MemoryFormat::ChannelsLast
-                                                                                : at::MemoryFormat::Contiguous;
-}
-
-at::Tensor like_x(const std::optional<at::Tensor>& t, const at::Tensor& x, at::MemoryFormat fmt, const char* name) {
-  if (!t.has_value() || !t->defined()) return at::Tensor();
-  check_same_dtype(x, "x", *t, name);
-  check_same_device(x, "x", *t, name);
-  check_same_shape(*t, x.sizes(), name, "x");
-  return t->contiguous(fmt);
-}
 
 at::Tensor fc_param(const std::optional<at::Tensor>& t, at::IntArrayRef sizes, const at::Tensor& x,
                     const char* name) {
@@ -81,12 +70,9 @@ struct Shape {
 };
 
 Shape check_shapes(const at::Tensor& x, const at::Tensor& fc1_weight, const at::Tensor& fc2_weight) {
-  check_defined(x, "x");
-  check_ndim(x, 4, "x");
-  check_floating(x, "x");
+  const SeExciteSizes sizes = check_se_excite_x(x);
+  const int64_t n = sizes.n, c = sizes.c, s = sizes.s;
   TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor");
-  const int64_t n = x.size(0), c = x.size(1), s = x.size(2) * x.size(3);
-  TORCH_CHECK(c >= 1 && s >= 1, "x must have at least one channel and one pixel, got shape ", x.sizes());
   check_defined(fc1_weight, "fc1_weight");
   check_ndim(fc1_weight, 2, "fc1_weight");
   const int64_t r = fc1_weight.size(0);
@@ -105,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const std::optional<at::Tensor>& residual_in, std::string_view activation) {
   const bool relu = check_activation(activation);
   const Shape sh = check_shapes(x_in, fc1_weight, fc2_weight);
-  const at::MemoryFormat fmt = activation_format(x_in);
+  const at::MemoryFormat fmt = output_memory_format(x_in);
   const at::Tensor x = x_in.contiguous(fmt);
   const at::Tensor residual = like_x(residual_in, x, fmt, "residual");
   const at::Tensor w1 = fc_param(fc1_weight, {sh.r, sh.c}, x, "fc1_weight");
@@ -140,12 +126,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& gate_in, std::string_view activation, std::array<bool, 6> mask) {
   const bool relu = check_activation(activation);
   const Shape sh = check_shapes(x_in, fc1_weight, fc2_weight);
-  const at::MemoryFormat fmt = activation_format(x_in);
+  const at::MemoryFormat fmt = output_memory_format(x_in);
   const at::Tensor x = x_in.contiguous(fmt);
-  const at::Tensor grad_out = like_x(grad_out_in, x, fmt, "grad_out");
-  TORCH_CHECK(grad_out.defined(), "grad_out must be a defined tensor");
-  const at::Tensor out = relu ? like_x(out_in, x, fmt, "out") : at::Tensor();
-  TORCH_CHECK(!relu || out.defined(), "out must be a defined tensor for activation \"relu\"");
+  const SeExciteGrads grads = se_excite_backward_inputs(grad_out_in, out_in, x, fmt, relu);
+  const at::Tensor &grad_out = grads.grad_out, &out = grads.out;
   const at::Tensor w1 = fc_param(fc1_weight, {sh.r, sh.c}, x, "fc1_weight");
   const at::Tensor w2 = fc_param(fc2_weight, {sh.c, sh.r}, x, "fc2_weight");
   const at::ScalarType acc = at::toOpMathType(x.scalar_type());

@@ -33,45 +33,17 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#else
-#include <cmath>
-
-#include "emulation/cuda_host_emulation.h"
-#endif
+#include "cuda/device_io.cuh"
 
 namespace cnnkernels {
 namespace se_excite_cuda {
+
+using namespace device_io;  // load_acc, store_value, exp_value, masked_grad, grid_stride_blocks
 
 // Threads per block of every kernel; the reduction trees rely on it being a power of two.
 constexpr int kThreads = 256;
 // Grid y of the elementwise kernels is capped at CUDA's limit; they loop over the rest.
 constexpr int64_t kMaxGridY = 65535;
-
-// ---------------------------------------------------------------------------------------
-// Loads and stores through the accumulation type. Overloads instead of casts: torch
-// builds with __CUDA_NO_HALF_CONVERSIONS__, so __half has no implicit float conversion.
-__device__ __forceinline__ float load_value(const float* p) { return *p; }
-__device__ __forceinline__ double load_value(const double* p) { return *p; }
-__device__ __forceinline__ void store_value(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store_value(double* p, double v) { *p = v; }
-__device__ __forceinline__ void store_value(float* p, double v) { *p = static_cast<float>(v); }
-#if defined(__CUDACC__)
-__device__ __forceinline__ float load_value(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float load_value(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-__device__ __forceinline__ void store_value(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store_value(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-#endif
-
-template <typename acc_t, typename scalar_t>
-__device__ __forceinline__ acc_t load_acc(const scalar_t* p) {
-  return static_cast<acc_t>(load_value(p));
-}
-
-__device__ __forceinline__ float exp_value(float v) { return expf(v); }
-__device__ __forceinline__ double exp_value(double v) { return exp(v); }
 
 // ---------------------------------------------------------------------------------------
 // Geometry and launch shapes, shared by csrc/cuda/se_excite.cu and the emulation harness.
@@ -114,12 +86,7 @@ inline dim3 elementwise_grid(const Geometry& g, int max_blocks) {
 }
 
 // Grid of weight_grad_kernel for `outputs` elements.
-inline dim3 flat_grid(int64_t outputs, int max_blocks) {
-  int64_t blocks = (outputs + kThreads - 1) / kThreads;
-  if (blocks > max_blocks) blocks = max_blocks;
-  if (blocks < 1) blocks = 1;
-  return dim3(static_cast<unsigned int>(blocks));
-}
+inline dim3 flat_grid(int64_t outputs, int max_blocks) { return grid_stride_blocks(outputs, kThreads, max_blocks); }
 
 // ---------------------------------------------------------------------------------------
 // Block reduction: for every item in [0, items), the sum of f(item, j) over j in
@@ -214,13 +181,7 @@ __global__ void scale_kernel(const scalar_t* __restrict__ x, const acc_t* __rest
 }
 
 // ---------------------------------------------------------------------------------------
-// Backward. g = grad_out * (out > 0) for relu, grad_out for none.
-
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t masked_grad(const scalar_t* grad_out, const scalar_t* out, int64_t i, bool relu) {
-  const acc_t go = load_acc<acc_t>(grad_out + i);
-  return (relu && !(load_acc<acc_t>(out + i) > acc_t(0))) ? acc_t(0) : go;
-}
+// Backward. g = masked_grad(grad_out, out): grad_out * (out > 0) for relu, grad_out for none.
 
 // One block per sample (grid-stride over samples). Writes d_z2 [N, C], d_z1 [N, R] and,
 // when d_sq is not null, d_sq [N, C] = (d_z1 W1) / S (acc_t, contiguous). out is read

@@ -65,20 +65,7 @@ void conv(const T* x, const int64_t* x_shape, const int64_t* x_strides, const T*
   const ConvLaunch cl = conv_launch(cs, xsh, xs, osh, os, tile);
   if (!cl.ok) throw std::invalid_argument("conv grid too large");
   const ConvArgs<T, T> args{x, xs, scale, shift, relu != 0, weight, bias, out, os, cs, cl.out_pixel_fast};
-  switch (cl.variant) {
-    case ConvVariant::kWideChannelsFast:
-      launch(cl.grid, dim3(kThreads), conv_kernel<T, T, WideTile, true>, args);
-      break;
-    case ConvVariant::kWidePixelFast:
-      launch(cl.grid, dim3(kThreads), conv_kernel<T, T, WideTile, false>, args);
-      break;
-    case ConvVariant::kNarrowChannelsFast:
-      launch(cl.grid, dim3(kThreads), conv_kernel<T, T, NarrowTile, true>, args);
-      break;
-    case ConvVariant::kNarrowPixelFast:
-      launch(cl.grid, dim3(kThreads), conv_kernel<T, T, NarrowTile, false>, args);
-      break;
-  }
+  launch(cl.grid, dim3(kThreads), conv_kernel_of<T, T>(cl.variant), args);
 }
 
 // The variant conv() would run: 0..3 in ConvVariant order, + 4 when out_pixel_fast.

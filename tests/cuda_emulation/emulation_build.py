@@ -2,8 +2,10 @@
 the op's csrc/cuda/<op>_kernels.cuh, csrc/emulation/cuda_host_emulation.h and
 harness_common.h) with g++ into a shared library and loads it with ctypes.
 
-The library is cached under the temp dir, keyed by the hash of the compiler, its flags
-and the sources, and written atomically (concurrent test runs never load half a file).
+The library is cached under the temp dir, keyed by the hash of the compiler, its flags,
+the harness and every header it may include (csrc/cuda/*.cuh, csrc/common/*.h, the
+emulation and harness headers), and written atomically (concurrent test runs never load
+half a file).
 """
 from __future__ import annotations
 
@@ -19,19 +21,28 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+HARNESS_DIR = Path(__file__).resolve().parent
 EMULATION_HEADER = ROOT / "csrc" / "emulation" / "cuda_host_emulation.h"
-HARNESS_HEADER = Path(__file__).with_name("harness_common.h")  # included by every harness
+HARNESS_HEADER = HARNESS_DIR / "harness_common.h"  # included by every harness
 FLAGS = ["-std=c++20", "-O1", "-pthread", "-shared", "-fPIC"]
 SUFFIXES = {torch.float32: "f32", torch.float64: "f64"}
 
 
-def build(harness: Path, kernel_sources: list[Path]) -> Path:
-    """The path of the built harness library (skips the test when g++ is missing)."""
+def _headers() -> list[Path]:
+    """Every header a harness may include, directly or through another."""
+    csrc = ROOT / "csrc"
+    return [EMULATION_HEADER, HARNESS_HEADER, *sorted(csrc.glob("cuda/*.cuh")), *sorted(csrc.glob("common/*.h"))]
+
+
+def build(harness: str | Path) -> Path:
+    """The path of the built library of `harness` (a path, or a file name in this folder);
+    skips the test when g++ is missing."""
+    harness = HARNESS_DIR / harness
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("g++ not found: cannot build the CUDA host emulation harness")
     digest = hashlib.sha256(" ".join([gxx, *FLAGS]).encode())
-    for source in [EMULATION_HEADER, HARNESS_HEADER, *kernel_sources, harness]:
+    for source in [*_headers(), harness]:
         digest.update(source.read_bytes())
     cache = Path(tempfile.gettempdir()) / "cnnkernels_cuda_emulation" / digest.hexdigest()[:16]
     library = cache / f"{harness.stem}.so"
@@ -47,10 +58,10 @@ def build(harness: Path, kernel_sources: list[Path]) -> Path:
     return library
 
 
-def load(harness: Path, kernel_sources: list[Path], signatures: dict[str, list]) -> ctypes.CDLL:
+def load(harness: str | Path, signatures: dict[str, list]) -> ctypes.CDLL:
     """Builds and loads the harness; every `<name>_f32` / `<name>_f64` entry point of
     `signatures` gets its argtypes and an int return (0 = success)."""
-    handle = ctypes.CDLL(str(build(harness, kernel_sources)))
+    handle = ctypes.CDLL(str(build(harness)))
     for name, argtypes in signatures.items():
         for suffix in SUFFIXES.values():
             fn = getattr(handle, f"{name}_{suffix}")

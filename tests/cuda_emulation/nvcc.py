@@ -22,6 +22,24 @@ TORCH_NVCC_FLAGS = [
     "--expt-relaxed-constexpr",
 ]
 
+# Instantiates a translation unit's INSTANTIATE(T, A) macro for every data type the
+# package dispatches to (T) with its accumulation type (A).
+EVERY_DTYPE = """
+INSTANTIATE(float, float)
+INSTANTIATE(double, double)
+INSTANTIATE(__half, float)
+INSTANTIATE(__nv_bfloat16, float)
+"""
+
+# bn_cuda::backward_reduce_finalize_kernel for both accumulation types (conv_bn_act and
+# bn_act_conv launch it).
+BN_FINALIZE = """
+template __global__ void cnnkernels::bn_cuda::backward_reduce_finalize_kernel<float>(
+    const float*, const float*, int64_t, int, float*, float*);
+template __global__ void cnnkernels::bn_cuda::backward_reduce_finalize_kernel<double>(
+    const double*, const double*, int64_t, int, double*, double*);
+"""
+
 # The architectures and C++ standards checked: the package builds with C++20 (torch
 # 2.14's headers need it); the kernel headers also stay C++17.
 ARCH_STD = [("sm_80", "c++17"), ("sm_90", "c++20")]

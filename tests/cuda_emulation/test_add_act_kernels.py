@@ -14,11 +14,9 @@ import pytest
 import torch
 
 import emulation_build
-from emulation_build import ROOT
-from nvcc import ARCH_STD, compile_kernels
+from nvcc import ARCH_STD, EVERY_DTYPE, compile_kernels
 
-HARNESS = ROOT / "tests" / "cuda_emulation" / "add_act_harness.cpp"
-KERNELS = [ROOT / "csrc" / "cuda" / "add_act_kernels.cuh"]
+HARNESS = "add_act_harness.cpp"
 P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {
     "add_act_forward": [P, P, I64, INT, INT, P],
@@ -37,7 +35,7 @@ DTYPES = [torch.float32, torch.float64]
 
 @pytest.fixture(scope="module")
 def lib():
-    return emulation_build.load(HARNESS, KERNELS, SIGNATURES)
+    return emulation_build.load(HARNESS, SIGNATURES)
 
 
 def _poisoned(numel, dtype):
@@ -101,12 +99,7 @@ namespace k = cnnkernels::add_act_cuda;
 #define INSTANTIATE(T, A)                                                                          \
   template __global__ void k::add_act_forward_kernel<T, A>(const T*, const T*, int64_t, bool, T*); \
   template __global__ void k::add_act_backward_kernel<T, A>(const T*, const T*, int64_t, bool, T*);
-
-INSTANTIATE(float, float)
-INSTANTIATE(double, double)
-INSTANTIATE(__half, float)
-INSTANTIATE(__nv_bfloat16, float)
-"""
+""" + EVERY_DTYPE
 
 
 @pytest.mark.parametrize("arch,std", ARCH_STD)

@@ -18,10 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import emulation_build
-from emulation_build import ROOT
 
-HARNESS = ROOT / "tests" / "cuda_emulation" / "bn_act_conv_harness.cpp"
-KERNELS = [ROOT / "csrc" / "cuda" / name for name in ("bn_act_conv_kernels.cuh", "bn_kernels.cuh", "strided_walk.cuh")]
+HARNESS = "bn_act_conv_harness.cpp"
 
 P, INT = ctypes.c_void_p, ctypes.c_int
 SIGNATURES = {
@@ -37,7 +35,7 @@ WIDE, NARROW = 1, 2  # harness tile codes; 0 = the launcher's choice
 
 @pytest.fixture(scope="module")
 def lib():
-    handle = emulation_build.load(HARNESS, KERNELS, SIGNATURES)
+    handle = emulation_build.load(HARNESS, SIGNATURES)
     handle.conv_plan.argtypes, handle.conv_plan.restype = [P, P, P, P, P, INT], INT
     return handle
 

@@ -11,14 +11,10 @@ import torch
 import torch.nn.functional as F
 
 import emulation_build
-from emulation_build import ROOT
 from tile_stats_reference import (DTYPE_IDS, DTYPES, I64, INT, P, check_training, eval_cases, eval_reference,
                                   nan_like, rel, run, tol, training_buffers)
 
-HARNESS = ROOT / "tests" / "cuda_emulation" / "conv1x1_bn_act_harness.cpp"
-KERNELS = [ROOT / "csrc" / "cuda" / name for name in
-           ("conv1x1_bn_act_kernels.cuh", "conv_bn_act_tile_epilogue.cuh", "conv_bn_act_kernels.cuh",
-            "bn_kernels.cuh")]
+HARNESS = "conv1x1_bn_act_harness.cpp"
 SIGNATURES = {"conv1x1_bn_act": [P, P, I64, I64, I64, I64, I64, I64, INT, P, P, P, INT, P, P, P, P, P, P, P, P],
               "tile_stats_merge": [P, P, P, I64, I64, INT, INT, P, P]}
 TILE = 64  # pixels per tile
@@ -35,7 +31,7 @@ SHAPE_IDS = ["small", "k37_c70_s2", "exact", "hw1"]
 
 @pytest.fixture(scope="module")
 def lib():
-    handle = emulation_build.load(HARNESS, KERNELS, SIGNATURES)
+    handle = emulation_build.load(HARNESS, SIGNATURES)
     handle.conv1x1_partials.argtypes = [I64] * 6
     handle.conv1x1_partials.restype = I64
     return handle

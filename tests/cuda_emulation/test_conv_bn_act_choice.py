@@ -13,16 +13,14 @@ import torch
 import emulation_build
 from cnnkernels import _backends
 from cnnkernels.ops import _conv_bn_act_choice as choice
-from emulation_build import ROOT
 
-HARNESS = ROOT / "tests" / "cuda_emulation" / "conv_bn_act_choice_harness.cpp"
-HEADER = ROOT / "csrc" / "common" / "conv_bn_act_kernel_choice.h"
+HARNESS = "conv_bn_act_choice_harness.cpp"
 DTYPES = ["float16", "bfloat16", "float32", "float64"]  # ConvBnActDtype order
 
 
 @pytest.fixture(scope="module")
 def lib():
-    handle = ctypes.CDLL(str(emulation_build.build(HARNESS, [HEADER])))
+    handle = ctypes.CDLL(str(emulation_build.build(HARNESS)))
     handle.conv_bn_act_kernel_choice.argtypes = [ctypes.c_int64] * 14 + [ctypes.c_int] * 3
     handle.conv_bn_act_kernel_choice.restype = ctypes.c_int
     handle.conv_bn_act_kernel_choice_name.argtypes = [ctypes.c_int]

@@ -14,10 +14,8 @@ import pytest
 import torch
 
 import emulation_build
-from emulation_build import ROOT
 
-HARNESS = ROOT / "tests" / "cuda_emulation" / "conv_bn_act_harness.cpp"
-KERNELS = [ROOT / "csrc" / "cuda" / name for name in ("conv_bn_act_kernels.cuh", "bn_kernels.cuh")]
+HARNESS = "conv_bn_act_harness.cpp"
 
 P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {
@@ -30,7 +28,7 @@ SIGNATURES = {
 
 @pytest.fixture(scope="module")
 def lib():
-    return emulation_build.load(HARNESS, KERNELS, SIGNATURES)
+    return emulation_build.load(HARNESS, SIGNATURES)
 
 
 def _call(lib, name, dtype, *args):
@@ -67,6 +65,17 @@ CASE_IDS = ["630el", "multiblock", "C37", "C40", "S1"]
 DTYPES = [torch.float32, torch.float64]
 
 
+def _elementwise_cases(test):
+    """Parametrises an elementwise-pass test over dtype, layout, the first three shapes
+    and the activation."""
+    for mark in (pytest.mark.parametrize("relu", [True, False], ids=["relu", "none"]),
+                 pytest.mark.parametrize("shape,max_blocks", CASES[:3], ids=CASE_IDS[:3]),
+                 pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"]),
+                 pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])):
+        test = mark(test)
+    return test
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("shape,max_blocks", CASES, ids=CASE_IDS)
@@ -101,10 +110,7 @@ def _per_channel(c, dtype, positive=False):
     return t.abs() + 0.5 if positive else t
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("shape,max_blocks", CASES[:3], ids=CASE_IDS[:3])
-@pytest.mark.parametrize("relu", [True, False], ids=["relu", "none"])
+@_elementwise_cases
 @pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "noresidual"])
 def test_scale_shift_act(lib, shape, max_blocks, channels_last, dtype, relu, with_residual):
     n, c, h, w = shape
@@ -179,10 +185,7 @@ def test_backward_reduce_without_y(lib, channels_last):
     assert _rel(sum_g, _masked(grad_out, out, True).sum(dim=(0, 2, 3))) < 1e-5
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("shape,max_blocks", CASES[:3], ids=CASE_IDS[:3])
-@pytest.mark.parametrize("relu", [True, False], ids=["relu", "none"])
+@_elementwise_cases
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_backward_elementwise(lib, shape, max_blocks, channels_last, dtype, relu, training):
     _check_backward_elementwise(lib, shape, max_blocks, channels_last, dtype, relu, training, "both")

@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import pytest
 
-from nvcc import ARCH_STD, ROOT, TORCH_NVCC_FLAGS, compile_kernels, nvcc_path
-
-_nvcc = nvcc_path  # the names other tests imported from here before nvcc.py existed
-__all__ = ["ROOT", "TORCH_NVCC_FLAGS", "_nvcc"]
+from nvcc import ARCH_STD, BN_FINALIZE, EVERY_DTYPE, compile_kernels
 
 TRANSLATION_UNIT = r"""
 #include "cuda/conv_bn_act_kernels.cuh"
 
 namespace k = cnnkernels::conv_bn_act_cuda;
-namespace bn = cnnkernels::bn_cuda;
 
 #define INSTANTIATE(T, A)                                                                  \
   template __global__ void k::batch_stats_partial_kernel<T, A>(const T*, k::Geometry, A*,  \
@@ -31,14 +27,7 @@ namespace bn = cnnkernels::bn_cuda;
   template __global__ void k::backward_elementwise_kernel<T, A>(                           \
       const T*, const T*, const T*, const A*, const A*, const A*, const A*, k::Geometry,   \
       bool, T*, T*);
-
-INSTANTIATE(float, float)
-INSTANTIATE(double, double)
-INSTANTIATE(__half, float)
-INSTANTIATE(__nv_bfloat16, float)
-template __global__ void bn::backward_reduce_finalize_kernel<float>(const float*, const float*, int64_t, int, float*, float*);
-template __global__ void bn::backward_reduce_finalize_kernel<double>(const double*, const double*, int64_t, int, double*, double*);
-"""
+""" + EVERY_DTYPE + BN_FINALIZE
 
 
 # The package build uses C++20 (torch 2.14's headers need it); the kernels also stay C++17.

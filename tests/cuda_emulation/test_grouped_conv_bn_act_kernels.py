@@ -12,14 +12,10 @@ import torch
 import torch.nn.functional as F
 
 import emulation_build
-from emulation_build import ROOT
 from tile_stats_reference import (DTYPE_IDS, DTYPES, I64, INT, P, check_training, eval_cases, eval_reference,
                                   nan_like, rel, run, tol, training_buffers)
 
-HARNESS = ROOT / "tests" / "cuda_emulation" / "grouped_conv_bn_act_harness.cpp"
-KERNELS = [ROOT / "csrc" / "cuda" / name for name in
-           ("grouped_conv_bn_act_kernels.cuh", "conv_bn_act_tile_epilogue.cuh", "conv_bn_act_kernels.cuh",
-            "bn_kernels.cuh")]
+HARNESS = "grouped_conv_bn_act_harness.cpp"
 SIGNATURES = {"grouped_conv_bn_act": [P, P, I64, I64, I64, I64, I64, I64, INT, INT, P, P, P, INT, P,
                                       P, P, P, P, P, P, P]}
 TILE = 8  # output pixels per tile side
@@ -37,7 +33,7 @@ SHAPE_IDS = ["32x4", "g6_s2", "32per_group", "in5_out7_s2", "out12"]
 
 @pytest.fixture(scope="module")
 def lib():
-    handle = emulation_build.load(HARNESS, KERNELS, SIGNATURES)
+    handle = emulation_build.load(HARNESS, SIGNATURES)
     for suffix in ("f32", "f64"):
         plan = getattr(handle, f"grouped_conv_plan_{suffix}")
         plan.argtypes, plan.restype = [I64] * 6 + [INT, P], None

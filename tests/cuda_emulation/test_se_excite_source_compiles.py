@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from nvcc import ARCH_STD, compile_kernels
+from nvcc import ARCH_STD, EVERY_DTYPE, compile_kernels
 
 TRANSLATION_UNIT = r"""
 #include "cuda/se_excite_kernels.cuh"
@@ -27,12 +27,7 @@ namespace k = cnnkernels::se_excite_cuda;
                                                       int64_t, T*, T*);                       \
   template __global__ void k::backward_elementwise_kernel<T, A>(                              \
       const T*, const T*, const A*, const A*, k::Geometry, bool, T*, T*);
-
-INSTANTIATE(float, float)
-INSTANTIATE(double, double)
-INSTANTIATE(__half, float)
-INSTANTIATE(__nv_bfloat16, float)
-"""
+""" + EVERY_DTYPE
 
 
 @pytest.mark.parametrize("arch,std", ARCH_STD)
