@@ -11,7 +11,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from helpers import skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,7 +50,7 @@ def nvcc_path() -> str:
     for candidate in (shutil.which("nvcc"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")):
         if candidate and os.path.exists(candidate):
             return candidate
-    pytest.skip("nvcc not found (put it on PATH or set CUDA_HOME)")
+    skip_or_fail("nvcc not found (put it on PATH or set CUDA_HOME)")
 
 
 @dataclass(frozen=True)
