@@ -96,9 +96,15 @@ def torch_bn_act_conv(x, weight, bias, bn_weight, bn_bias, running_mean, running
     return torch.nn.functional.conv2d(z, weight, bias, stride, padding, dilation, groups)
 
 
+def seeded_randn(gen: torch.Generator, *shape, scale=1.0, offset=0.0, dtype=torch.float32) -> torch.Tensor:
+    """Normal random values drawn in float64 from gen, times scale plus offset, cast to dtype."""
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + offset).to(dtype)
+
+
 @dataclass(frozen=True)
-class ConvCase:
-    """One conv_bn_act configuration."""
+class ConvShape:
+    """A named convolution configuration: x [n, c_in, hw, hw], weight [c_out, c_in / groups,
+    kernel, kernel]; the base of the conv_bn_act and bn_act_conv cases."""
     name: str
     n: int = 2
     c_in: int = 8
@@ -109,6 +115,24 @@ class ConvCase:
     padding: int = 1
     dilation: int = 1
     groups: int = 1
+
+    def out_hw(self) -> int:
+        return (self.hw + 2 * self.padding - self.dilation * (self.kernel - 1) - 1) // self.stride + 1
+
+    def conv_weight(self, gen, dtype) -> torch.Tensor:
+        """A random weight of fan-in-normalised scale."""
+        fan_in = self.c_in // self.groups * self.kernel ** 2
+        return seeded_randn(gen, self.c_out, self.c_in // self.groups, self.kernel, self.kernel,
+                            scale=fan_in ** -0.5, dtype=dtype)
+
+    def schema_conv(self):
+        """stride, padding, dilation, groups as the schemas take them."""
+        return [self.stride] * 2, [self.padding] * 2, [self.dilation] * 2, self.groups
+
+
+@dataclass(frozen=True)
+class ConvCase(ConvShape):
+    """One conv_bn_act configuration."""
     channels_last: bool = False
     residual: bool = False
     activation: str = "relu"
@@ -120,20 +144,18 @@ class ConvCase:
         gen = torch.Generator().manual_seed(seed)
 
         def rand(*shape, scale=1.0, offset=0.0):
-            return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + offset).to(device)
+            return seeded_randn(gen, *shape, scale=scale, offset=offset, dtype=dtype).to(device)
 
-        x = rand(self.n, self.c_in, self.hw, self.hw).to(dtype)
+        x = rand(self.n, self.c_in, self.hw, self.hw)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        weight = rand(self.c_out, self.c_in // self.groups, self.kernel, self.kernel,
-                      scale=(self.c_in // self.groups * self.kernel ** 2) ** -0.5).to(dtype)
-        bias = rand(self.c_out, scale=0.1).to(dtype) if self.bias else None
-        bn_weight = rand(self.c_out, scale=0.3, offset=1.0).to(dtype)
-        bn_bias = rand(self.c_out, scale=0.3).to(dtype)
-        running_mean = rand(self.c_out, scale=0.2).to(dtype)
-        running_var = (rand(self.c_out, scale=0.3).abs() + 0.5).to(dtype)
-        h_out = (self.hw + 2 * self.padding - self.dilation * (self.kernel - 1) - 1) // self.stride + 1
-        residual = rand(self.n, self.c_out, h_out, h_out).to(dtype) if self.residual else None
+        weight = self.conv_weight(gen, dtype).to(device)
+        bias = rand(self.c_out, scale=0.1) if self.bias else None
+        bn_weight = rand(self.c_out, scale=0.3, offset=1.0)
+        bn_bias = rand(self.c_out, scale=0.3)
+        running_mean = rand(self.c_out, scale=0.2)
+        running_var = (seeded_randn(gen, self.c_out, scale=0.3, dtype=torch.float64).abs() + 0.5).to(dtype).to(device)
+        residual = rand(self.n, self.c_out, self.out_hw(), self.out_hw()) if self.residual else None
         tensors = [x, weight, bias, bn_weight, bn_bias]
         if requires_grad:
             for t in tensors + [residual]:
