@@ -16,6 +16,7 @@ import torch
 
 import cnnkernels
 from cnnkernels import ops
+from cnnkernels.ops._registration import PUBLIC_CALLS
 from helpers import HALF_DTYPES, TOLERANCE, half_precision_bound, poisoned_empty, rel_err, skip_or_fail
 
 BACKENDS = ("reference", "cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu))
@@ -81,7 +82,7 @@ class OpContract:
     vanishing_grads: Callable = lambda case, training: ()
     half_grad_floor: float | None = None
 
-    def make(self, case, dtype, backend="cpu", seed=0, requires_grad=True) -> dict:
+    def make(self, case, dtype, backend="cpu", seed=11, requires_grad=True) -> dict:
         """case.make()'s fresh random tensors by name, on the backend's device."""
         made = case.make(dtype, seed=seed, requires_grad=requires_grad)
         return {name: same_layout(t, device=device_of(backend)) for name, t in zip(self.inputs, made)}
@@ -105,6 +106,19 @@ class OpContract:
             grads = torch.autograd.grad(out, list(leaves.values()), grad_out.to(out.dtype))
         return {"out": out, **{name: inputs[name] for name in self.state}, **dict(zip(leaves, grads)),
                 "grad_out": grad_out}
+
+    def call(self, backend, case, training=None, requires_grad=True, op_name=None, **extra):
+        """Fresh float32 tensors of case on the backend's device as a public call: (args,
+        kwargs) of ops.<op> (kwargs with `extra`), and its schema arguments."""
+        t = self.make(case, torch.float32, backend, requires_grad=requires_grad)
+        args, kwargs = self.arguments(case, t, training)
+        kwargs = dict(kwargs, **extra)
+        return args, kwargs, PUBLIC_CALLS[op_name or self.op].normalize(*args, **kwargs)
+
+    def opcheck(self, backend, case, training=None):
+        """opcheck of the registered op on the case's float32 tensors, with `backend` forced."""
+        args, kwargs, _ = self.call(backend, case, training)
+        opcheck(backend, self.op, args, kwargs)
 
     def error(self, name, got, want, grad_out, vanishing) -> float:
         """rel_err, or for a vanishing gradient its norm against grad_out's."""
@@ -175,13 +189,16 @@ def mode_id(training) -> str:
     return {True: "train", False: "eval", None: "-"}[training]
 
 
-def opcheck(backend: str, op_name: str, public_call: tuple, op, args, test_utils=None) -> None:
-    """torch.library.opcheck of the registered `op` on `args` with `backend` forced, where
-    that backend runs ops.<op_name>(*public_call[0], **public_call[1])."""
-    require_backend(backend, op_name, *public_call[0], **public_call[1])
-    kwargs = {} if test_utils is None else {"test_utils": test_utils}
+def opcheck(backend: str, op_name: str, args, kwargs, op=None, schema_args=None, test_utils=None) -> None:
+    """torch.library.opcheck, with `backend` forced (skipped where it cannot run
+    ops.<op_name>(*args, **kwargs)), of the registered op `op` (default: the op itself) on
+    schema_args (default: the schema arguments that public call normalises to)."""
+    require_backend(backend, op_name, *args, **kwargs)
+    if schema_args is None:
+        schema_args = PUBLIC_CALLS[op_name].normalize(*args, **kwargs)
+    op = getattr(torch.ops.cnnkernels, op_name).default if op is None else op
     with cnnkernels.use_backend(backend):
-        torch.library.opcheck(op, args, **kwargs)
+        torch.library.opcheck(op, schema_args, **({} if test_utils is None else {"test_utils": test_utils}))
 
 
 def check_compile_matches_eager(make_model, training: bool, *shapes, exact=False, grad_tol=1e-5) -> None:

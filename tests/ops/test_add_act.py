@@ -14,7 +14,7 @@ import torch
 
 import cnnkernels
 from cnnkernels import ops, reference
-from helpers import poisoned_empty
+from helpers import ShapeCase, poisoned_empty
 from op_matrix import (BACKENDS, OPCHECK_UTILS_BACKWARD, OpContract, check_against_reference,
                        check_compile_matches_eager, device_of, opcheck, require_backend, runs)
 
@@ -22,14 +22,11 @@ CL = torch.channels_last
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(ShapeCase):
     """x and residual of `shape`, each laid out as nchw, nhwc or slice (a channel-prefix
     view of a wider buffer)."""
-    name: str
-    shape: tuple
     x_format: str = "nchw"
     res_format: str = "nchw"
-    activation: str = "relu"
 
     def make(self, dtype, seed, requires_grad=True):
         gen = torch.Generator().manual_seed(seed)
@@ -59,12 +56,12 @@ CONTRACT = OpContract("add_act", ("x", "residual"),
                       torch_add_act, out_format=Case.expected_format)
 SHAPES = [
     Case("nchw", (2, 8, 8, 8)),
-    Case("channels_last", (2, 8, 8, 8), "nhwc", "nhwc"),
-    Case("mixed_x_cl", (2, 6, 5, 7), "nhwc", "nchw"),
-    Case("mixed_res_cl", (2, 6, 5, 7), "nchw", "nhwc"),
-    Case("odd_3366", (2, 3, 33, 17), "nhwc", "nhwc"),  # not a multiple of any block size
-    Case("slice_view", (2, 5, 4, 3), "slice", "nchw"),
-    Case("one_channel", (3, 1, 5, 5), "nchw", "nchw"),
+    Case("channels_last", (2, 8, 8, 8), x_format="nhwc", res_format="nhwc"),
+    Case("mixed_x_cl", (2, 6, 5, 7), x_format="nhwc", res_format="nchw"),
+    Case("mixed_res_cl", (2, 6, 5, 7), x_format="nchw", res_format="nhwc"),
+    Case("odd_3366", (2, 3, 33, 17), x_format="nhwc", res_format="nhwc"),  # not a multiple of any block size
+    Case("slice_view", (2, 5, 4, 3), x_format="slice", res_format="nchw"),
+    Case("one_channel", (3, 1, 5, 5), x_format="nchw", res_format="nchw"),
     Case("1d", (1000,)),
     Case("3d", (4, 7, 3)),
 ]
@@ -151,22 +148,18 @@ OPCHECK_CASES = [c for c in CASES if c.name.rsplit("-", 1)[0] in ("channels_last
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend, case):
-    t = CONTRACT.make(case, torch.float32, backend, seed=11)
-    args = (t["x"], t["residual"])
-    opcheck(backend, "add_act", (args, dict(activation=case.activation)), torch.ops.cnnkernels.add_act.default,
-            args + (case.activation,))
+    CONTRACT.opcheck(backend, case)
 
 
-@pytest.mark.parametrize("activation", ["relu", "none"])
+@pytest.mark.parametrize("case", [c for c in CASES if c.name.startswith("mixed_x_cl")], ids=lambda c: c.name)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck_backward_op(backend, activation):
-    x, residual = CONTRACT.make(SHAPES[2], torch.float32, backend, seed=5, requires_grad=False).values()
-    require_backend(backend, "add_act", x, residual, activation=activation)
+def test_opcheck_backward_op(backend, case):
+    args, kwargs, schema = CONTRACT.call(backend, case, requires_grad=False)
+    require_backend(backend, "add_act", *args, **kwargs)
     with cnnkernels.use_backend(backend):
-        out = torch.ops.cnnkernels.add_act(x, residual, activation)
-    opcheck(backend, "add_act", ((x, residual), dict(activation=activation)),
-            torch.ops.cnnkernels.add_act_backward.default, (torch.randn_like(out), out, activation),
-            OPCHECK_UTILS_BACKWARD)
+        out = torch.ops.cnnkernels.add_act(*schema)
+    opcheck(backend, "add_act", args, kwargs, torch.ops.cnnkernels.add_act_backward.default,
+            (torch.randn_like(out), out, case.activation), OPCHECK_UTILS_BACKWARD)
 
 
 class Block(torch.nn.Module):

@@ -103,38 +103,30 @@ OPCHECK_CASES = [c for c in CASES if c.name in ("3x3s2_bias", "prefix_cl_3x3", "
 OPCHECK_RUNS = [(OPCHECK_CASES[0], False), (OPCHECK_CASES[1], True), (OPCHECK_CASES[2], True)]
 
 
-def schema_args(backend, case, training, requires_grad=True):
-    t = CONTRACT.make(case, torch.float32, backend, requires_grad=requires_grad)
-    args, kwargs = arguments(case, t, training)
-    return (*args, *case.schema_conv(), training, EPS, case.activation), (args, kwargs)
-
-
 @pytest.mark.parametrize("case, training", OPCHECK_RUNS,
                          ids=[f"{c.name}-{'train' if t else 'eval'}" for c, t in OPCHECK_RUNS])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend, case, training):
-    args, public = schema_args(backend, case, training)
-    opcheck(backend, "bn_act_conv", public, torch.ops.cnnkernels.bn_act_conv.default, args)
+    CONTRACT.opcheck(backend, case, training)
 
 
 @TRAINING
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_into_op(backend, training):
     case = BnCase("into", layout="prefix_cl", c_out=4, bias=True)
-    args, (public_args, public_kwargs) = schema_args(backend, case, training, requires_grad=False)
     out = torch.randn(2, 4, 6, 6, device=device_of(backend))
-    opcheck(backend, "bn_act_conv_into", (public_args, dict(public_kwargs, out=out)),
-            torch.ops.cnnkernels.bn_act_conv_into.default, (out,) + args)
+    args, kwargs, _ = CONTRACT.call(backend, case, training, requires_grad=False, op_name="bn_act_conv_into", out=out)
+    opcheck(backend, "bn_act_conv_into", args, kwargs)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_backward_op(backend):
-    args, public = schema_args(backend, OPCHECK_CASES[1], True, requires_grad=False)
-    require_backend(backend, "bn_act_conv", *public[0], **public[1])
+    args, kwargs, schema = CONTRACT.call(backend, OPCHECK_CASES[1], True, requires_grad=False)
+    require_backend(backend, "bn_act_conv", *args, **kwargs)
     with cnnkernels.use_backend(backend), torch.no_grad():
-        out, mean, var = torch.ops.cnnkernels.bn_act_conv(*args)
-    backward_args = (torch.randn_like(out), *args[:5], mean, var, *args[7:], [True, True, False, True, True])
-    opcheck(backend, "bn_act_conv", public, torch.ops.cnnkernels.bn_act_conv_backward.default, backward_args,
+        out, mean, var = torch.ops.cnnkernels.bn_act_conv(*schema)
+    backward_args = (torch.randn_like(out), *schema[:5], mean, var, *schema[7:], [True, True, False, True, True])
+    opcheck(backend, "bn_act_conv", args, kwargs, torch.ops.cnnkernels.bn_act_conv_backward.default, backward_args,
             OPCHECK_UTILS_BACKWARD)
 
 

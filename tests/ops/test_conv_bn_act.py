@@ -42,29 +42,22 @@ def test_matches_float64_reference(backend, case, dtype, training):
 OPCHECK_CASES = [c for c in CASES if c.name in ("3x3s2", "channels_last", "odd_channels")]
 
 
-def schema_args(backend, case, training, requires_grad=True):
-    t = CONTRACT.make(case, torch.float32, backend, requires_grad=requires_grad)
-    args, kwargs = arguments(case, t, training)
-    return args + (*case.schema_conv(), training, 1e-5, t["residual"], case.activation), (args, kwargs)
-
-
 @TRAINING
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend, case, training):
-    args, public = schema_args(backend, case, training)
-    opcheck(backend, "conv_bn_act", public, torch.ops.cnnkernels.conv_bn_act.default, args)
+    CONTRACT.opcheck(backend, case, training)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_backward_op(backend):
-    args, public = schema_args(backend, OPCHECK_CASES[1], True, requires_grad=False)
-    require_backend(backend, "conv_bn_act", *public[0], **public[1])
+    args, kwargs, schema = CONTRACT.call(backend, OPCHECK_CASES[1], True, requires_grad=False)
+    require_backend(backend, "conv_bn_act", *args, **kwargs)
     with cnnkernels.use_backend(backend), torch.no_grad():
-        out, conv_out, mean, var = torch.ops.cnnkernels.conv_bn_act(*args)
-    backward_args = (torch.randn_like(out), out, args[0], args[1], args[2], conv_out, args[3], mean, var, *args[7:13],
-                     args[14], [True, True, False, True, True, True])
-    opcheck(backend, "conv_bn_act", public, torch.ops.cnnkernels.conv_bn_act_backward.default, backward_args,
+        out, conv_out, mean, var = torch.ops.cnnkernels.conv_bn_act(*schema)
+    backward_args = (torch.randn_like(out), out, *schema[0:3], conv_out, schema[3], mean, var, *schema[7:13],
+                     schema[14], [True, True, False, True, True, True])
+    opcheck(backend, "conv_bn_act", args, kwargs, torch.ops.cnnkernels.conv_bn_act_backward.default, backward_args,
             OPCHECK_UTILS_BACKWARD)
 
 

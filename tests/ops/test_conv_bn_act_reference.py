@@ -8,7 +8,6 @@ from cnnkernels import reference
 from helpers import CASES, rel_err, torch_conv_bn_act
 
 
-
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_reference_matches_torch(case, training):

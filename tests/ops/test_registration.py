@@ -9,7 +9,7 @@ import torch
 import cnnkernels
 from cnnkernels import _backends, _library, info, ops
 from cnnkernels.ops._registration import PUBLIC_CALLS
-from op_matrix import BACKENDS, require_backend
+from op_matrix import BACKENDS, device_of, opcheck, require_backend
 
 PUBLIC_OPS = sorted(PUBLIC_CALLS)
 REGISTERED_OPS = sorted(_backends._registry)
@@ -82,10 +82,5 @@ def test_public_call_is_the_schema_op_on_normalised_arguments(backend, op_name):
 @pytest.mark.parametrize("op_name", PUBLIC_OPS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_on_the_sample_call(backend, op_name):
-    args, kwargs = sample(op_name)
-    if backend == "cuda":
-        args, kwargs = PUBLIC_CALLS[op_name].sample("cuda")
-    require_backend(backend, op_name, *args, **kwargs)
-    schema_args = PUBLIC_CALLS[op_name].normalize(*args, **kwargs)
-    with cnnkernels.use_backend(backend):
-        torch.library.opcheck(getattr(torch.ops.cnnkernels, op_name).default, schema_args)
+    args, kwargs = PUBLIC_CALLS[op_name].sample(device_of(backend))
+    opcheck(backend, op_name, args, kwargs)

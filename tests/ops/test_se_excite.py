@@ -13,61 +13,52 @@ import torch
 
 import cnnkernels
 from cnnkernels import ops
-from helpers import rel_err
+from helpers import ShapeCase, rel_err, seeded_randn
 from op_matrix import (BACKENDS, OPCHECK_UTILS_BACKWARD, OpContract, check_against_reference,
                        check_compile_matches_eager, opcheck, require_backend, runs, same_layout)
 
 
 @dataclass(frozen=True)
-class SECase:
-    name: str
-    n: int = 2
-    c: int = 16
-    h: int = 5
-    w: int = 6
+class SECase(ShapeCase):
+    """x of `shape` [N, C, H, W]; R = r hidden units."""
     r: int = 4
     conv_weights: bool = False  # [R, C, 1, 1] / [C, R, 1, 1] instead of [R, C] / [C, R]
     bias: bool = True
     residual: bool = False
-    activation: str = "none"
     channels_last: bool = False
 
     def make(self, dtype=torch.float32, seed=0, requires_grad=True):
+        """Fresh random inputs: x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual."""
         gen = torch.Generator().manual_seed(seed)
 
         def rand(*shape, scale=1.0, offset=0.0):
-            return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + offset).to(dtype)
+            return seeded_randn(gen, *shape, scale=scale, offset=offset, dtype=dtype)
 
-        x = rand(self.n, self.c, self.h, self.w, offset=0.5)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        fc1_weight = rand(self.r, self.c, scale=self.c ** -0.5)
-        fc2_weight = rand(self.c, self.r, scale=self.r ** -0.5)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        c = self.shape[1]
+        x = rand(*self.shape, offset=0.5).contiguous(memory_format=fmt)
+        fc1_weight = rand(self.r, c, scale=c ** -0.5)
+        fc2_weight = rand(c, self.r, scale=self.r ** -0.5)
         if self.conv_weights:
             fc1_weight, fc2_weight = fc1_weight[:, :, None, None], fc2_weight[:, :, None, None]
         fc1_bias = rand(self.r, scale=0.3, offset=0.2) if self.bias else None
-        fc2_bias = rand(self.c, scale=0.3) if self.bias else None
-        residual = rand(self.n, self.c, self.h, self.w) if self.residual else None
-        if residual is not None and self.channels_last:
-            residual = residual.contiguous(memory_format=torch.channels_last)
+        fc2_bias = rand(c, scale=0.3) if self.bias else None
+        residual = rand(*self.shape).contiguous(memory_format=fmt) if self.residual else None
         inputs = [x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual]
-        if requires_grad:
-            for t in inputs:
-                if t is not None:
-                    t.requires_grad_(True)
-        return inputs
+        return [None if t is None else t.requires_grad_(requires_grad) for t in inputs]
 
 
+SHAPE = (2, 16, 5, 6)
 CASES = [
-    SECase("basic"),
-    SECase("conv_weights_relu_residual", conv_weights=True, residual=True, activation="relu"),
-    SECase("no_bias", bias=False, activation="relu"),
-    SECase("channels_last_residual", channels_last=True, residual=True, activation="relu"),
-    SECase("channels_last_no_bias", channels_last=True, bias=False),
-    SECase("odd", n=3, c=37, h=3, w=7, r=5, residual=True),
-    SECase("wide_c", n=2, c=80, h=2, w=2, r=40, conv_weights=True, activation="relu"),
-    SECase("pixel1", n=4, c=8, h=1, w=1, r=2, residual=True, activation="relu"),
-    SECase("batch1", n=1, c=24, h=7, w=7, r=8, channels_last=True),
+    SECase("basic", SHAPE),
+    SECase("conv_weights_relu_residual", SHAPE, "relu", conv_weights=True, residual=True),
+    SECase("no_bias", SHAPE, "relu", bias=False),
+    SECase("channels_last_residual", SHAPE, "relu", channels_last=True, residual=True),
+    SECase("channels_last_no_bias", SHAPE, channels_last=True, bias=False),
+    SECase("odd", (3, 37, 3, 7), r=5, residual=True),
+    SECase("wide_c", (2, 80, 2, 2), "relu", r=40, conv_weights=True),
+    SECase("pixel1", (4, 8, 1, 1), "relu", r=2, residual=True),
+    SECase("batch1", (1, 24, 7, 7), r=8, channels_last=True),
 ]
 
 
@@ -138,34 +129,26 @@ def test_only_some_gradients(backend):
 
 # --- the registered ops: opcheck, torch.compile ------------------------------------------
 
-def schema_args(backend, case):
-    t = CONTRACT.make(case, torch.float32, backend)
-    args, kwargs = arguments(case, t)
-    x, w1, b1, w2, b2 = args
-    return (x, w1.flatten(1), b1, w2.flatten(1), b2, t["residual"], case.activation), (args, kwargs)
-
-
 OPCHECK_CASES = [c for c in CASES if c.name in ("conv_weights_relu_residual", "channels_last_no_bias")]
 
 
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend, case):
-    args, public = schema_args(backend, case)
-    opcheck(backend, "se_excite", public, torch.ops.cnnkernels.se_excite.default, args)
+    CONTRACT.opcheck(backend, case)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_backward_op(backend):
     case = OPCHECK_CASES[0]
-    args, public = schema_args(backend, case)
-    require_backend(backend, "se_excite", *public[0], **public[1])
+    args, kwargs, schema = CONTRACT.call(backend, case, requires_grad=False)
+    require_backend(backend, "se_excite", *args, **kwargs)
     with cnnkernels.use_backend(backend), torch.no_grad():
-        out, squeezed, hidden, gate = torch.ops.cnnkernels.se_excite(*args)
-    backward_args = (torch.randn_like(out), out, args[0], args[1], args[3], squeezed, hidden, gate,
+        out, squeezed, hidden, gate = torch.ops.cnnkernels.se_excite(*schema)
+    backward_args = (torch.randn_like(out), out, schema[0], schema[1], schema[3], squeezed, hidden, gate,
                      case.activation, [True, True, False, True, True, True])
-    opcheck(backend, "se_excite", public, torch.ops.cnnkernels.se_excite_backward.default,
-            tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in backward_args), OPCHECK_UTILS_BACKWARD)
+    opcheck(backend, "se_excite", args, kwargs, torch.ops.cnnkernels.se_excite_backward.default, backward_args,
+            OPCHECK_UTILS_BACKWARD)
 
 
 class Block(torch.nn.Module):
@@ -182,5 +165,4 @@ class Block(torch.nn.Module):
 
 def test_compile_fullgraph_no_graph_break():
     case = CASES[1]
-    shape = (case.n, case.c, case.h, case.w)
-    check_compile_matches_eager(Block, True, shape, shape, grad_tol=1e-6)
+    check_compile_matches_eager(Block, True, case.shape, case.shape, grad_tol=1e-6)
