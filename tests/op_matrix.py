@@ -120,6 +120,16 @@ class OpContract:
         args, kwargs, _ = self.call(backend, case, training)
         opcheck(backend, self.op, args, kwargs)
 
+    def opcheck_backward(self, backend, case, training, backward_args):
+        """opcheck of the registered <op>_backward on backward_args(schema arguments, forward
+        results), from a forward of the op on the case's float32 tensors, `backend` forced."""
+        args, kwargs, schema = self.call(backend, case, training, requires_grad=False)
+        require_backend(backend, self.op, *args, **kwargs)
+        with cnnkernels.use_backend(backend), torch.no_grad():
+            results = getattr(torch.ops.cnnkernels, self.op)(*schema)
+        opcheck(backend, self.op, args, kwargs, getattr(torch.ops.cnnkernels, f"{self.op}_backward").default,
+                backward_args(schema, results), OPCHECK_UTILS_BACKWARD)
+
     def error(self, name, got, want, grad_out, vanishing) -> float:
         """rel_err, or for a vanishing gradient its norm against grad_out's."""
         if name in vanishing:
@@ -199,6 +209,18 @@ def opcheck(backend: str, op_name: str, args, kwargs, op=None, schema_args=None,
     op = getattr(torch.ops.cnnkernels, op_name).default if op is None else op
     with cnnkernels.use_backend(backend):
         torch.library.opcheck(op, schema_args, **({} if test_utils is None else {"test_utils": test_utils}))
+
+
+class TwoLayers(torch.nn.Module):
+    """Two fused layers of make_layer() and a shortcut, as in a ResNet basic block:
+    join(second layer, first layer(x), x)."""
+
+    def __init__(self, make_layer, join):
+        super().__init__()
+        self.a, self.b, self.join = make_layer(), make_layer(), join
+
+    def forward(self, x):
+        return self.join(self.b, self.a(x), x)
 
 
 def check_compile_matches_eager(make_model, training: bool, *shapes, exact=False, grad_tol=1e-5) -> None:

@@ -15,8 +15,8 @@ import torch
 import cnnkernels
 from cnnkernels import ops, reference
 from helpers import ShapeCase, poisoned_empty
-from op_matrix import (BACKENDS, OPCHECK_UTILS_BACKWARD, OpContract, check_against_reference,
-                       check_compile_matches_eager, device_of, opcheck, require_backend, runs)
+from op_matrix import (BACKENDS, OpContract, check_against_reference, check_compile_matches_eager, device_of,
+                       require_backend, runs)
 
 CL = torch.channels_last
 
@@ -154,12 +154,8 @@ def test_opcheck(backend, case):
 @pytest.mark.parametrize("case", [c for c in CASES if c.name.startswith("mixed_x_cl")], ids=lambda c: c.name)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_backward_op(backend, case):
-    args, kwargs, schema = CONTRACT.call(backend, case, requires_grad=False)
-    require_backend(backend, "add_act", *args, **kwargs)
-    with cnnkernels.use_backend(backend):
-        out = torch.ops.cnnkernels.add_act(*schema)
-    opcheck(backend, "add_act", args, kwargs, torch.ops.cnnkernels.add_act_backward.default,
-            (torch.randn_like(out), out, case.activation), OPCHECK_UTILS_BACKWARD)
+    CONTRACT.opcheck_backward(backend, case, None,
+                              lambda schema, out: (torch.randn_like(out), out, case.activation))
 
 
 class Block(torch.nn.Module):

@@ -12,7 +12,7 @@ import cnnkernels
 from bn_act_conv_cases import CASES, EPS, BnCase, make_x
 from cnnkernels import ops, reference
 from helpers import TOLERANCE, poisoned_empty, rel_err, skip_or_fail, torch_bn_act_conv
-from op_matrix import (BACKENDS, OPCHECK_UTILS_BACKWARD, TRAINING, OpContract, check_against_reference,
+from op_matrix import (BACKENDS, TRAINING, OpContract, TwoLayers, check_against_reference,
                        check_compile_matches_eager, device_of, opcheck, require_backend, runs)
 
 
@@ -121,30 +121,20 @@ def test_opcheck_into_op(backend, training):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_backward_op(backend):
-    args, kwargs, schema = CONTRACT.call(backend, OPCHECK_CASES[1], True, requires_grad=False)
-    require_backend(backend, "bn_act_conv", *args, **kwargs)
-    with cnnkernels.use_backend(backend), torch.no_grad():
-        out, mean, var = torch.ops.cnnkernels.bn_act_conv(*schema)
-    backward_args = (torch.randn_like(out), *schema[:5], mean, var, *schema[7:], [True, True, False, True, True])
-    opcheck(backend, "bn_act_conv", args, kwargs, torch.ops.cnnkernels.bn_act_conv_backward.default, backward_args,
-            OPCHECK_UTILS_BACKWARD)
+    def backward_args(schema, results):
+        out, mean, var = results
+        return (torch.randn_like(out), *schema[:5], mean, var, *schema[7:], [True, True, False, True, True])
+    CONTRACT.opcheck_backward(backend, OPCHECK_CASES[1], True, backward_args)
 
 
-class PreActBlock(torch.nn.Module):
+def pre_act_block():
     """Two pre-activation layers with a residual, as in a pre-activation ResNet block."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = cnnkernels.nn.BNActConv(8, 8, 3, padding=1)
-        self.b = cnnkernels.nn.BNActConv(8, 8, 3, padding=1)
-
-    def forward(self, x):
-        return self.b(self.a(x)) + x
+    return TwoLayers(lambda: cnnkernels.nn.BNActConv(8, 8, 3, padding=1), lambda layer, y, x: layer(y) + x)
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@TRAINING
 def test_compile_fullgraph_forward_and_backward(training):
-    check_compile_matches_eager(PreActBlock, training, (2, 8, 6, 6))
+    check_compile_matches_eager(pre_act_block, training, (2, 8, 6, 6))
 
 
 def test_compile_into_a_channel_slice_without_graph_break():

@@ -9,8 +9,8 @@ import torch
 
 import cnnkernels
 from helpers import CASES, rel_err, torch_conv_bn_act
-from op_matrix import (BACKENDS, OPCHECK_UTILS_BACKWARD, TRAINING, OpContract, check_against_reference,
-                       check_compile_matches_eager, opcheck, require_backend, runs)
+from op_matrix import (BACKENDS, TRAINING, OpContract, TwoLayers, check_against_reference,
+                       check_compile_matches_eager, runs)
 
 CL = torch.channels_last
 
@@ -51,36 +51,26 @@ def test_opcheck(backend, case, training):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_backward_op(backend):
-    args, kwargs, schema = CONTRACT.call(backend, OPCHECK_CASES[1], True, requires_grad=False)
-    require_backend(backend, "conv_bn_act", *args, **kwargs)
-    with cnnkernels.use_backend(backend), torch.no_grad():
-        out, conv_out, mean, var = torch.ops.cnnkernels.conv_bn_act(*schema)
-    backward_args = (torch.randn_like(out), out, *schema[0:3], conv_out, schema[3], mean, var, *schema[7:13],
-                     schema[14], [True, True, False, True, True, True])
-    opcheck(backend, "conv_bn_act", args, kwargs, torch.ops.cnnkernels.conv_bn_act_backward.default, backward_args,
-            OPCHECK_UTILS_BACKWARD)
+    def backward_args(schema, results):
+        out, conv_out, mean, var = results
+        return (torch.randn_like(out), out, *schema[0:3], conv_out, schema[3], mean, var, *schema[7:13], schema[14],
+                [True, True, False, True, True, True])
+    CONTRACT.opcheck_backward(backend, OPCHECK_CASES[1], True, backward_args)
 
 
-class Block(torch.nn.Module):
+def block():
     """Two fused layers with a residual, as in a ResNet basic block."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = cnnkernels.nn.ConvBNAct(8, 8, 3, padding=1)
-        self.b = cnnkernels.nn.ConvBNAct(8, 8, 3, padding=1)
-
-    def forward(self, x):
-        return self.b(self.a(x), residual=x)
+    return TwoLayers(lambda: cnnkernels.nn.ConvBNAct(8, 8, 3, padding=1), lambda layer, y, x: layer(y, residual=x))
 
 
 @TRAINING
 def test_compile_fullgraph_forward_and_backward(training):
-    check_compile_matches_eager(Block, training, (2, 8, 6, 6))
+    check_compile_matches_eager(block, training, (2, 8, 6, 6))
 
 
 def test_compile_inductor_eval_has_no_graph_break():
     torch._dynamo.reset()
-    model = Block().eval()
+    model = block().eval()
     x = torch.randn(2, 8, 6, 6)
     explanation = torch._dynamo.explain(model)(x)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1

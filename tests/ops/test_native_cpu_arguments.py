@@ -77,8 +77,9 @@ def call(native_op: str, **overrides):
 
 CONV_FORWARD = "_conv_bn_act_forward_native"
 CONV_BACKWARD = "_conv_bn_act_backward_native"
-BN_FORWARD, BN_INTO, BN_BACKWARD = "_bn_act_conv_forward_native", "_bn_act_conv_into_native", "_bn_act_conv_backward_native"
-ADD_FORWARD, ADD_BACKWARD, SE_FORWARD = "_add_act_forward_native", "_add_act_backward_native", "_se_excite_forward_native"
+BN_FORWARD, BN_INTO, BN_BACKWARD = (f"_bn_act_conv_{kind}_native" for kind in ("forward", "into", "backward"))
+ADD_FORWARD, ADD_BACKWARD = "_add_act_forward_native", "_add_act_backward_native"
+SE_FORWARD = "_se_excite_forward_native"
 ERRORS = [
     (CONV_FORWARD, dict(x=torch.randn(6, 7, 7)), "x must be a 4-D tensor"),
     (CONV_FORWARD, dict(weight=torch.randn(8, 6, 3)), "weight must be a 4-D tensor"),

@@ -11,11 +11,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import cnnkernels
 from cnnkernels import ops
 from helpers import ShapeCase, rel_err, seeded_randn
-from op_matrix import (BACKENDS, OPCHECK_UTILS_BACKWARD, OpContract, check_against_reference,
-                       check_compile_matches_eager, opcheck, require_backend, runs, same_layout)
+from op_matrix import BACKENDS, OpContract, check_against_reference, check_compile_matches_eager, runs, same_layout
 
 
 @dataclass(frozen=True)
@@ -140,15 +138,11 @@ def test_opcheck(backend, case):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_backward_op(backend):
-    case = OPCHECK_CASES[0]
-    args, kwargs, schema = CONTRACT.call(backend, case, requires_grad=False)
-    require_backend(backend, "se_excite", *args, **kwargs)
-    with cnnkernels.use_backend(backend), torch.no_grad():
-        out, squeezed, hidden, gate = torch.ops.cnnkernels.se_excite(*schema)
-    backward_args = (torch.randn_like(out), out, schema[0], schema[1], schema[3], squeezed, hidden, gate,
-                     case.activation, [True, True, False, True, True, True])
-    opcheck(backend, "se_excite", args, kwargs, torch.ops.cnnkernels.se_excite_backward.default, backward_args,
-            OPCHECK_UTILS_BACKWARD)
+    def backward_args(schema, results):
+        out, squeezed, hidden, gate = results
+        return (torch.randn_like(out), out, schema[0], schema[1], schema[3], squeezed, hidden, gate, schema[6],
+                [True, True, False, True, True, True])
+    CONTRACT.opcheck_backward(backend, OPCHECK_CASES[0], None, backward_args)
 
 
 class Block(torch.nn.Module):
