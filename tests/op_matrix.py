@@ -37,13 +37,14 @@ def same_layout(t, dtype=None, device=None, requires_grad=None):
     if t is None:
         return None
     requires_grad = t.requires_grad if requires_grad is None else requires_grad
-    t = t.detach()
-    base = t._base
-    if base is not None and not _dense(t):
-        copied = base.to(dtype=dtype or t.dtype, device=device or t.device, copy=True)
-        copied = copied.as_strided(t.shape, t.stride(), t.storage_offset() - base.storage_offset())
-    else:
-        copied = t.to(dtype=dtype or t.dtype, device=device or t.device, copy=True)
+    t, to = t.detach(), dict(dtype=dtype or t.dtype, device=device or t.device, copy=True)
+    if _dense(t):
+        copied = t.to(**to)
+    else:  # copy the whole storage, then view it as t views its own
+        storage = t.untyped_storage()
+        whole = t.new_empty(0).set_(storage, 0, (storage.nbytes() // t.element_size(),), (1,))
+        copied = whole.to(**to).as_strided(t.shape, t.stride(), t.storage_offset())
+    assert copied.stride() == t.stride()
     return copied.detach().requires_grad_(requires_grad)
 
 
