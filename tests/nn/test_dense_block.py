@@ -145,10 +145,11 @@ def test_bfloat16_as_accurate_as_torchvision_in_bfloat16():
     """bf16 against float64 (same bf16-rounded weights, input and output gradient):
     outputs within half_precision_bound of torchvision-in-bf16's error (max(1e-2, twice
     it): what torch reaches in bf16 depends on the CPU's instruction set). The gradients
-    pass through bf16 intermediates and training-mode BN, which makes them sensitive to every rounding (torchvision in bf16 is itself off by
-    2e-2 to 3e-1 here, seed by seed, and either implementation can be the closer one for a
-    given seed); over four seeds the mean error of every gradient must be no worse than
-    1.5 times torchvision-in-bf16's, and none may exceed 0.5 (a wrong gradient is off by ~1)."""
+    pass through bf16 intermediates and training-mode BN, which makes them sensitive to
+    every rounding (torchvision in bf16 is itself off by 2e-2 to 3e-1 here, seed by seed,
+    and either implementation can be the closer one for a given seed); over four seeds
+    the mean error of every gradient must be no worse than 1.5 times torchvision-in-bf16's,
+    and none may exceed 0.5 (a wrong gradient is off by ~1)."""
     ours_errors, theirs_errors = [], []
     for seed in (5, 7, 11, 13):
         ours, theirs16 = pair(dtype=torch.bfloat16)
