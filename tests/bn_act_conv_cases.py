@@ -6,25 +6,19 @@ from dataclasses import dataclass
 
 import torch
 
+from helpers import ConvShape, seeded_randn
+
 LAYOUTS = ("contiguous", "channels_last", "prefix", "prefix_cl")
 GRAD_NAMES = ("x", "weight", "bias", "bn_weight", "bn_bias")
 EPS = 1e-5
 
 
 @dataclass(frozen=True)
-class BnCase:
+class BnCase(ConvShape):
     """One bn_act_conv configuration. layout: how x is laid out in memory; "prefix" and
     "prefix_cl" make x the view buf[:, :c_in] of a buffer with `extra` more channels."""
-    name: str
-    n: int = 2
-    c_in: int = 8
     c_out: int = 8
     hw: int = 6
-    kernel: int = 3
-    stride: int = 1
-    padding: int = 1
-    dilation: int = 1
-    groups: int = 1
     layout: str = "contiguous"
     activation: str = "relu"
     bias: bool = False
@@ -35,20 +29,16 @@ class BnCase:
     def channels_last_out(self) -> bool:
         return self.layout in ("channels_last", "prefix_cl")
 
-    def out_hw(self) -> int:
-        return (self.hw + 2 * self.padding - self.dilation * (self.kernel - 1) - 1) // self.stride + 1
-
     def make(self, dtype=torch.float32, requires_grad=True, seed=0):
         """Fresh random inputs: x, weight, bias, bn_weight, bn_bias, running_mean, running_var."""
         gen = torch.Generator().manual_seed(seed)
 
         def rand(*shape, scale=1.0, offset=0.0):
-            return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + offset
+            return seeded_randn(gen, *shape, scale=scale, offset=offset, dtype=torch.float64)
 
         x = make_x(rand(self.n, self.c_in, self.hw, self.hw, scale=1.5, offset=0.3).to(dtype), self.layout,
                    self.extra, gen)
-        weight = rand(self.c_out, self.c_in // self.groups, self.kernel, self.kernel,
-                      scale=(self.c_in // self.groups * self.kernel ** 2) ** -0.5).to(dtype)
+        weight = self.conv_weight(gen, dtype)
         bias = rand(self.c_out, scale=0.1).to(dtype) if self.bias else None
         bn_weight = rand(self.c_in, scale=0.3, offset=1.0).to(dtype) if self.affine else None
         bn_bias = rand(self.c_in, scale=0.3).to(dtype) if self.affine else None
@@ -63,10 +53,6 @@ class BnCase:
     def kwargs(self):
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups,
                     activation=self.activation)
-
-    def schema_conv(self):
-        """stride, padding, dilation, groups as the schema takes them."""
-        return [self.stride] * 2, [self.padding] * 2, [self.dilation] * 2, self.groups
 
 
 def make_x(values: torch.Tensor, layout: str, extra: int = 5, gen=None) -> torch.Tensor:

@@ -1,5 +1,7 @@
-"""Shared test helpers: relative error, the conv_bn_act case list, NaN-filled torch.empty,
-and pieces the conv_bn_act and bn_act_conv op tests share."""
+"""Shared test helpers: relative error and the tolerances (half_precision_bound), NaN-filled
+torch.empty (poisoned_empty), the conv case shapes and the conv_bn_act case list, torch's own
+sequences the fused conv ops replace, and model-test helpers. The op-contract machinery
+built on them is tests/op_matrix.py."""
 from __future__ import annotations
 
 import contextlib
@@ -20,10 +22,10 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref||, computed in float64."""
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+def rel_err(out: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
+    """||out - ref|| / max(||ref||, floor), computed in float64 on the CPU."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    return ((out - ref).norm() / ref.norm().clamp_min(max(floor, 1e-30))).item()
 
 
 @contextlib.contextmanager
@@ -66,14 +68,6 @@ def half_precision_bound(torch_err: float, dtype: torch.dtype, floor: float | No
     return max(floor, HALF_FACTOR * torch_err)
 
 
-def half_precision_bounds(dtype: torch.dtype, torch_results: dict, ref_results: dict,
-                          floor: float | None = None) -> dict:
-    """{name: half_precision_bound(rel_err(torch_results[name], ref_results[name]), dtype, floor)}
-    for every name of ref_results (outputs, gradients, running statistics alike)."""
-    return {name: half_precision_bound(rel_err(torch_results[name], ref), dtype, floor)
-            for name, ref in ref_results.items()}
-
-
 def torch_conv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *, training,
                       momentum=0.1, eps=1e-5, residual=None, stride=1, padding=0, dilation=1, groups=1,
                       activation="relu"):
@@ -96,9 +90,23 @@ def torch_bn_act_conv(x, weight, bias, bn_weight, bn_bias, running_mean, running
     return torch.nn.functional.conv2d(z, weight, bias, stride, padding, dilation, groups)
 
 
+def seeded_randn(gen: torch.Generator, *shape, scale=1.0, offset=0.0, dtype=torch.float32) -> torch.Tensor:
+    """Normal random values drawn in float64 from gen, times scale plus offset, cast to dtype."""
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + offset).to(dtype)
+
+
 @dataclass(frozen=True)
-class ConvCase:
-    """One conv_bn_act configuration."""
+class ShapeCase:
+    """A named configuration of an op over one x of `shape`, ending in `activation`."""
+    name: str
+    shape: tuple
+    activation: str = "none"
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """A named convolution configuration: x [n, c_in, hw, hw], weight [c_out, c_in / groups,
+    kernel, kernel]; the base of the conv_bn_act and bn_act_conv cases."""
     name: str
     n: int = 2
     c_in: int = 8
@@ -109,6 +117,24 @@ class ConvCase:
     padding: int = 1
     dilation: int = 1
     groups: int = 1
+
+    def out_hw(self) -> int:
+        return (self.hw + 2 * self.padding - self.dilation * (self.kernel - 1) - 1) // self.stride + 1
+
+    def conv_weight(self, gen, dtype) -> torch.Tensor:
+        """A random weight of fan-in-normalised scale."""
+        fan_in = self.c_in // self.groups * self.kernel ** 2
+        return seeded_randn(gen, self.c_out, self.c_in // self.groups, self.kernel, self.kernel,
+                            scale=fan_in ** -0.5, dtype=dtype)
+
+    def schema_conv(self):
+        """stride, padding, dilation, groups as the schemas take them."""
+        return [self.stride] * 2, [self.padding] * 2, [self.dilation] * 2, self.groups
+
+
+@dataclass(frozen=True)
+class ConvCase(ConvShape):
+    """One conv_bn_act configuration."""
     channels_last: bool = False
     residual: bool = False
     activation: str = "relu"
@@ -120,20 +146,18 @@ class ConvCase:
         gen = torch.Generator().manual_seed(seed)
 
         def rand(*shape, scale=1.0, offset=0.0):
-            return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + offset).to(device)
+            return seeded_randn(gen, *shape, scale=scale, offset=offset, dtype=dtype).to(device)
 
-        x = rand(self.n, self.c_in, self.hw, self.hw).to(dtype)
+        x = rand(self.n, self.c_in, self.hw, self.hw)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        weight = rand(self.c_out, self.c_in // self.groups, self.kernel, self.kernel,
-                      scale=(self.c_in // self.groups * self.kernel ** 2) ** -0.5).to(dtype)
-        bias = rand(self.c_out, scale=0.1).to(dtype) if self.bias else None
-        bn_weight = rand(self.c_out, scale=0.3, offset=1.0).to(dtype)
-        bn_bias = rand(self.c_out, scale=0.3).to(dtype)
-        running_mean = rand(self.c_out, scale=0.2).to(dtype)
-        running_var = (rand(self.c_out, scale=0.3).abs() + 0.5).to(dtype)
-        h_out = (self.hw + 2 * self.padding - self.dilation * (self.kernel - 1) - 1) // self.stride + 1
-        residual = rand(self.n, self.c_out, h_out, h_out).to(dtype) if self.residual else None
+        weight = self.conv_weight(gen, dtype).to(device)
+        bias = rand(self.c_out, scale=0.1) if self.bias else None
+        bn_weight = rand(self.c_out, scale=0.3, offset=1.0)
+        bn_bias = rand(self.c_out, scale=0.3)
+        running_mean = rand(self.c_out, scale=0.2)
+        running_var = (seeded_randn(gen, self.c_out, scale=0.3, dtype=torch.float64).abs() + 0.5).to(dtype).to(device)
+        residual = rand(self.n, self.c_out, self.out_hw(), self.out_hw()) if self.residual else None
         tensors = [x, weight, bias, bn_weight, bn_bias]
         if requires_grad:
             for t in tensors + [residual]:
@@ -176,6 +200,58 @@ def randomize_batchnorm(model: "torch.nn.Module", seed: int = 0) -> None:
                 m.running_var.copy_(0.5 + torch.rand(c, generator=gen))
 
 
+def load_twin_state(ours: "torch.nn.Module", theirs: "torch.nn.Module") -> None:
+    """theirs gets non-trivial BatchNorm state (randomize_batchnorm) and ours loads its
+    state_dict strictly: the same keys in the same order, as many parameters."""
+    randomize_batchnorm(theirs)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+
+
+def train_forward_alike(ours, theirs, x: torch.Tensor, dtype=torch.float64):
+    """ours and theirs in `dtype` and train mode, each on its own copy of x (requiring
+    grad), both run after torch.manual_seed(1) (the same dropout masks):
+    (out, ref, x_ours, x_theirs)."""
+    ours.to(dtype).train(), theirs.to(dtype).train()
+    x_ours, x_theirs = (x.detach().to(dtype).clone().requires_grad_() for _ in range(2))
+    torch.manual_seed(1)
+    ref = theirs(x_theirs)
+    torch.manual_seed(1)
+    out = ours(x_ours)
+    return out, ref, x_ours, x_theirs
+
+
+def assert_same_gradients(ours, theirs, out, ref, inputs, tol: float, grad_out=None) -> None:
+    """Backpropagates one grad_out (random of ref's shape unless given) through our out and
+    their ref; the gradients of every (our input, their input) pair of `inputs` and of
+    every parameter, in order, agree within tol."""
+    grad_out = torch.randn_like(ref) if grad_out is None else grad_out
+    out.backward(grad_out)
+    ref.backward(grad_out)
+    for i, (a, b) in enumerate(inputs):
+        assert rel_err(a.grad, b.grad) < tol, f"input {i}"
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        assert rel_err(p.grad, q.grad) < tol, name
+
+
+def check_train_steps(fused, twin, make_input, steps: int = 3, out_tol: float = 1e-5, grad_tol: float = 1e-4):
+    """`steps` train-mode steps of a fused module and its unfused twin (same state_dict) on
+    make_input() each: outputs within out_tol, parameter gradients within grad_tol; then
+    the whole state (running statistics) alike."""
+    for step in range(steps):
+        x = make_input()
+        out, ref = fused(x), twin(x)
+        assert rel_err(out, ref) < out_tol, step
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, list(fused.parameters()), grad)
+        want = torch.autograd.grad(ref, list(twin.parameters()), grad)
+        for g, w in zip(got, want, strict=True):
+            assert rel_err(g, w) < grad_tol, step
+    for key, value in twin.state_dict().items():
+        assert torch.allclose(fused.state_dict()[key].float(), value.float(), rtol=1e-5, atol=1e-6), key
+
+
 class Formula(torch.nn.Module):
     """A copy of `module` (same parameter order) run through a plain-torch formula(module, x)."""
 
@@ -185,70 +261,6 @@ class Formula(torch.nn.Module):
 
     def forward(self, x):
         return self.formula(self.inner, x)
-
-
-def conv_op_arguments(bn_channels: int, **overrides) -> dict:
-    """Valid arguments of ops.conv_bn_act / ops.bn_act_conv (x [2, 8, 6, 6], weight
-    [16, 8, 3, 3], padding 1, BN parameters and running statistics of bn_channels), with
-    `overrides` replacing or adding some."""
-    args = dict(x=torch.randn(2, 8, 6, 6), weight=torch.randn(16, 8, 3, 3), bn_weight=torch.ones(bn_channels),
-                bn_bias=torch.zeros(bn_channels), running_mean=torch.zeros(bn_channels),
-                running_var=torch.ones(bn_channels), padding=1)
-    args.update(overrides)
-    return args
-
-
-def call_conv_op(op, bn_channels: int, **overrides):
-    """op(x, weight, **rest) on conv_op_arguments(bn_channels, **overrides)."""
-    args = conv_op_arguments(bn_channels, **overrides)
-    return op(args.pop("x"), args.pop("weight"), **args)
-
-
-# (overrides of conv_op_arguments, error, match) that conv_bn_act and bn_act_conv reject alike.
-CONV_ARGUMENT_ERRORS = [
-    (dict(x=torch.randn(8, 6, 6)), ValueError, "x must be 4-D"),
-    (dict(weight=torch.randn(16, 8, 3)), ValueError, "weight must be 4-D"),
-    (dict(x=torch.randint(0, 5, (2, 8, 6, 6))), TypeError, "x must be a floating tensor"),
-    (dict(weight=torch.randn(16, 8, 3, 3, dtype=torch.float64)), TypeError, "weight has dtype torch.float64"),
-    (dict(weight=torch.randn(16, 4, 3, 3)), ValueError, "x has 8 channels but weight expects 4"),
-    (dict(weight=torch.randn(16, 3, 3, 3), groups=3), ValueError, "groups=3 must divide"),
-    (dict(groups=0), ValueError, "groups must be a positive int"),
-    (dict(groups=True), ValueError, "groups must be a positive int"),
-    (dict(eps=-1e-5), ValueError, "eps must be a number >= 0"),
-    (dict(momentum=None, training=True), TypeError, "momentum must be a float"),
-    (dict(bias=torch.zeros(15)), ValueError, "bias must have 16 elements"),
-    (dict(activation="gelu"), ValueError, "activation must be one of 'relu', 'none'"),
-    (dict(stride=0), ValueError, "stride must be >= 1"),
-    (dict(padding=(1, 2, 3)), TypeError, "padding must be an int or a pair"),
-    (dict(dilation=-1), ValueError, "dilation must be >= 1"),
-    (dict(running_mean=None), ValueError, "running_mean and running_var must be given together"),
-    (dict(running_mean=None, running_var=None), ValueError, "required when training=False"),
-    (dict(padding=0, x=torch.randn(2, 8, 2, 2)), ValueError, "does not fit"),
-    (dict(x=torch.randn(1, 8, 1, 1), weight=torch.randn(16, 8, 1, 1), padding=0, training=True),
-     ValueError, "more than 1 value per channel"),
-]
-
-
-def check_compile_matches_eager(make_model, training: bool, x_shape: tuple) -> None:
-    """torch.compile(fullgraph=True, backend="aot_eager") of make_model() against a copy run
-    eagerly: output, gradients of x and of every parameter, and the updated state (running
-    statistics), in train or eval mode."""
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    eager, compiled_model = make_model(), make_model()
-    compiled_model.load_state_dict(eager.state_dict())
-    eager.train(training), compiled_model.train(training)
-    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
-    x = torch.randn(*x_shape, requires_grad=True)
-    expected, got = eager(x), compiled(x)
-    assert rel_err(got, expected) < 1e-6
-    grad = torch.randn_like(expected)
-    expected_grads = torch.autograd.grad(expected, [x] + list(eager.parameters()), grad)
-    got_grads = torch.autograd.grad(got, [x] + list(compiled_model.parameters()), grad)
-    for e, g in zip(expected_grads, got_grads):
-        assert rel_err(g, e) < 1e-5
-    for key, value in eager.state_dict().items():  # running statistics were updated alike
-        assert torch.allclose(compiled_model.state_dict()[key].float(), value.float(), atol=1e-6), key
 
 
 class RecordOps(TorchDispatchMode):

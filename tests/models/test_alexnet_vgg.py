@@ -10,7 +10,7 @@ from torch import nn
 from cnnkernels import models
 from cnnkernels.models import vgg
 from cnnkernels.nn import FusedSequential
-from helpers import randomize_batchnorm, rel_err
+from helpers import load_twin_state, rel_err, train_forward_alike
 
 VGG_NAMES = ["vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]
 
@@ -40,22 +40,14 @@ def assert_parity(ours: nn.Module, theirs: nn.Module, x: torch.Tensor,
     model is small enough. A module's weight and bias gradients are compared together:
     a conv bias in front of a training-mode BatchNorm has an exact gradient of 0, where
     both sides return rounding noise."""
-    randomize_batchnorm(theirs)
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    assert list(ours.state_dict()) == list(theirs.state_dict())
-    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+    load_twin_state(ours, theirs)
 
     ours.eval(), theirs.eval()
     with torch.no_grad():
         assert rel_err(ours(x), theirs(x)) < 1e-4
 
     tol = 1e-6 if train_dtype == torch.float64 else 1e-4
-    ours.to(train_dtype).train(), theirs.to(train_dtype).train()
-    x_ours, x_theirs = x.to(train_dtype).requires_grad_(), x.to(train_dtype).requires_grad_()
-    torch.manual_seed(1)
-    ref = theirs(x_theirs)
-    torch.manual_seed(1)
-    out = ours(x_ours)
+    out, ref, x_ours, x_theirs = train_forward_alike(ours, theirs, x, train_dtype)
     assert rel_err(out, ref) < tol
     grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2)).to(train_dtype)
     ref.backward(grad_out)

@@ -11,7 +11,7 @@ from torch import nn
 
 from cnnkernels import models
 from cnnkernels.nn import DenseBlock, FusedSequential
-from helpers import RecordOps, randomize_batchnorm, rel_err
+from helpers import RecordOps, assert_same_gradients, load_twin_state, rel_err, train_forward_alike
 
 
 def assert_parity(ours: nn.Module, theirs: nn.Module, x: torch.Tensor) -> None:
@@ -19,28 +19,16 @@ def assert_parity(ours: nn.Module, theirs: nn.Module, x: torch.Tensor) -> None:
     float64 (training-mode BatchNorm over small batches is ill-conditioned in float32),
     train outputs (same dropout masks), the input's and every parameter's gradients and
     the running statistics agree (< 1e-6)."""
-    randomize_batchnorm(theirs)
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    assert list(ours.state_dict()) == list(theirs.state_dict())
-    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+    load_twin_state(ours, theirs)
 
     ours.eval(), theirs.eval()
     with torch.no_grad():
         assert rel_err(ours(x), theirs(x)) < 1e-4
 
-    ours.double().train(), theirs.double().train()
-    x_ours, x_theirs = x.double().requires_grad_(), x.double().requires_grad_()
-    torch.manual_seed(1)
-    ref = theirs(x_theirs)
-    torch.manual_seed(1)
-    out = ours(x_ours)
+    out, ref, x_ours, x_theirs = train_forward_alike(ours, theirs, x)
     assert rel_err(out, ref) < 1e-6
     grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    ref.backward(grad_out)
-    out.backward(grad_out)
-    assert rel_err(x_ours.grad, x_theirs.grad) < 1e-6
-    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
-        assert rel_err(p.grad, q.grad) < 1e-6, name
+    assert_same_gradients(ours, theirs, out, ref, [(x_ours, x_theirs)], 1e-6, grad_out)
     for (name, b), c in zip(ours.named_buffers(), theirs.buffers(), strict=True):
         assert rel_err(b.double(), c.double()) < 1e-6, name
 

@@ -11,7 +11,7 @@ from cnnkernels import models
 from cnnkernels.models.googlenet import GoogLeNetOutputs, googlenet_loss
 from cnnkernels.models.inception import InceptionOutputs
 from cnnkernels.nn import ConvBNAct
-from helpers import randomize_batchnorm, rel_err
+from helpers import assert_same_gradients, load_twin_state, rel_err, train_forward_alike
 
 
 def as_tuple(out) -> tuple:
@@ -24,22 +24,14 @@ def assert_parity(ours: nn.Module, theirs: nn.Module, x: torch.Tensor, backward:
     float32), train outputs (same namedtuple type and fields, same dropout masks), the
     running statistics and, with `backward`, the input's and every parameter's
     gradient agree (< 1e-6)."""
-    randomize_batchnorm(theirs)
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    assert list(ours.state_dict()) == list(theirs.state_dict())
-    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+    load_twin_state(ours, theirs)
 
     ours.eval(), theirs.eval()
     with torch.no_grad():
         out, ref = ours(x), theirs(x)
     assert isinstance(out, torch.Tensor) and rel_err(out, ref) < 1e-4
 
-    ours.double().train(), theirs.double().train()
-    x_ours, x_theirs = x.double().requires_grad_(), x.double().requires_grad_()
-    torch.manual_seed(1)
-    ref = theirs(x_theirs)
-    torch.manual_seed(1)
-    out = ours(x_ours)
+    out, ref, x_ours, x_theirs = train_forward_alike(ours, theirs, x)
     assert getattr(type(out), "_fields", None) == getattr(type(ref), "_fields", None)
     gen = torch.Generator().manual_seed(2)
     loss_ours = loss_theirs = 0
@@ -51,11 +43,8 @@ def assert_parity(ours: nn.Module, theirs: nn.Module, x: torch.Tensor, backward:
         assert rel_err(b.double(), c.double()) < 1e-6, name
     if not backward:
         return
-    loss_theirs.backward()
-    loss_ours.backward()
-    assert rel_err(x_ours.grad, x_theirs.grad) < 1e-6
-    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
-        assert rel_err(p.grad, q.grad) < 1e-6, name
+    assert_same_gradients(ours, theirs, loss_ours, loss_theirs, [(x_ours, x_theirs)], 1e-6,
+                          torch.ones((), dtype=torch.float64))
 
 
 # --- GoogLeNet ---------------------------------------------------------------------------

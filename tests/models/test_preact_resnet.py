@@ -21,7 +21,7 @@ from torch import nn
 from cnnkernels import models
 from cnnkernels.models.preact_resnet import PreActBasicBlock, PreActBottleneck, PreActResNet
 from cnnkernels.models.resnet import conv1x1
-from helpers import Formula, RecordOps, rel_err
+from helpers import Formula, RecordOps, assert_same_gradients, rel_err
 from test_resnet_family import compare, randomize_batch_norms
 
 CONFIGS = {"preact_resnet18": (False, [2, 2, 2, 2]), "preact_resnet34": (False, [3, 4, 6, 3]),
@@ -172,11 +172,7 @@ def test_shared_pre_activation_updates_the_statistics_once(block_type, momentum)
         out, want = block(xa), formula(xb)
         assert rel_err(out, want) < 1e-12
         grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
-        out.backward(grad)
-        want.backward(grad)
-        assert rel_err(xa.grad, xb.grad) < 1e-12
-        for (key, a), b in zip(block.named_parameters(), formula.parameters(), strict=True):
-            assert rel_err(a.grad, b.grad) < 1e-12, key
+        assert_same_gradients(block, formula, out, want, [(xa, xb)], 1e-12, grad)
     for (key, a), b in zip(block.named_buffers(), formula.buffers(), strict=True):
         assert torch.equal(a, b) if a.dtype == torch.long else rel_err(a, b) < 1e-13, key
     assert int(block.bn1.num_batches_tracked) == 3

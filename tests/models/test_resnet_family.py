@@ -193,14 +193,23 @@ def test_whole_network_matches_torchvision_float64(name):
 @pytest.mark.parametrize("name", ARCHS)
 def test_whole_network_matches_torchvision_float32(name):
     tv, ours, gen = twin_models(name, torch.float32)
+    compare_float32(name, ours, tv, gen)
+
+
+def compare_float32(name: str, ours: nn.Module, ref: nn.Module, gen: torch.Generator) -> None:
+    """compare() in float32 on a 48x48 input: eval to float32_eval_tolerance; for the
+    networks that are not deep, a train-mode step to sanity bounds and all parameter
+    gradients together within 0.3 (a lost or misrouted gradient gives O(1); rounding
+    gives <= 0.12). Deep networks on small inputs are too ill-conditioned in float32 for
+    more: the exact checks are the float64 ones."""
     x = torch.randn(2, 3, 48, 48, generator=gen)
-    compare(ours, tv, x, gen, out_tol=float32_eval_tolerance(name), grad_tol=None, stat_tol=2e-2,
+    compare(ours, ref, x, gen, out_tol=float32_eval_tolerance(name), grad_tol=None, stat_tol=2e-2,
             train_out_tol=0.1, train=not is_deep(name))
     if is_deep(name):
         return
     flat = torch.cat([p.grad.flatten() for p in ours.parameters()])
-    flat_ref = torch.cat([p.grad.flatten() for p in tv.parameters()])
-    assert rel_err(flat, flat_ref) < 0.3  # a lost or misrouted gradient gives O(1); rounding gives <= 0.12
+    flat_ref = torch.cat([p.grad.flatten() for p in ref.parameters()])
+    assert rel_err(flat, flat_ref) < 0.3
 
 
 def test_dilation_matches_torchvision():

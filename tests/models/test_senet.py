@@ -26,8 +26,7 @@ from cnnkernels.models.resnet import Bottleneck
 from cnnkernels.nn import SqueezeExcite
 from cnnkernels.nn.squeeze_excite import make_divisible, squeeze_excite
 from helpers import Formula, rel_err
-from test_resnet_family import (FIRST_BLOCKS_AND_ONE_OTHER, compare, float32_eval_tolerance, is_deep,
-                                randomize_batch_norms)
+from test_resnet_family import FIRST_BLOCKS_AND_ONE_OTHER, compare, compare_float32, randomize_batch_norms
 
 SE_MODELS = {"se_resnet50": 28088024, "se_resnet101": 49326872, "se_resnet152": 66821848,
              "se_resnext50_32x4d": 27559896, "se_resnext101_32x4d": 48955416}
@@ -122,15 +121,7 @@ def test_whole_network_matches_the_plain_torch_formula_float32(name):
     sanity bounds (float32 conditioning of deep networks on small inputs: see
     test_resnet_family; the exact checks are the float64 ones)."""
     model, gen = se_model(name, torch.float32)
-    reference = Formula(model, network_formula)
-    x = torch.randn(2, 3, 48, 48, generator=gen)
-    compare(model, reference, x, gen, out_tol=float32_eval_tolerance(name), grad_tol=None, stat_tol=2e-2,
-            train_out_tol=0.1, train=not is_deep(name))
-    if is_deep(name):
-        return
-    flat = torch.cat([p.grad.flatten() for p in model.parameters()])
-    flat_ref = torch.cat([p.grad.flatten() for p in reference.parameters()])
-    assert rel_err(flat, flat_ref) < 0.3
+    compare_float32(name, model, Formula(model, network_formula), gen)
 
 
 def test_torch_compile_fullgraph_se_resnext50():

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from cnnkernels.nn import BNActConv
-from helpers import rel_err
+from helpers import check_train_steps, rel_err
 
 
 def unfused(module: BNActConv) -> nn.Sequential:
@@ -30,17 +30,7 @@ def test_matches_unfused_modules_over_train_steps_and_eval(groups, bias, momentu
         fused.bn.weight.uniform_(0.5, 1.5), fused.bn.bias.uniform_(-0.5, 0.5)
     twin = unfused(fused)
     assert list(fused.state_dict()) == list(twin.state_dict())
-    for step in range(3):
-        x = torch.randn(4, 8, 9, 9) * 2 + 1
-        out, ref = fused(x), twin(x)
-        assert rel_err(out, ref) < 1e-5, step
-        grad = torch.randn_like(out)
-        got = torch.autograd.grad(out, list(fused.parameters()), grad)
-        want = torch.autograd.grad(ref, list(twin.parameters()), grad)
-        for g, w in zip(got, want):
-            assert rel_err(g, w) < 1e-4
-    for key, value in twin.state_dict().items():
-        assert torch.allclose(fused.state_dict()[key].float(), value.float(), rtol=1e-5, atol=1e-6), key
+    check_train_steps(fused, twin, lambda: torch.randn(4, 8, 9, 9) * 2 + 1)
     assert int(fused.bn.num_batches_tracked) == 3
     fused.eval(), twin.eval()
     x = torch.randn(2, 8, 9, 9, requires_grad=True)

@@ -18,7 +18,7 @@ from torchvision.models.densenet import _DenseBlock
 import cnnkernels
 from cnnkernels import ops
 from cnnkernels.nn import DenseBlock
-from helpers import half_precision_bound, rel_err, skip_or_fail
+from helpers import assert_same_gradients, half_precision_bound, poisoned_empty, rel_err, skip_or_fail
 
 SMALL = dict(num_layers=3, num_input_features=8, bn_size=2, growth_rate=4)
 
@@ -27,13 +27,8 @@ SMALL = dict(num_layers=3, num_input_features=8, bn_size=2, growth_rate=4)
 def poison_empty():
     """Every torch.empty comes back NaN-filled (the feature buffer, the gradient buffer,
     the recomputation scratch, the kernels' outputs): a channel nobody writes shows up."""
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(deterministic)
-    torch.utils.deterministic.fill_uninitialized_memory = fill
+    with poisoned_empty():
+        yield
 
 
 def randomize(module: nn.Module, seed: int = 0) -> None:
@@ -75,11 +70,7 @@ def step(ours, theirs, x, tol, seed=3):
     assert out.shape == ref.shape
     assert rel_err(out, ref) < tol
     grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(x.dtype)
-    out.backward(grad)
-    ref.backward(grad)
-    assert rel_err(x_ours.grad, x_theirs.grad) < tol
-    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
-        assert rel_err(p.grad, q.grad) < tol, name
+    assert_same_gradients(ours, theirs, out, ref, [(x_ours, x_theirs)], tol, grad)
     return out
 
 
@@ -126,11 +117,7 @@ def test_every_backend_float32(backend, channels_last):
         out, ref = ours(x_ours), theirs(x_theirs)
         assert rel_err(out, ref) < 1e-4
         grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(41), dtype=torch.float64)
-        out.backward(grad.float())
-        ref.backward(grad)
-        assert rel_err(x_ours.grad, x_theirs.grad) < 1e-4
-        for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
-            assert rel_err(p.grad, q.grad) < 1e-4, name
+        assert_same_gradients(ours, theirs, out.double(), ref, [(x_ours, x_theirs)], 1e-4, grad)
         assert_same_buffers(ours, theirs, 1e-5)
         ours.eval(), theirs.eval()
         with torch.no_grad():
@@ -158,10 +145,11 @@ def test_bfloat16_as_accurate_as_torchvision_in_bfloat16():
     """bf16 against float64 (same bf16-rounded weights, input and output gradient):
     outputs within half_precision_bound of torchvision-in-bf16's error (max(1e-2, twice
     it): what torch reaches in bf16 depends on the CPU's instruction set). The gradients
-    pass through bf16 intermediates and training-mode BN, which makes them sensitive to every rounding (torchvision in bf16 is itself off by
-    2e-2 to 3e-1 here, seed by seed, and either implementation can be the closer one for a
-    given seed); over four seeds the mean error of every gradient must be no worse than
-    1.5 times torchvision-in-bf16's, and none may exceed 0.5 (a wrong gradient is off by ~1)."""
+    pass through bf16 intermediates and training-mode BN, which makes them sensitive to
+    every rounding (torchvision in bf16 is itself off by 2e-2 to 3e-1 here, seed by seed,
+    and either implementation can be the closer one for a given seed); over four seeds
+    the mean error of every gradient must be no worse than 1.5 times torchvision-in-bf16's,
+    and none may exceed 0.5 (a wrong gradient is off by ~1)."""
     ours_errors, theirs_errors = [], []
     for seed in (5, 7, 11, 13):
         ours, theirs16 = pair(dtype=torch.bfloat16)
@@ -225,12 +213,7 @@ def test_dropout_matches_torchvision_and_is_deterministic():
     assert torch.equal(first, out)
     assert (out[:, 8:] == 0).float().mean().item() > 0.1
     assert rel_err(out, ref) < 1e-10
-    grad = torch.randn_like(ref)
-    out.backward(grad)
-    ref.backward(grad)
-    assert rel_err(x_ours.grad, x_theirs.grad) < 1e-10
-    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
-        assert rel_err(p.grad, q.grad) < 1e-10, name
+    assert_same_gradients(ours, theirs, out, ref, [(x_ours, x_theirs)], 1e-10)
     torch.manual_seed(124)
     assert not torch.equal(twin(x), first)
     ours.eval(), theirs.eval()
@@ -344,12 +327,7 @@ def test_functional_path_matches_torchvision_eager():
     x_ref = x.detach().clone().requires_grad_()
     out, ref = ours.forward_functional(x), theirs(x_ref)
     assert rel_err(out, ref) < 1e-10
-    grad = torch.randn_like(ref)
-    out.backward(grad)
-    ref.backward(grad)
-    assert rel_err(x.grad, x_ref.grad) < 1e-10
-    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
-        assert rel_err(p.grad, q.grad) < 1e-10, name
+    assert_same_gradients(ours, theirs, out, ref, [(x, x_ref)], 1e-10)
     assert_same_buffers(ours, theirs, 1e-12)
 
 

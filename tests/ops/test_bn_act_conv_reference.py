@@ -4,18 +4,10 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from bn_act_conv_cases import CASES, EPS, GRAD_NAMES, BnCase
 from cnnkernels import reference
-from helpers import rel_err
-
-
-def torch_bn_act_conv(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, case):
-    z = F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training, 0.1, EPS)
-    if case.activation == "relu":
-        z = torch.relu(z)
-    return F.conv2d(z, weight, bias, case.stride, case.padding, case.dilation, case.groups)
+from helpers import rel_err, torch_bn_act_conv
 
 
 def schema_args(inputs, case, training):
@@ -27,7 +19,8 @@ def schema_args(inputs, case, training):
 def test_reference_matches_torch(case, training):
     inputs = case.make(torch.float64)
     x, weight, bias, bn_weight, bn_bias, running_mean, running_var = inputs
-    expected = torch_bn_act_conv(*inputs[:5], running_mean.clone(), running_var.clone(), training, case)
+    expected = torch_bn_act_conv(*inputs[:5], running_mean.clone(), running_var.clone(), training=training, eps=EPS,
+                                 **case.kwargs())
     grad_out = torch.randn_like(expected)
     leaves = [t for t in inputs[:5] if t is not None]
     expected_grads = torch.autograd.grad(expected, leaves, grad_out)

@@ -2,11 +2,11 @@
 csrc/common/conv_bn_act_driver.h), called directly as torch.ops.cnnkernels.
 _conv_bn_act_{forward,backward}_native and compared with cnnkernels.reference in float64.
 
-Covers what the public-op tests do not: C++ argument errors, statistics precision under
-a large mean offset, strided inputs, mixed memory formats, half inputs with float32 BN
-parameters, every output_mask, the oneDNN eval path and its fallback. Outputs are
-checked for unwritten elements: torch fills torch.empty with NaN while the fixture
-`poison_empty` is active."""
+Covers what the public-op tests do not: statistics precision under a large mean offset,
+strided inputs, mixed memory formats, half inputs with float32 BN parameters, every
+output_mask, the oneDNN eval path and its fallback (the C++ argument errors:
+test_native_cpu_arguments.py). Outputs are checked for unwritten elements: torch fills
+torch.empty with NaN while the fixture `poison_empty` is active."""
 import contextlib
 import itertools
 
@@ -15,7 +15,7 @@ import torch
 
 import cnnkernels  # noqa: F401  (loads cnnkernels._C when it is built)
 from cnnkernels import _library, reference
-from helpers import CASES, HALF_DTYPES, TOLERANCE, half_precision_bound, poisoned_empty, rel_err
+from helpers import CASES, HALF_DTYPES, TOLERANCE, half_precision_bound, poisoned_empty, rel_err, seeded_randn
 
 pytestmark = pytest.mark.skipif(
     not _library.has_native_kernel("_conv_bn_act_forward_native", "CPU"),
@@ -69,7 +69,7 @@ def make(n=2, c_in=6, c_out=8, hw=7, kernel=3, groups=1, dtype=torch.float32, pa
     param_dtype = param_dtype or dtype
 
     def rand(*shape, scale=1.0, offset=0.0, dt=dtype):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + offset).to(dt)
+        return seeded_randn(gen, *shape, scale=scale, offset=offset, dtype=dt)
 
     x = rand(n, c_in, hw, hw)
     if channels_last:
@@ -87,15 +87,10 @@ def make(n=2, c_in=6, c_out=8, hw=7, kernel=3, groups=1, dtype=torch.float32, pa
     ), dict(stride=1, padding=kernel // 2, dilation=1, groups=groups)
 
 
-def close_err(got, want, floor=0.0):
-    """Relative error in float64 against want, with `floor` as the smallest norm to divide by."""
-    return ((got.double() - want.double()).norm() / max(want.double().norm().item(), floor, 1e-30)).item()
-
-
 def check_close(got, want, tol, name, floor=0.0):
     assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     assert torch.isfinite(got).all(), f"{name}: unwritten (NaN) or non-finite elements"
-    err = close_err(got, want, floor)
+    err = rel_err(got, want, floor)
     assert err < tol, f"{name}: relative error {err:.3g} >= {tol}"
 
 
@@ -155,7 +150,7 @@ def check_all(t, conv, training, activation, mask=(True,) * 6, tol=None):
     if tol is None and dtype in HALF_DTYPES:
         torch_results = run_torch(t, conv, training, activation, grad_out)
         wanted = dict(zip(names, tuple(ref) + tuple(ref_grads)))
-        bound = {name: half_precision_bound(close_err(torch_results[name], wanted[name],
+        bound = {name: half_precision_bound(rel_err(torch_results[name], wanted[name],
                                                       bias_floor if name == "grad_bias" else 0.0), dtype)
                  for name in names if name in torch_results and wanted[name].numel() > 0}
     else:
@@ -384,76 +379,3 @@ def test_eval_float32_uses_onednn_when_available():
         pytest.skip("this torch has no oneDNN fused convolution")
     t, conv = make(seed=13)
     assert ONEDNN_OP in called_ops(lambda: forward_native(**t, **conv, training=False))
-
-
-# ---------------------------------------------------------------- argument errors
-
-def good_args(**overrides):
-    t, conv = make(residual=True, seed=14)
-    args = dict(**t, **conv, training=True, activation="relu", eps=EPS)
-    args.update(overrides)
-    return args
-
-
-@pytest.mark.parametrize("overrides, match", [
-    (dict(x=torch.randn(6, 7, 7)), "x must be a 4-D tensor"),
-    (dict(weight=torch.randn(8, 6, 3)), "weight must be a 4-D tensor"),
-    (dict(x=torch.randint(0, 3, (2, 6, 7, 7))), "x must be a floating-point tensor"),
-    (dict(weight=torch.randn(8, 6, 3, 3, dtype=torch.float64)), "weight must have the dtype of x"),
-    (dict(weight=torch.randn(8, 4, 3, 3)), "weight must have C_in / groups = 6"),
-    (dict(groups=4), "x has 6 channels, which groups=4 does not divide"),
-    (dict(groups=0), "groups must be >= 1"),
-    (dict(weight=torch.randn(9, 3, 3, 3), groups=2, bias=None, bn_weight=None, bn_bias=None,
-          running_mean=None, running_var=None, residual=None), "weight has 9 output channels"),
-    (dict(bias=torch.zeros(7)), "bias must have C_out = 8 elements"),
-    (dict(bias=torch.zeros(8, dtype=torch.float64)), "bias must have the dtype of x"),
-    (dict(bn_weight=torch.ones(9)), "bn_weight must have C_out = 8 elements"),
-    (dict(bn_bias=torch.zeros(8, 1)), "bn_bias must be a 1-D tensor"),
-    (dict(running_mean=torch.zeros(3)), "running_mean must have C_out = 8 elements"),
-    (dict(running_var=torch.ones(8, dtype=torch.int64)), "running_var must be a floating-point tensor"),
-    (dict(training=False, running_var=None), "running_mean and running_var are required"),
-    (dict(residual=torch.randn(2, 8, 7, 6)), "residual must have the shape of the output"),
-    (dict(activation="gelu"), "activation must be \"relu\" or \"none\", got \"gelu\""),
-    (dict(stride=0), "stride values must be >= 1"),
-    (dict(padding=-1), "padding values must be >= 0"),
-    (dict(dilation=0), "dilation values must be >= 1"),
-    (dict(padding=0, dilation=4), "padded height .* is smaller than the dilated kernel"),
-    (dict(eps=-1.0), "eps must be >= 0"),
-    (dict(x=torch.randn(0, 6, 7, 7), residual=None), "training needs at least one value per channel"),
-])
-def test_forward_argument_errors(overrides, match):
-    with pytest.raises(RuntimeError, match=match):
-        forward_native(**good_args(**overrides))
-
-
-def test_forward_pair_argument_length_error():
-    args = good_args()
-    with pytest.raises(RuntimeError, match="stride must have 2 values"):
-        torch.ops.cnnkernels._conv_bn_act_forward_native(
-            args["x"], args["weight"], None, None, None, None, None, [1, 1, 1], [1, 1], [1, 1], 1, True, EPS, None,
-            "relu")
-
-
-def backward_good_args():
-    t, conv = make(seed=15)
-    fwd = forward_native(**t, **conv, training=True)
-    return dict(grad_out=torch.randn_like(fwd[0]), fwd=list(fwd), inputs=[t["x"], t["weight"], t["bias"],
-                t["bn_weight"]], conv=conv, training=True, activation="relu", mask=[True] * 6)
-
-
-@pytest.mark.parametrize("change, match", [
-    (lambda a: a.update(grad_out=a["grad_out"][:, :, :-1]), "grad_out must have the shape of the output"),
-    (lambda a: a["fwd"].__setitem__(0, a["fwd"][0][:1]), "out must have the shape of the output"),
-    (lambda a: a["fwd"].__setitem__(1, torch.empty(0)), "conv_out .* is required when training"),
-    (lambda a: a["fwd"].__setitem__(1, a["fwd"][1][:, :3]), "conv_out must have the shape of the output"),
-    (lambda a: a["fwd"].__setitem__(2, a["fwd"][2][:5]), "save_mean must have C_out = 8 elements"),
-    (lambda a: a["fwd"].__setitem__(3, a["fwd"][3].view(2, 4)), "save_var must be a 1-D tensor"),
-    (lambda a: a["inputs"].__setitem__(3, torch.ones(3)), "bn_weight must have C_out = 8 elements"),
-    (lambda a: a["inputs"].__setitem__(2, torch.ones(8, dtype=torch.float16)), "bias must have the dtype of x"),
-    (lambda a: a.update(activation="sigmoid"), "activation must be"),
-])
-def test_backward_argument_errors(change, match):
-    args = backward_good_args()
-    change(args)
-    with pytest.raises(RuntimeError, match=match):
-        backward_native(**args)

@@ -1,21 +1,11 @@
-"""The reference implementation against torch's own ops, in float64."""
+"""The conv_bn_act reference (cnnkernels.reference) against torch's own ops, in float64:
+forward, saved statistics and every gradient, train and eval."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cnnkernels import reference
-from helpers import CASES, rel_err
-
-MASK_ALL = [True] * 6
-
-
-def torch_conv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
-                      training, case):
-    y = F.conv2d(x, weight, bias, case.stride, case.padding, case.dilation, case.groups)
-    z = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, 0.1, 1e-5)
-    if residual is not None:
-        z = z + residual
-    return torch.relu(z) if case.activation == "relu" else z
+from helpers import CASES, rel_err, torch_conv_bn_act
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -23,7 +13,8 @@ def torch_conv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running
 def test_reference_matches_torch(case, training):
     inputs = case.make(torch.float64)
     x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual = inputs
-    expected = torch_conv_bn_act(*inputs[:5], running_mean.clone(), running_var.clone(), residual, training, case)
+    expected = torch_conv_bn_act(*inputs[:5], running_mean.clone(), running_var.clone(), training=training,
+                                 residual=residual, **case.kwargs())
     grad_out = torch.randn_like(expected)
     grad_inputs = [t for t in (x, weight, bias, bn_weight, bn_bias, residual) if t is not None]
     expected_grads = torch.autograd.grad(expected, grad_inputs, grad_out)
