@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import cnnkernels
 from cnnkernels import ops
-from helpers import rel_err
+from helpers import ConvShape, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -22,25 +22,14 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
 @dataclass(frozen=True)
-class Case:
-    name: str
-    n: int = 2
+class Case(ConvShape):
     c_in: int = 12
-    c_out: int = 16
     hw: int = 9
-    kernel: int = 3
-    stride: int = 1
-    padding: int = 1
-    dilation: int = 1
-    groups: int = 1
     bias: bool = False
     activation: str = "relu"
 
     def kwargs(self):
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
-
-    def out_hw(self):
-        return (self.hw + 2 * self.padding - self.dilation * (self.kernel - 1) - 1) // self.stride + 1
 
 
 CASES = [
