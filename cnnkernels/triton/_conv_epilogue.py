@@ -1,15 +1,29 @@
-"""The fused epilogue of every conv_bn_act forward kernel (general implicit GEMM,
-1x1 GEMM, grouped): what becomes of one [BLOCK_M, BLOCK_N] tile of convolution sums,
-rows = output pixels, columns = output channels. Imported by the kernel files, so the
-BN / residual / activation / statistics code exists once; Triton inlines it.
+"""The epilogues of the Triton convolution kernels: what becomes of one [BLOCK_M,
+BLOCK_N] tile of convolution sums, rows = output pixels, columns = output channels.
+conv_bn_act_epilogue is that of every conv_bn_act forward kernel (general implicit
+GEMM, 1x1 GEMM, grouped), store_conv_out (+ bias) that of bn_act_conv. Imported by the
+kernel files, so the BN / residual / activation / statistics code exists once; Triton
+inlines it.
 """
 from __future__ import annotations
 
-import triton
-import triton.language as tl
+from cnnkernels.triton._support import jit, tl
+from cnnkernels.triton._tile import residual_act_store
 
 
-@triton.jit
+@jit
+def store_conv_out(acc, co, col_mask, out_offsets, mask, bias_ptr, out_ptr,
+                   HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """out = acc + bias[co], rounded to out's dtype (bn_act_conv's whole epilogue, and
+    the first half of conv_bn_act's training one); returns the tile as stored."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + co, mask=col_mask, other=0.0).to(ACC_DTYPE)[None, :]
+    y = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + out_offsets, y, mask=mask)
+    return y
+
+
+@jit
 def conv_bn_act_epilogue(
     acc, pid_m, co, row_mask, col_mask, out_rows, so_c, res_rows, sr_c,
     M, C_OUT, bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, psum_ptr, pm2_ptr,
@@ -29,10 +43,7 @@ def conv_bn_act_epilogue(
     out_offsets = out_rows[:, None] + co[None, :] * so_c
     mask = row_mask[:, None] & col_mask[None, :]
     if TRAINING:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + co, mask=col_mask, other=0.0).to(ACC_DTYPE)[None, :]
-        y = acc.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + out_offsets, y, mask=mask)
+        y = store_conv_out(acc, co, col_mask, out_offsets, mask, bias_ptr, out_ptr, HAS_BIAS, ACC_DTYPE)
         y = tl.where(row_mask[:, None], y.to(ACC_DTYPE), 0.0)
         count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(ACC_DTYPE)
         tile_sum = tl.sum(y, axis=0)
@@ -44,9 +55,5 @@ def conv_bn_act_epilogue(
     else:
         scale = tl.load(scale_ptr + co, mask=col_mask, other=0.0).to(ACC_DTYPE)
         shift = tl.load(shift_ptr + co, mask=col_mask, other=0.0).to(ACC_DTYPE)
-        z = acc * scale[None, :] + shift[None, :]
-        if HAS_RESIDUAL:
-            z += tl.load(res_ptr + (res_rows[:, None] + co[None, :] * sr_c), mask=mask, other=0.0).to(ACC_DTYPE)
-        if RELU:
-            z = tl.where(z < 0.0, 0.0, z)
-        tl.store(out_ptr + out_offsets, z.to(out_ptr.dtype.element_ty), mask=mask)
+        residual_act_store(acc * scale[None, :] + shift[None, :], res_ptr, res_rows[:, None] + co[None, :] * sr_c,
+                           out_ptr, out_offsets, mask, HAS_RESIDUAL, RELU, ACC_DTYPE)

@@ -1,9 +1,11 @@
-"""What every Triton backend of this package shares before it launches: the
-accumulation dtype of its kernels and the checks of unsupported_reasons() (device,
-dtype, activation; the convolution shapes of conv_bn_act and bn_act_conv).
+"""What every Triton backend of this package shares before it launches: triton itself
+(or why it cannot be imported), the accumulation dtype of its kernels and the checks of
+unsupported_reasons() (device, dtype, activation; the convolution shapes of conv_bn_act
+and bn_act_conv).
 
-Importable without triton installed: the op modules report that themselves first, and
-acc_dtype is only called on the way to a launch.
+Importable without triton installed: the kernel modules take triton, tl, kernel and jit
+from here, so they import too (their kernels are then plain functions that nothing
+launches), and their unsupported_reasons() start with missing_triton().
 """
 from __future__ import annotations
 
@@ -14,8 +16,26 @@ from cnnkernels import reference
 try:
     import triton
     import triton.language as tl
-except ImportError:  # the op modules' unsupported_reasons() say so before calling in here
+
+    from cnnkernels.triton._launch import kernel
+except ImportError as _error:
     triton = tl = None
+    _IMPORT_ERROR = str(_error)
+
+    def kernel(fn):
+        """Without triton: the kernel stays a plain function (missing_triton() says why)."""
+        return fn
+
+    jit = kernel
+else:
+    _IMPORT_ERROR = None
+    jit = triton.jit  # device functions, inlined into the kernels that call them
+
+
+def missing_triton() -> list[str]:
+    """[why triton cannot be imported], or [] when it can: the first check of every
+    Triton backend's unsupported_reasons()."""
+    return [] if _IMPORT_ERROR is None else [f"triton is not installed ({_IMPORT_ERROR})"]
 
 # Triton before 3.8 (3.6 is the one torch 2.11 pulls in) compiles four tile configurations
 # of the conv kernels to code that spills 4-16 bytes of registers on sm_80 where 3.8 spills

@@ -16,18 +16,7 @@ import torch
 
 from cnnkernels import reference
 from cnnkernels.triton import _support
-
-try:
-    import triton
-    import triton.language as tl
-
-    from cnnkernels.triton._launch import kernel
-except ImportError as _error:  # unsupported_reasons() reports it; nothing here can launch
-    triton = tl = None
-    _IMPORT_ERROR = str(_error)
-
-    def kernel(fn):
-        return fn
+from cnnkernels.triton._support import kernel, tl, triton
 
 BLOCK = 1024  # elements per program
 NUM_WARPS = 4  # 8 elements per thread: two 16-byte loads per input for float32
@@ -72,7 +61,7 @@ def unsupported_reasons(first, second, activation) -> list[str]:
     CUDA tensors run compiled; CPU tensors run through Triton's interpreter (slow, for
     tests). float64 runs only in the interpreter."""
     if triton is None:
-        return [f"triton is not installed ({_IMPORT_ERROR})"]
+        return _support.missing_triton()
     reasons = _support.tensor_reasons(first, activation)
     if first.numel() >= 2 ** 31 * BLOCK:
         reasons.append("more elements than one grid axis can cover")

@@ -9,23 +9,22 @@ tensors, see cnnkernels/triton/_launch.py):
                          split's rows, x read through its strides (a channel-prefix
                          view of a wider buffer is read in place).
   _stats_finalize_kernel Chan's combination of the splits -> mean, biased var.
-  _conv_fwd_kernel       rows = output pixels (N*H_out*W_out), columns = output channels
-                         of one group (grid axis 2 = group), reduction over
-                         (kh, kw, C_in/groups) with tl.dot on A tiles
-                         act(x * scale + shift) (zero where the tap falls in the padding),
-                         rounded to x's dtype like the reference's z; when C_in/groups <= 4
-                         (depthwise, narrow groups) "direct" multiply-adds instead.
-                         Epilogue: + bias, stored through out's strides (any strides:
-                         a channel slice of a bigger buffer is written in place).
+  _implicit_gemm._conv_fwd_kernel  the general implicit-GEMM convolution shared with
+                         conv_bn_act, with its prologue: A tiles act(x * scale + shift)
+                         (zero where the tap falls in the padding), rounded to x's dtype
+                         like the reference's z; tl.dot, or "direct" multiply-adds when
+                         C_in/groups <= 4. Epilogue: + bias, stored through out's strides
+                         (any strides: a channel slice of a bigger buffer is written in place).
   _bn_act_kernel         z = act(x * scale + shift) (the backward's recomputation).
-  _bn_bwd_reduce_kernel  per (row split, channel) partial sums of g and g*(x - mean),
+  _bn.bwd_reduce_kernel  per (row split, channel) partial sums of g and g*(x - mean),
                          g = grad_z masked by x * scale + shift > 0 for relu.
-  _bn_bwd_finalize_kernel  sums the partials -> grad_bn_bias, grad_bn_weight.
+  _bn.bwd_finalize_kernel  sums the partials -> grad_bn_bias, grad_bn_weight.
   _bn_bwd_elementwise_kernel  grad_x = g*g_scale - (x - mean)*x_scale + g_shift.
 The convolution's own backward (grad_z, grad_weight, grad_bias) is
 torch.ops.aten.convolution_backward on the recomputed z (cuDNN on GPU).
-The BN pieces shared with conv_bn_act (tile addressing, Chan's merge, the backward
-finalize sum, reduction tiles and splits) are in _bn.py; the support checks in _support.py.
+The kernels and pieces shared with conv_bn_act are in _bn.py (BN statistics and
+backward reductions, the BN + activation), _implicit_gemm.py and _tile.py; the support
+checks in _support.py.
 
 Accumulation is float32 (float64 for float64 input, which only the interpreter runs).
 float32 tl.dot runs with input_precision FP32_DOT_PRECISION on GPU ("ieee" by default,
@@ -37,20 +36,9 @@ from __future__ import annotations
 import torch
 
 from cnnkernels import reference
-from cnnkernels.triton import _conv_tiles, _support
-
-try:
-    import triton
-    import triton.language as tl
-
-    from cnnkernels.triton import _bn
-    from cnnkernels.triton._launch import kernel
-except ImportError as _error:  # unsupported_reasons() reports it; nothing here can launch
-    triton = tl = None
-    _IMPORT_ERROR = str(_error)
-
-    def kernel(fn):
-        return fn
+from cnnkernels.triton import _bn, _conv_tiles, _implicit_gemm, _support
+from cnnkernels.triton._support import kernel, tl, triton
+from cnnkernels.triton._tile import program_tile, tile_offsets
 
 FP32_DOT_PRECISION = "ieee"
 
@@ -77,7 +65,7 @@ def _stats_partial_kernel(
         rows = r0 + tl.arange(0, BLOCK_M)
         row_mask = rows < M
         mask = row_mask[:, None] & col_mask[None, :]
-        x = tl.load(x_ptr + _bn.tile_offsets(rows, cols, HW, W, sx_n, sx_c, sx_h, sx_w),
+        x = tl.load(x_ptr + tile_offsets(rows, cols, HW, W, sx_n, sx_c, sx_h, sx_w),
                     mask=mask, other=0.0).to(ACC_DTYPE)
         tile_count = tl.maximum(tl.minimum(M - r0, BLOCK_M), 0).to(ACC_DTYPE)
         tile_mean = tl.sum(x, axis=0) / tl.maximum(tile_count, 1.0)
@@ -104,109 +92,10 @@ def _stats_finalize_kernel(
     (the last split shorter) -> mean[c] and biased var[c] over all M rows."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    count = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
-    mean = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
-    m2 = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
-    for s0 in range(0, SPLITS, BLOCK_S):
-        splits = s0 + tl.arange(0, BLOCK_S)
-        split_mask = splits < SPLITS
-        split_count = tl.where(split_mask, tl.minimum(M - splits * ROWS_PER_SPLIT, ROWS_PER_SPLIT), 0)
-        split_count = split_count.to(ACC_DTYPE)
-        mask = split_mask[:, None] & col_mask[None, :]
-        offsets = splits.to(tl.int64)[:, None] * C + cols[None, :]
-        split_mean = tl.load(pmean_ptr + offsets, mask=mask, other=0.0)
-        split_m2 = tl.load(pm2_ptr + offsets, mask=mask, other=0.0)
-        chunk_count = tl.sum(split_count, axis=0)
-        chunk_mean = tl.sum(split_count[:, None] * split_mean, axis=0) / chunk_count
-        count, mean, m2 = _bn.chan_merge(count, mean, m2, split_count, split_mean, split_m2, chunk_count, chunk_mean,
-                                         mask)
+    mean, var = _bn.merge_partials(pmean_ptr, pm2_ptr, M, C, SPLITS, ROWS_PER_SPLIT, cols, col_mask, False,
+                                   ACC_DTYPE, BLOCK_S, BLOCK_C)
     tl.store(mean_ptr + cols, mean, mask=col_mask)
-    tl.store(var_ptr + cols, m2 / count, mask=col_mask)
-
-
-@kernel
-def _conv_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, out_ptr,
-    M, H, W, H_OUT, W_OUT, CIN_G, COUT_G, C_OUT, KH, KW,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    sx_n, sx_c, sx_h, sx_w,
-    so_n, so_c, so_h, so_w,
-    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, DIRECT: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """out = conv2d(act(x * scale + shift), w) + bias. x [N, C_in, H, W] and out
-    [N, C_out, H_out, W_out] with any strides (channels-last reads coalesce), w
-    [C_out, KH, KW, C_in/groups] contiguous, scale/shift [C_in] in the accumulation dtype.
-    The padding is zero AFTER the activation, as in conv2d of the activated input."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    group = tl.program_id(2)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < M
-    n = rows // (H_OUT * W_OUT)
-    hw = rows % (H_OUT * W_OUT)
-    oh = hw // W_OUT
-    ow = hw % W_OUT
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if DIRECT:
-        co = cols
-        col_mask = co < C_OUT
-    else:
-        co = group * COUT_G + cols
-        col_mask = cols < COUT_G
-    n64 = n.to(tl.int64)
-    x_rows = x_ptr + n64 * sx_n
-    k_taps = KH * KW
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    if DIRECT:
-        w_cols = w_ptr + co.to(tl.int64) * (k_taps * CIN_G)
-        cin0 = (co // COUT_G) * CIN_G
-        for tap in range(0, k_taps):
-            ih = oh * stride_h - pad_h + (tap // KW) * dil_h
-            iw = ow * stride_w - pad_w + (tap % KW) * dil_w
-            in_mask = row_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            x_tap = x_rows + (ih * sx_h + iw * sx_w)
-            tap_mask = in_mask[:, None] & col_mask[None, :]
-            for ci in range(0, CIN_G):
-                cin = cin0 + ci
-                x = tl.load(x_tap[:, None] + (cin * sx_c)[None, :], mask=tap_mask, other=0.0)
-                scale = tl.load(scale_ptr + cin, mask=col_mask, other=0.0)
-                shift = tl.load(shift_ptr + cin, mask=col_mask, other=0.0)
-                a = x.to(ACC_DTYPE) * scale[None, :] + shift[None, :]
-                if RELU:
-                    a = tl.maximum(a, 0.0)
-                a = tl.where(tap_mask, a, 0.0).to(x_ptr.dtype.element_ty).to(ACC_DTYPE)
-                b = tl.load(w_cols + (tap * CIN_G + ci), mask=col_mask, other=0.0)
-                acc += a * b.to(ACC_DTYPE)[None, :]
-    else:
-        c_blocks = tl.cdiv(CIN_G, BLOCK_K)
-        w_cols = w_ptr + co.to(tl.int64) * (k_taps * CIN_G)
-        for step in range(0, k_taps * c_blocks):
-            tap = step // c_blocks
-            ks = (step % c_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
-            k_mask = ks < CIN_G
-            cin = group * CIN_G + ks
-            ih = oh * stride_h - pad_h + (tap // KW) * dil_h
-            iw = ow * stride_w - pad_w + (tap % KW) * dil_w
-            in_mask = row_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            mask = in_mask[:, None] & k_mask[None, :]
-            x = tl.load(x_rows[:, None] + (ih * sx_h + iw * sx_w)[:, None] + (cin * sx_c)[None, :],
-                        mask=mask, other=0.0)
-            scale = tl.load(scale_ptr + cin, mask=k_mask, other=0.0)
-            shift = tl.load(shift_ptr + cin, mask=k_mask, other=0.0)
-            a = x.to(ACC_DTYPE) * scale[None, :] + shift[None, :]
-            if RELU:
-                a = tl.maximum(a, 0.0)
-            a = tl.where(mask, a, 0.0).to(x_ptr.dtype.element_ty)
-            b = tl.load(w_cols[None, :] + (tap * CIN_G + ks)[:, None],
-                        mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + co, mask=col_mask, other=0.0).to(ACC_DTYPE)[None, :]
-    out_offsets = (n64 * so_n + oh * so_h + ow * so_w)[:, None] + co[None, :] * so_c
-    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & col_mask[None, :])
+    tl.store(var_ptr + cols, var, mask=col_mask)
 
 
 @kernel
@@ -218,73 +107,13 @@ def _bn_act_kernel(
     RELU: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """z = act(x * scale + shift) over [N, C, H, W] tensors of any strides."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < C
-    mask = (rows < M)[:, None] & col_mask[None, :]
-    x = tl.load(x_ptr + _bn.tile_offsets(rows, cols, HW, W, sx_n, sx_c, sx_h, sx_w), mask=mask, other=0.0)
+    rows, cols, col_mask, mask = program_tile(M, C, BLOCK_M, BLOCK_C)
+    x = tl.load(x_ptr + tile_offsets(rows, cols, HW, W, sx_n, sx_c, sx_h, sx_w), mask=mask, other=0.0)
     scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)
     shift = tl.load(shift_ptr + cols, mask=col_mask, other=0.0)
-    a = x.to(ACC_DTYPE) * scale[None, :] + shift[None, :]
-    if RELU:
-        a = tl.maximum(a, 0.0)
-    tl.store(z_ptr + _bn.tile_offsets(rows, cols, HW, W, sz_n, sz_c, sz_h, sz_w),
+    a = _bn.bn_act(x, scale, shift, RELU, ACC_DTYPE)
+    tl.store(z_ptr + tile_offsets(rows, cols, HW, W, sz_n, sz_c, sz_h, sz_w),
              a.to(z_ptr.dtype.element_ty), mask=mask)
-
-
-@kernel
-def _bn_bwd_reduce_kernel(
-    grad_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, pg_ptr, pgx_ptr,
-    M, C, HW, W, ROWS_PER_SPLIT,
-    sg_n, sg_c, sg_h, sg_w,
-    sx_n, sx_c, sx_h, sx_w,
-    HAS_X: tl.constexpr, RELU: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """For rows [split*ROWS_PER_SPLIT, ...): pg[split, c] = sum g, pgx[split, c] =
-    sum g*(x - mean) (when HAS_X), with g = grad_z, zeroed where x*scale + shift <= 0
-    for relu."""
-    split = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < C
-    scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)
-    shift = tl.load(shift_ptr + cols, mask=col_mask, other=0.0)
-    mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0)
-    sum_g = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC_DTYPE)
-    sum_gx = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC_DTYPE)
-    start = split * ROWS_PER_SPLIT
-    for r0 in range(start, start + ROWS_PER_SPLIT, BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M)
-        mask = (rows < M)[:, None] & col_mask[None, :]
-        g = tl.load(grad_ptr + _bn.tile_offsets(rows, cols, HW, W, sg_n, sg_c, sg_h, sg_w),
-                    mask=mask, other=0.0).to(ACC_DTYPE)
-        x = tl.load(x_ptr + _bn.tile_offsets(rows, cols, HW, W, sx_n, sx_c, sx_h, sx_w),
-                    mask=mask, other=0.0).to(ACC_DTYPE)
-        if RELU:
-            g = tl.where(x * scale[None, :] + shift[None, :] > 0, g, 0.0)
-        sum_g += g
-        if HAS_X:
-            sum_gx += tl.where(mask, g * (x - mean[None, :]), 0.0)
-    offsets = split.to(tl.int64) * C + cols
-    tl.store(pg_ptr + offsets, tl.sum(sum_g, axis=0), mask=col_mask)
-    if HAS_X:
-        tl.store(pgx_ptr + offsets, tl.sum(sum_gx, axis=0), mask=col_mask)
-
-
-@kernel
-def _bn_bwd_finalize_kernel(
-    pg_ptr, pgx_ptr, invstd_ptr, grad_beta_ptr, grad_gamma_ptr,
-    C, SPLITS,
-    HAS_X: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """grad_beta[c] = sum_s pg[s, c]; grad_gamma[c] = invstd[c] * sum_s pgx[s, c]."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < C
-    sum_g, sum_gx = _bn.split_sums(pg_ptr, pgx_ptr, C, SPLITS, cols, col_mask, HAS_X, ACC_DTYPE, BLOCK_S, BLOCK_C)
-    tl.store(grad_beta_ptr + cols, sum_g, mask=col_mask)
-    if HAS_X:
-        invstd = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0)
-        tl.store(grad_gamma_ptr + cols, sum_gx * invstd, mask=col_mask)
 
 
 @kernel
@@ -298,25 +127,19 @@ def _bn_bwd_elementwise_kernel(
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """grad_x = g*g_scale - (x - mean)*x_scale + g_shift (the x term when HAS_X), with g
-    as in _bn_bwd_reduce_kernel."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < C
-    mask = (rows < M)[:, None] & col_mask[None, :]
-    g = tl.load(grad_ptr + _bn.tile_offsets(rows, cols, HW, W, sg_n, sg_c, sg_h, sg_w),
-                mask=mask, other=0.0).to(ACC_DTYPE)
-    x = tl.load(x_ptr + _bn.tile_offsets(rows, cols, HW, W, sx_n, sx_c, sx_h, sx_w),
-                mask=mask, other=0.0).to(ACC_DTYPE)
-    if RELU:
-        scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)
-        shift = tl.load(shift_ptr + cols, mask=col_mask, other=0.0)
-        g = tl.where(x * scale[None, :] + shift[None, :] > 0, g, 0.0)
+    as in _bn.bwd_reduce_kernel."""
+    rows, cols, col_mask, mask = program_tile(M, C, BLOCK_M, BLOCK_C)
+    scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)
+    shift = tl.load(shift_ptr + cols, mask=col_mask, other=0.0)
+    g, x = _bn.grad_before_bn_act(grad_ptr, tile_offsets(rows, cols, HW, W, sg_n, sg_c, sg_h, sg_w), x_ptr,
+                                  tile_offsets(rows, cols, HW, W, sx_n, sx_c, sx_h, sx_w), scale, shift, mask,
+                                  RELU, ACC_DTYPE)
     dx = g * tl.load(g_scale_ptr + cols, mask=col_mask, other=0.0)[None, :]
     dx += tl.load(g_shift_ptr + cols, mask=col_mask, other=0.0)[None, :]
     if HAS_X:
         mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0)
         dx -= (x - mean[None, :]) * tl.load(x_scale_ptr + cols, mask=col_mask, other=0.0)[None, :]
-    tl.store(dx_ptr + _bn.tile_offsets(rows, cols, HW, W, sd_n, sd_c, sd_h, sd_w),
+    tl.store(dx_ptr + tile_offsets(rows, cols, HW, W, sd_n, sd_c, sd_h, sd_w),
              dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -350,7 +173,7 @@ def unsupported_reasons(x, weight, bias, bn_weight, bn_bias, running_mean, runni
     CUDA tensors run compiled; CPU tensors run through Triton's interpreter (slow, for
     tests). float64 runs only in the interpreter."""
     if triton is None:
-        return [f"triton is not installed ({_IMPORT_ERROR})"]
+        return _support.missing_triton()
     return _support.tensor_reasons(x, activation) + _support.conv_reasons(x, weight, stride, padding, dilation)
 
 
@@ -369,7 +192,7 @@ def _batch_stats(x):
     mean = torch.empty(c, dtype=sdtype, device=x.device)
     var = torch.empty_like(mean)
     _stats_finalize_kernel[(triton.cdiv(c, _bn.BLOCK_C),)](
-        pmean, pm2, mean, var, m, c, splits, rows_per_split, ACC_DTYPE=acc, BLOCK_S=16, BLOCK_C=_bn.BLOCK_C)
+        pmean, pm2, mean, var, m, c, splits, rows_per_split, ACC_DTYPE=acc, BLOCK_S=_bn.BLOCK_S, BLOCK_C=_bn.BLOCK_C)
     return mean, var
 
 
@@ -388,28 +211,13 @@ def _scale_shift(x, bn_weight, bn_bias, mean, var, eps):
 
 
 def _conv(x, weight, bias, scale, shift, out, stride, padding, dilation, groups, activation):
-    """Launches _conv_fwd_kernel: out ([N, C_out, H_out, W_out], any strides) =
-    conv2d(act(x * scale + shift), weight) + bias."""
-    c_out, cin_g, kh, kw = weight.shape
-    cout_g = c_out // groups
-    w = weight.permute(0, 2, 3, 1).contiguous()
-    n, _, h_out, w_out = out.shape
-    m = n * h_out * w_out
+    """out ([N, C_out, H_out, W_out], any strides) = conv2d(act(x * scale + shift), weight) + bias,
+    by the general implicit-GEMM kernel with its BN + activation prologue (_implicit_gemm.py)."""
+    c_out, cin_g = weight.shape[0], weight.shape[1]
     aligned = _support.channels_last_aligned(x) and _support.channels_last_aligned(out)
-    cfg = _conv_config(x.dtype, cin_g, cout_g, c_out, _dot_precision(x.device), aligned)
-    num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    tiles = triton.cdiv(m, cfg["BLOCK_M"])
-    if cfg["DIRECT"]:
-        grid = (tiles, triton.cdiv(c_out, cfg["BLOCK_N"]), 1)
-    else:
-        grid = (tiles, triton.cdiv(cout_g, cfg["BLOCK_N"]), groups)
-    _conv_fwd_kernel[grid](
-        x, w, bias if bias is not None else scale, scale, shift, out,
-        m, x.shape[2], x.shape[3], h_out, w_out, cin_g, cout_g, c_out, kh, kw,
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        *x.stride(), *out.stride(),
-        HAS_BIAS=bias is not None, RELU=activation == "relu", ACC_DTYPE=_acc_dtype(x.dtype), **cfg,
-        num_warps=num_warps, num_stages=num_stages)
+    cfg = _conv_config(x.dtype, cin_g, c_out // groups, c_out, _dot_precision(x.device), aligned)
+    _implicit_gemm.launch(x, weight, bias, scale, shift, None, out, None, None, stride, padding, dilation, groups,
+                          cfg, _acc_dtype(x.dtype), prologue=True, training=False, activation=activation)
 
 
 def into(out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
@@ -480,15 +288,15 @@ def backward(grad_out, x, weight, bias, bn_weight, bn_bias, save_mean, save_var,
         splits, rows_per_split = _bn.splits(m)
         pg = torch.empty((splits, c), dtype=sdtype, device=x.device)
         pgx = torch.empty_like(pg) if want_x else pg
-        _bn_bwd_reduce_kernel[(splits, triton.cdiv(c, _bn.BLOCK_C))](
-            grad_z, x, scale, shift, mean, pg, pgx, m, c, h * w, w, rows_per_split,
-            *grad_z.stride(), *x.stride(),
-            HAS_X=want_x, RELU=relu, ACC_DTYPE=acc, BLOCK_M=_bn.BLOCK_M, BLOCK_C=_bn.BLOCK_C)
+        _bn.bwd_reduce_kernel[(splits, triton.cdiv(c, _bn.BLOCK_C))](
+            grad_z, x, x, scale, shift, mean, pg, pgx, m, c, h * w, w, rows_per_split,
+            *grad_z.stride(), *x.stride(), *x.stride(),
+            HAS_V=want_x, ACT_INPUT=True, RELU=relu, ACC_DTYPE=acc, BLOCK_M=_bn.BLOCK_M, BLOCK_C=_bn.BLOCK_C)
         grad_beta = torch.empty(c, dtype=sdtype, device=x.device)
         grad_gamma = torch.empty_like(grad_beta) if want_x else None
-        _bn_bwd_finalize_kernel[(triton.cdiv(c, _bn.BLOCK_C),)](
-            pg, pgx, invstd, grad_beta, grad_gamma if want_x else grad_beta, c, splits,
-            HAS_X=want_x, ACC_DTYPE=acc, BLOCK_S=16, BLOCK_C=_bn.BLOCK_C)
+        _bn.bwd_finalize_kernel[(triton.cdiv(c, _bn.BLOCK_C),)](
+            pg, pgx, invstd, grad_beta, grad_gamma if want_x else grad_beta, c, splits, eps,
+            HAS_V=want_x, INVSTD=True, ACC_DTYPE=acc, BLOCK_S=_bn.BLOCK_S, BLOCK_C=_bn.BLOCK_C)
 
     grad_x = empty_x
     if output_mask[0]:

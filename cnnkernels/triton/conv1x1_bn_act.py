@@ -16,18 +16,8 @@ from __future__ import annotations
 import torch
 
 from cnnkernels.triton import _support
-
-try:
-    import triton
-    import triton.language as tl
-
-    from cnnkernels.triton._conv_epilogue import conv_bn_act_epilogue
-    from cnnkernels.triton._launch import kernel
-except ImportError:  # conv_bn_act.unsupported_reasons() reports it; nothing here can launch
-    triton = tl = None
-
-    def kernel(fn):
-        return fn
+from cnnkernels.triton._conv_epilogue import conv_bn_act_epilogue
+from cnnkernels.triton._support import kernel, tl, triton
 
 NAME = "triton conv1x1 GEMM + fused BN/residual/act epilogue"
 RULE = "1x1 kernel, stride 1 or 2, padding 0, groups 1"

@@ -8,35 +8,28 @@ python -m cnnkernels.info):
                          pixels (ResNet / ResNeXt / GoogLeNet reduce and expand convs);
   grouped_conv_bn_act.py ResNeXt grouped 3x3 (4..32 channels per group): several groups
                          per tile through block-diagonal weight tiles;
-  _conv_fwd_kernel here  everything else (general implicit GEMM, or direct multiply-adds
-                         for depthwise and other <= 4 channels-per-group convolutions).
-All three share the fused epilogue of _conv_epilogue.py and write the same outputs
-(training: conv_out and per row tile partial statistics), so the statistics merge and
-normalisation passes and the backward below are common to them.
+  _implicit_gemm.py      everything else: the general implicit GEMM, shared with
+                         bn_act_conv (or direct multiply-adds for depthwise and other
+                         <= 4 channels-per-group convolutions).
+All three share the fused epilogue of _conv_epilogue.py (eval: act(acc*scale + shift +
+residual) -> out; training: y = acc + bias -> conv_out, and per (row tile, channel)
+sum/M2 partial statistics), so the statistics merge and normalisation passes and the
+backward below are common to them.
 
 Kernels (each launched compiled on CUDA tensors, through Triton's interpreter on CPU
-tensors, see cnnkernels/triton/_launch.py):
-  _conv_fwd_kernel       rows = output pixels (N*H_out*W_out), columns = output channels
-                         of one group (grid axis 2 = group), reduction over
-                         (kh, kw, C_in/groups) with tl.dot; when C_in/groups <= 4
-                         (depthwise, narrow groups) "direct" instead: columns span all
-                         output channels, each reading its own group's few inputs,
-                         with multiply-adds (tensor-core tiles would be mostly padding).
-                         Eval epilogue: act(acc*scale + shift + residual) -> out.
-                         Training epilogue: y = acc + bias -> conv_out, and per
-                         (row tile, channel) count/sum/M2 partial statistics.
+tensors, see cnnkernels/triton/_launch.py), besides the forward convolution:
   _bn_stats_kernel       Chan's parallel combination of the partials -> mean, biased var,
                          and the per-channel scale/shift of the normalisation.
   _bn_act_fwd_kernel     out = act(y*scale + shift + residual) (training).
-  _bn_bwd_reduce_kernel  per (row split, channel) partial sums of g and g*(y - mean),
+  _bn.bwd_reduce_kernel  per (row split, channel) partial sums of g and g*(y - mean),
                          g = grad_out masked by out > 0 for relu.
-  _bn_bwd_finalize_kernel  sums the partials -> grad_bn_bias, grad_bn_weight.
+  _bn.bwd_finalize_kernel  sums the partials -> grad_bn_bias, grad_bn_weight.
   _bn_bwd_elementwise_kernel  grad_y (input of the convolution's backward) and
                          grad_residual in one pass.
 The convolution's own backward (grad_x, grad_weight, grad_bias) is
 torch.ops.aten.convolution_backward (cuDNN on GPU).
-The BN pieces shared with bn_act_conv (tile addressing, Chan's merge, the backward
-finalize sum, reduction tiles and splits) are in _bn.py; the support checks in _support.py.
+The kernels and pieces shared with bn_act_conv are in _bn.py (BN statistics and
+backward reductions), _implicit_gemm.py and _tile.py; the support checks in _support.py.
 
 Accumulation is float32 (float64 for float64 input, which only the interpreter runs).
 float32 tl.dot runs with input_precision FP32_DOT_PRECISION on GPU ("ieee" by default,
@@ -48,100 +41,16 @@ from __future__ import annotations
 import torch
 
 from cnnkernels import reference
-from cnnkernels.triton import _conv_tiles, _support
+from cnnkernels.triton import _bn, _conv_tiles, _implicit_gemm, _support
 from cnnkernels.triton import conv1x1_bn_act, grouped_conv_bn_act
-
-try:
-    import triton
-    import triton.language as tl
-
-    from cnnkernels.triton import _bn
-    from cnnkernels.triton._conv_epilogue import conv_bn_act_epilogue
-    from cnnkernels.triton._launch import kernel
-except ImportError as _error:  # unsupported_reasons() reports it; nothing here can launch
-    triton = tl = None
-    _IMPORT_ERROR = str(_error)
-
-    def kernel(fn):
-        return fn
+from cnnkernels.triton._support import kernel, tl, triton
+from cnnkernels.triton._tile import grad_before_act, program_tile, residual_act_store, tile_offsets
 
 FP32_DOT_PRECISION = "ieee"
-_STATS_BLOCK_T = 64  # partial-statistics rows combined at once
+_STATS_BLOCK_T = 64  # partial statistics of row tiles combined at once
 
 
 # --- kernels --------------------------------------------------------------------------
-
-@kernel
-def _conv_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, psum_ptr, pm2_ptr,
-    M, H, W, H_OUT, W_OUT, CIN_G, COUT_G, C_OUT, KH, KW,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    sx_n, sx_c, sx_h, sx_w,
-    sr_n, sr_c, sr_h, sr_w,
-    so_n, so_c, so_h, so_w,
-    TRAINING: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    DIRECT: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """x [N, C_in, H, W] (any strides; channels-last reads coalesce), w [C_out, KH, KW,
-    C_in/groups] contiguous. Training: out_ptr gets y = conv + bias, psum/pm2
-    [cdiv(M, BLOCK_M), C_out] the per-tile sum and sum of squared deviations from the
-    tile mean. Eval: out_ptr gets act(conv*scale + shift + residual)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    group = tl.program_id(2)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < M
-    n = rows // (H_OUT * W_OUT)
-    hw = rows % (H_OUT * W_OUT)
-    oh = hw // W_OUT
-    ow = hw % W_OUT
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if DIRECT:
-        co = cols
-        col_mask = co < C_OUT
-    else:
-        co = group * COUT_G + cols
-        col_mask = cols < COUT_G
-    n64 = n.to(tl.int64)
-    x_rows = x_ptr + n64 * sx_n
-    out_rows = n64 * so_n + oh * so_h + ow * so_w
-    k_taps = KH * KW
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    if DIRECT:
-        w_cols = w_ptr + co.to(tl.int64) * (k_taps * CIN_G)
-        x_cols = ((co // COUT_G) * CIN_G) * sx_c
-        for tap in range(0, k_taps):
-            ih = oh * stride_h - pad_h + (tap // KW) * dil_h
-            iw = ow * stride_w - pad_w + (tap % KW) * dil_w
-            in_mask = row_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            x_tap = x_rows + (ih * sx_h + iw * sx_w)
-            tap_mask = in_mask[:, None] & col_mask[None, :]
-            for ci in range(0, CIN_G):
-                a = tl.load(x_tap[:, None] + (x_cols + ci * sx_c)[None, :], mask=tap_mask, other=0.0)
-                b = tl.load(w_cols + (tap * CIN_G + ci), mask=col_mask, other=0.0)
-                acc += a.to(ACC_DTYPE) * b.to(ACC_DTYPE)[None, :]
-    else:
-        c_blocks = tl.cdiv(CIN_G, BLOCK_K)
-        w_cols = w_ptr + co.to(tl.int64) * (k_taps * CIN_G)
-        for step in range(0, k_taps * c_blocks):
-            tap = step // c_blocks
-            ks = (step % c_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
-            k_mask = ks < CIN_G
-            ih = oh * stride_h - pad_h + (tap // KW) * dil_h
-            iw = ow * stride_w - pad_w + (tap % KW) * dil_w
-            in_mask = row_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = tl.load(x_rows[:, None] + (ih * sx_h + iw * sx_w)[:, None] + (group * CIN_G + ks)[None, :] * sx_c,
-                        mask=in_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(w_cols[None, :] + (tap * CIN_G + ks)[:, None],
-                        mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-
-    conv_bn_act_epilogue(
-        acc, pid_m, co, row_mask, col_mask, out_rows, so_c, n64 * sr_n + oh * sr_h + ow * sr_w, sr_c,
-        M, C_OUT, bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, psum_ptr, pm2_ptr,
-        TRAINING, HAS_BIAS, HAS_RESIDUAL, RELU, ACC_DTYPE, BLOCK_M)
-
 
 @kernel
 def _bn_stats_kernel(
@@ -154,23 +63,8 @@ def _bn_stats_kernel(
     shorter) into mean, biased var, scale = gamma/sqrt(var+eps), shift = beta - mean*scale."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    count = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
-    mean = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
-    m2 = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
-    for t0 in range(0, TILES, BLOCK_T):
-        tiles = t0 + tl.arange(0, BLOCK_T)
-        tile_mask = tiles < TILES
-        tile_count = tl.where(tile_mask, tl.minimum(M - tiles * TILE_M, TILE_M), 0).to(ACC_DTYPE)
-        offsets = tiles.to(tl.int64)[:, None] * C + cols[None, :]
-        mask = tile_mask[:, None] & col_mask[None, :]
-        tile_sum = tl.load(psum_ptr + offsets, mask=mask, other=0.0)
-        tile_m2 = tl.load(pm2_ptr + offsets, mask=mask, other=0.0)
-        chunk_count = tl.sum(tile_count, axis=0)
-        chunk_mean = tl.sum(tile_sum, axis=0) / chunk_count
-        tile_mean = tile_sum / tl.maximum(tile_count, 1.0)[:, None]
-        count, mean, m2 = _bn.chan_merge(count, mean, m2, tile_count, tile_mean, tile_m2, chunk_count, chunk_mean,
-                                         mask)
-    var = m2 / count
+    mean, var = _bn.merge_partials(psum_ptr, pm2_ptr, M, C, TILES, TILE_M, cols, col_mask, True, ACC_DTYPE, BLOCK_T,
+                                   BLOCK_C)
     tl.store(mean_ptr + cols, mean, mask=col_mask)
     tl.store(var_ptr + cols, var, mask=col_mask)
     scale = 1.0 / tl.sqrt(var + eps)
@@ -194,74 +88,14 @@ def _bn_act_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """out = act(y*scale + shift + residual) over [N, C, H, W] tensors of any strides."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_mask = rows < M
-    col_mask = cols < C
-    mask = row_mask[:, None] & col_mask[None, :]
-    y = tl.load(y_ptr + _bn.tile_offsets(rows, cols, HW, W, sy_n, sy_c, sy_h, sy_w), mask=mask, other=0.0)
+    rows, cols, col_mask, mask = program_tile(M, C, BLOCK_M, BLOCK_C)
+    y = tl.load(y_ptr + tile_offsets(rows, cols, HW, W, sy_n, sy_c, sy_h, sy_w), mask=mask, other=0.0)
     scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)
     shift = tl.load(shift_ptr + cols, mask=col_mask, other=0.0)
-    z = y.to(ACC_DTYPE) * scale[None, :] + shift[None, :]
-    if HAS_RESIDUAL:
-        z += tl.load(res_ptr + _bn.tile_offsets(rows, cols, HW, W, sr_n, sr_c, sr_h, sr_w),
-                     mask=mask, other=0.0).to(ACC_DTYPE)
-    if RELU:
-        z = tl.where(z < 0.0, 0.0, z)
-    tl.store(out_ptr + _bn.tile_offsets(rows, cols, HW, W, so_n, so_c, so_h, so_w),
-             z.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@kernel
-def _bn_bwd_reduce_kernel(
-    grad_ptr, out_ptr, y_ptr, mean_ptr, pg_ptr, pgy_ptr,
-    M, C, HW, W, ROWS_PER_SPLIT,
-    sg_n, sg_c, sg_h, sg_w,
-    so_n, so_c, so_h, so_w,
-    sy_n, sy_c, sy_h, sy_w,
-    HAS_Y: tl.constexpr, RELU: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """For rows [split*ROWS_PER_SPLIT, ...) : pg[split, c] = sum g, pgy[split, c] =
-    sum g*(y - mean) (when HAS_Y), with g = grad_out, zeroed where out <= 0 for relu."""
-    split = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < C
-    mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(ACC_DTYPE)
-    sum_g = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC_DTYPE)
-    sum_gy = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC_DTYPE)
-    start = split * ROWS_PER_SPLIT
-    for r0 in range(start, start + ROWS_PER_SPLIT, BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M)
-        row_mask = rows < M
-        mask = row_mask[:, None] & col_mask[None, :]
-        g = _bn.grad_before_act(grad_ptr, _bn.tile_offsets(rows, cols, HW, W, sg_n, sg_c, sg_h, sg_w), out_ptr,
-                                _bn.tile_offsets(rows, cols, HW, W, so_n, so_c, so_h, so_w), mask, RELU, ACC_DTYPE)
-        sum_g += g
-        if HAS_Y:
-            y = tl.load(y_ptr + _bn.tile_offsets(rows, cols, HW, W, sy_n, sy_c, sy_h, sy_w),
-                        mask=mask, other=0.0).to(ACC_DTYPE)
-            sum_gy += tl.where(mask, g * (y - mean[None, :]), 0.0)
-    offsets = split.to(tl.int64) * C + cols
-    tl.store(pg_ptr + offsets, tl.sum(sum_g, axis=0), mask=col_mask)
-    if HAS_Y:
-        tl.store(pgy_ptr + offsets, tl.sum(sum_gy, axis=0), mask=col_mask)
-
-
-@kernel
-def _bn_bwd_finalize_kernel(
-    pg_ptr, pgy_ptr, var_ptr, grad_beta_ptr, grad_gamma_ptr,
-    C, SPLITS, eps,
-    HAS_Y: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """grad_beta[c] = sum_s pg[s, c]; grad_gamma[c] = sum_s pgy[s, c] / sqrt(var[c] + eps)."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < C
-    sum_g, sum_gy = _bn.split_sums(pg_ptr, pgy_ptr, C, SPLITS, cols, col_mask, HAS_Y, ACC_DTYPE, BLOCK_S, BLOCK_C)
-    tl.store(grad_beta_ptr + cols, sum_g, mask=col_mask)
-    if HAS_Y:
-        var = tl.load(var_ptr + cols, mask=col_mask, other=1.0).to(ACC_DTYPE)
-        tl.store(grad_gamma_ptr + cols, sum_gy / tl.sqrt(var + eps), mask=col_mask)
+    residual_act_store(y.to(ACC_DTYPE) * scale[None, :] + shift[None, :],
+                       res_ptr, tile_offsets(rows, cols, HW, W, sr_n, sr_c, sr_h, sr_w),
+                       out_ptr, tile_offsets(rows, cols, HW, W, so_n, so_c, so_h, so_w), mask,
+                       HAS_RESIDUAL, RELU, ACC_DTYPE)
 
 
 @kernel
@@ -281,15 +115,11 @@ def _bn_bwd_elementwise_kernel(
     """g = grad_out (masked by out > 0 for relu); grad_residual = g;
     grad_y = gamma*invstd * (g - sum_g/M - xhat*sum_gxhat/M) in training, else
     gamma*invstd*g, with xhat = (y - mean)*invstd."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_mask = rows < M
-    col_mask = cols < C
-    mask = row_mask[:, None] & col_mask[None, :]
-    g = _bn.grad_before_act(grad_ptr, _bn.tile_offsets(rows, cols, HW, W, sg_n, sg_c, sg_h, sg_w), out_ptr,
-                            _bn.tile_offsets(rows, cols, HW, W, so_n, so_c, so_h, so_w), mask, RELU, ACC_DTYPE)
+    rows, cols, col_mask, mask = program_tile(M, C, BLOCK_M, BLOCK_C)
+    g = grad_before_act(grad_ptr, tile_offsets(rows, cols, HW, W, sg_n, sg_c, sg_h, sg_w), out_ptr,
+                            tile_offsets(rows, cols, HW, W, so_n, so_c, so_h, so_w), mask, RELU, ACC_DTYPE)
     if WRITE_GRES:
-        tl.store(gres_ptr + _bn.tile_offsets(rows, cols, HW, W, se_n, se_c, se_h, se_w),
+        tl.store(gres_ptr + tile_offsets(rows, cols, HW, W, se_n, se_c, se_h, se_w),
                  g.to(gres_ptr.dtype.element_ty), mask=mask)
     if WRITE_DY:
         invstd = 1.0 / tl.sqrt(tl.load(var_ptr + cols, mask=col_mask, other=1.0).to(ACC_DTYPE) + eps)
@@ -300,11 +130,11 @@ def _bn_bwd_elementwise_kernel(
             mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(ACC_DTYPE)
             mean_g = tl.load(sum_g_ptr + cols, mask=col_mask, other=0.0).to(ACC_DTYPE) / M
             mean_gxhat = tl.load(sum_gxhat_ptr + cols, mask=col_mask, other=0.0).to(ACC_DTYPE) / M
-            y = tl.load(y_ptr + _bn.tile_offsets(rows, cols, HW, W, sy_n, sy_c, sy_h, sy_w),
+            y = tl.load(y_ptr + tile_offsets(rows, cols, HW, W, sy_n, sy_c, sy_h, sy_w),
                         mask=mask, other=0.0).to(ACC_DTYPE)
             xhat = (y - mean[None, :]) * invstd[None, :]
             g = g - mean_g[None, :] - xhat * mean_gxhat[None, :]
-        tl.store(dy_ptr + _bn.tile_offsets(rows, cols, HW, W, sd_n, sd_c, sd_h, sd_w),
+        tl.store(dy_ptr + tile_offsets(rows, cols, HW, W, sd_n, sd_c, sd_h, sd_w),
                  (g * k[None, :]).to(dy_ptr.dtype.element_ty), mask=mask)
 
 
@@ -320,10 +150,6 @@ def _dot_precision(device: torch.device) -> str:
 _conv_config = _conv_tiles.conv_bn_act_config  # the tile table (cnnkernels/triton/_conv_tiles.py)
 
 
-def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
-    return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
-
-
 def unsupported_reasons(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding,
                         dilation, groups, training, eps, residual, activation) -> list[str]:
     """Why the Triton backend cannot run these conv_bn_act arguments ([] when it can).
@@ -331,7 +157,7 @@ def unsupported_reasons(x, weight, bias, bn_weight, bn_bias, running_mean, runni
     CUDA tensors run compiled; CPU tensors run through Triton's interpreter (slow, for
     tests). float64 runs only in the interpreter."""
     if triton is None:
-        return [f"triton is not installed ({_IMPORT_ERROR})"]
+        return _support.missing_triton()
     return _support.tensor_reasons(x, activation) + _support.conv_reasons(x, weight, stride, padding, dilation)
 
 
@@ -492,33 +318,14 @@ def _partial_stats(out: torch.Tensor, tile_m: int) -> tuple[torch.Tensor, torch.
 
 def _conv_general(x, weight, bias, scale, shift, residual, out, stride, padding, dilation, groups, training,
                   activation):
-    """Launches _conv_fwd_kernel (arguments and result as _conv)."""
+    """Launches the general implicit-GEMM kernel (_implicit_gemm.py; arguments and result as _conv)."""
     x = x.contiguous(memory_format=torch.channels_last)
-    c_out, cin_g, kh, kw = weight.shape
-    cout_g = c_out // groups
-    w = weight.permute(0, 2, 3, 1).contiguous()
-    n, _, h_out, w_out = out.shape
-    m = n * h_out * w_out
+    c_out, cin_g = weight.shape[0], weight.shape[1]
     aligned = _aligned(x) and _aligned(out) and (residual is None or _aligned(residual))
-    cfg = _conv_config(x.dtype, cin_g, cout_g, c_out, _dot_precision(x.device), aligned)
-    num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    tiles = triton.cdiv(m, cfg["BLOCK_M"])
-    if cfg["DIRECT"]:
-        grid = (tiles, triton.cdiv(c_out, cfg["BLOCK_N"]), 1)
-    else:
-        grid = (tiles, triton.cdiv(cout_g, cfg["BLOCK_N"]), groups)
+    cfg = _conv_config(x.dtype, cin_g, c_out // groups, c_out, _dot_precision(x.device), aligned)
     psum, pm2 = _partial_stats(out, cfg["BLOCK_M"]) if training else (None, None)
-    dummy = out
-    _conv_fwd_kernel[grid](
-        x, w, bias if bias is not None else dummy, scale if scale is not None else dummy,
-        shift if shift is not None else dummy, residual if residual is not None else dummy, out,
-        psum if psum is not None else dummy, pm2 if pm2 is not None else dummy,
-        m, x.shape[2], x.shape[3], h_out, w_out, cin_g, cout_g, c_out, kh, kw,
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        *x.stride(), *_strides4(residual), *out.stride(),
-        TRAINING=training, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        RELU=activation == "relu", ACC_DTYPE=_acc_dtype(x.dtype), **cfg,
-        num_warps=num_warps, num_stages=num_stages)
+    _implicit_gemm.launch(x, weight, bias, scale, shift, residual, out, psum, pm2, stride, padding, dilation, groups,
+                          cfg, _acc_dtype(x.dtype), prologue=False, training=training, activation=activation)
     return psum, pm2, cfg["BLOCK_M"]
 
 
@@ -554,13 +361,13 @@ def backward(grad_out, out, x, weight, bias, conv_out, bn_weight, save_mean, sav
         splits, rows_per_split = _bn.splits(m)
         pg = torch.empty((splits, c_out), dtype=sdtype, device=x.device)
         pgy = torch.empty_like(pg)
-        _bn_bwd_reduce_kernel[(splits, triton.cdiv(c_out, _bn.BLOCK_C))](
-            grad_out, out, y_arg, save_mean, pg, pgy, m, c_out, h_out * w_out, w_out, rows_per_split,
-            *grad_out.stride(), *out.stride(), *y_arg.stride(),
-            HAS_Y=need_y, RELU=relu, ACC_DTYPE=acc, BLOCK_M=_bn.BLOCK_M, BLOCK_C=_bn.BLOCK_C)
-        _bn_bwd_finalize_kernel[(triton.cdiv(c_out, _bn.BLOCK_C),)](
+        _bn.bwd_reduce_kernel[(splits, triton.cdiv(c_out, _bn.BLOCK_C))](
+            grad_out, out, y_arg, save_mean, save_mean, save_mean, pg, pgy, m, c_out, h_out * w_out, w_out,
+            rows_per_split, *grad_out.stride(), *out.stride(), *y_arg.stride(),
+            HAS_V=need_y, ACT_INPUT=False, RELU=relu, ACC_DTYPE=acc, BLOCK_M=_bn.BLOCK_M, BLOCK_C=_bn.BLOCK_C)
+        _bn.bwd_finalize_kernel[(triton.cdiv(c_out, _bn.BLOCK_C),)](
             pg, pgy, save_var, grad_beta, grad_gamma, c_out, splits, eps,
-            HAS_Y=need_y, ACC_DTYPE=acc, BLOCK_S=16, BLOCK_C=_bn.BLOCK_C)
+            HAS_V=need_y, INVSTD=False, ACC_DTYPE=acc, BLOCK_S=_bn.BLOCK_S, BLOCK_C=_bn.BLOCK_C)
 
     dy = torch.empty((n, c_out, h_out, w_out), dtype=x.dtype, device=x.device, memory_format=fmt) if want_conv else None
     grad_res = torch.empty((n, c_out, h_out, w_out), dtype=x.dtype, device=x.device,

@@ -26,18 +26,8 @@ from __future__ import annotations
 import torch
 
 from cnnkernels.triton import _support
-
-try:
-    import triton
-    import triton.language as tl
-
-    from cnnkernels.triton._conv_epilogue import conv_bn_act_epilogue
-    from cnnkernels.triton._launch import kernel
-except ImportError:  # conv_bn_act.unsupported_reasons() reports it; nothing here can launch
-    triton = tl = None
-
-    def kernel(fn):
-        return fn
+from cnnkernels.triton._conv_epilogue import conv_bn_act_epilogue
+from cnnkernels.triton._support import kernel, tl, triton
 
 NAME = "triton grouped conv"
 RULE = ("3x3 kernel, stride 1 or 2, padding 1, dilation 1, 4 to 32 channels per group (as many in as out), "

@@ -4,14 +4,14 @@ residual / activation pass, and its backward.
 Kernels (each launched compiled on CUDA tensors, through Triton's interpreter on CPU
 tensors, see cnnkernels/triton/_launch.py):
   _se_squeeze_kernel     grid (N, C tiles): squeezed[n, c] = mean over H*W of x.
-  _se_fc1_kernel         grid (N, R tiles): hidden[n, r] = relu(fc1_b[r] + W1[r, :] . squeezed[n, :]).
-  _se_fc2_kernel         grid (N, C tiles): gate[n, c] = sigmoid(fc2_b[c] + W2[c, :] . hidden[n, :]).
+  _se_fc_kernel          grid (N, R tiles): hidden[n, r] = relu(fc1_b[r] + W1[r, :] . squeezed[n, :]);
+                         grid (N, C tiles): gate[n, c] = sigmoid(fc2_b[c] + W2[c, :] . hidden[n, :]).
   _se_scale_kernel       grid (row tiles, C tiles) over the N*H*W rows:
                          out = act(x * gate[n, c] + residual).
   _se_bwd_reduce_kernel  grid (N, C tiles): d_z2[n, c] = (sum_hw g * x) * gate * (1 - gate),
                          g = grad_out masked by out > 0 for relu.
-  _se_bwd_fc2_kernel     grid (N, R tiles): d_z1[n, r] = (d_z2[n, :] . W2[:, r]) * (hidden > 0).
-  _se_bwd_fc1_kernel     grid (N, C tiles): d_sq[n, c] = (d_z1[n, :] . W1[:, c]) / (H*W).
+  _se_fc_backward_kernel grid (N, R tiles): d_z1[n, r] = (d_z2[n, :] . W2[:, r]) * (hidden > 0);
+                         grid (N, C tiles): d_sq[n, c] = (d_z1[n, :] . W1[:, c]) / (H*W).
   _se_wgrad_kernel       grid (I tiles, J tiles): grad_w[i, j] = sum_n a[n, i] * b[n, j] and
                          (first column of tiles) grad_b[i] = sum_n a[n, i].
   _se_bwd_elementwise_kernel  grid (row tiles, C tiles): grad_x = g * gate + d_sq,
@@ -26,18 +26,8 @@ import torch
 
 from cnnkernels import reference
 from cnnkernels.triton import _support
-
-try:
-    import triton
-    import triton.language as tl
-
-    from cnnkernels.triton._launch import kernel
-except ImportError as _error:  # unsupported_reasons() reports it; nothing here can launch
-    triton = tl = None
-    _IMPORT_ERROR = str(_error)
-
-    def kernel(fn):
-        return fn
+from cnnkernels.triton._support import jit, kernel, tl, triton
+from cnnkernels.triton._tile import grad_before_act, program_tile, residual_act_store, tile_offsets
 
 _BLOCK_S = 64  # pixels per step of the per-sample reductions
 _BLOCK_C = 32  # channels per program
@@ -51,6 +41,13 @@ _BWD_ELEMENTWISE_WARPS = 8
 
 
 # --- kernels --------------------------------------------------------------------------
+
+@jit
+def _pixel_offsets(n, pix, cols, W, s_n, s_c, s_h, s_w):
+    """Element offsets [BLOCK_S, BLOCK_C] of the pixels pix (h*W + w) and channels cols of
+    sample n in a 4-D tensor of strides (s_n, s_c, s_h, s_w)."""
+    return n * s_n + ((pix // W) * s_h + (pix % W) * s_w)[:, None] + cols[None, :] * s_c
+
 
 @kernel
 def _se_squeeze_kernel(
@@ -66,55 +63,38 @@ def _se_squeeze_kernel(
     for s0 in range(0, S, BLOCK_S):
         pix = s0 + tl.arange(0, BLOCK_S)
         mask = (pix < S)[:, None] & col_mask[None, :]
-        offsets = n * sx_n + ((pix // W) * sx_h + (pix % W) * sx_w)[:, None] + cols[None, :] * sx_c
-        acc += tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+        acc += tl.load(x_ptr + _pixel_offsets(n, pix, cols, W, sx_n, sx_c, sx_h, sx_w),
+                       mask=mask, other=0.0).to(ACC_DTYPE)
     tl.store(sq_ptr + n * C + cols, tl.sum(acc, axis=0) / S, mask=col_mask)
 
 
 @kernel
-def _se_fc1_kernel(
-    sq_ptr, w_ptr, b_ptr, h_ptr, C, R,
-    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+def _se_fc_kernel(
+    v_ptr, w_ptr, b_ptr, out_ptr, K, J,
+    HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """h[n, r] = relu(b[r] + sum_c w[r, c] * sq[n, c]); w [R, C] contiguous."""
+    """out[n, j] = act(b[j] + sum_k w[j, k] * v[n, k]), act relu (fc1: squeezed ->
+    hidden) or sigmoid (SIGMOID, fc2: hidden -> gate); w [J, K], v [N, K] contiguous."""
     n = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < R
-    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC_DTYPE)
-    for k0 in range(0, C, BLOCK_K):
+    rows = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    row_mask = rows < J
+    acc = tl.zeros((BLOCK_J, BLOCK_K), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < C
-        v = tl.load(sq_ptr + n * C + ks, mask=k_mask, other=0.0)
-        w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * C + ks[None, :],
+        k_mask = ks < K
+        v = tl.load(v_ptr + n * K + ks, mask=k_mask, other=0.0)
+        w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * K + ks[None, :],
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(ACC_DTYPE)
-        acc += w * v[None, :]
-    h = tl.sum(acc, axis=1)
-    if HAS_BIAS:
-        h += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(ACC_DTYPE)
-    tl.store(h_ptr + n * R + rows, tl.maximum(h, 0.0), mask=row_mask)
-
-
-@kernel
-def _se_fc2_kernel(
-    h_ptr, w_ptr, b_ptr, gate_ptr, C, R,
-    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """gate[n, c] = sigmoid(b[c] + sum_r w[c, r] * h[n, r]); w [C, R] contiguous."""
-    n = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < C
-    acc = tl.zeros((BLOCK_C, BLOCK_K), dtype=ACC_DTYPE)
-    for k0 in range(0, R, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < R
-        v = tl.load(h_ptr + n * R + ks, mask=k_mask, other=0.0)
-        w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * R + ks[None, :],
-                    mask=col_mask[:, None] & k_mask[None, :], other=0.0).to(ACC_DTYPE)
         acc += w * v[None, :]
     z = tl.sum(acc, axis=1)
     if HAS_BIAS:
-        z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(ACC_DTYPE)
-    tl.store(gate_ptr + n * C + cols, 1.0 / (1.0 + tl.exp(-z)), mask=col_mask)
+        z += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(ACC_DTYPE)
+    if SIGMOID:
+        z = 1.0 / (1.0 + tl.exp(-z))
+    else:
+        z = tl.maximum(z, 0.0)
+    tl.store(out_ptr + n * J + rows, z, mask=row_mask)
 
 
 @kernel
@@ -128,25 +108,13 @@ def _se_scale_kernel(
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """out = act(x * gate[n, c] + residual) over the M = N*H*W rows and C channels."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_mask = rows < M
-    col_mask = cols < C
-    mask = row_mask[:, None] & col_mask[None, :]
+    rows, cols, col_mask, mask = program_tile(M, C, BLOCK_M, BLOCK_C)
     n = (rows // S).to(tl.int64)
-    h = (rows % S) // W
-    w = rows % W
-    x = tl.load(x_ptr + (n * sx_n + h * sx_h + w * sx_w)[:, None] + cols[None, :] * sx_c,
-                mask=mask, other=0.0).to(ACC_DTYPE)
+    x = tl.load(x_ptr + tile_offsets(rows, cols, S, W, sx_n, sx_c, sx_h, sx_w), mask=mask, other=0.0).to(ACC_DTYPE)
     gate = tl.load(gate_ptr + n[:, None] * C + cols[None, :], mask=mask, other=0.0)
-    z = x * gate
-    if HAS_RESIDUAL:
-        z += tl.load(res_ptr + (n * sr_n + h * sr_h + w * sr_w)[:, None] + cols[None, :] * sr_c,
-                     mask=mask, other=0.0).to(ACC_DTYPE)
-    if RELU:
-        z = tl.where(z < 0.0, 0.0, z)
-    tl.store(out_ptr + (n * so_n + h * so_h + w * so_w)[:, None] + cols[None, :] * so_c,
-             z.to(out_ptr.dtype.element_ty), mask=mask)
+    residual_act_store(x * gate, res_ptr, tile_offsets(rows, cols, S, W, sr_n, sr_c, sr_h, sr_w),
+                       out_ptr, tile_offsets(rows, cols, S, W, so_n, so_c, so_h, so_w), mask,
+                       HAS_RESIDUAL, RELU, ACC_DTYPE)
 
 
 @kernel
@@ -165,15 +133,9 @@ def _se_bwd_reduce_kernel(
     for s0 in range(0, S, BLOCK_S):
         pix = s0 + tl.arange(0, BLOCK_S)
         mask = (pix < S)[:, None] & col_mask[None, :]
-        h = pix // W
-        w = pix % W
-        g = tl.load(grad_ptr + n * sg_n + (h * sg_h + w * sg_w)[:, None] + cols[None, :] * sg_c,
-                    mask=mask, other=0.0).to(ACC_DTYPE)
-        if RELU:
-            o = tl.load(out_ptr + n * so_n + (h * so_h + w * so_w)[:, None] + cols[None, :] * so_c,
-                        mask=mask, other=0.0)
-            g = tl.where(o.to(ACC_DTYPE) > 0, g, 0.0)
-        x = tl.load(x_ptr + n * sx_n + (h * sx_h + w * sx_w)[:, None] + cols[None, :] * sx_c,
+        g = grad_before_act(grad_ptr, _pixel_offsets(n, pix, cols, W, sg_n, sg_c, sg_h, sg_w), out_ptr,
+                            _pixel_offsets(n, pix, cols, W, so_n, so_c, so_h, so_w), mask, RELU, ACC_DTYPE)
+        x = tl.load(x_ptr + _pixel_offsets(n, pix, cols, W, sx_n, sx_c, sx_h, sx_w),
                     mask=mask, other=0.0).to(ACC_DTYPE)
         acc += g * x
     gate = tl.load(gate_ptr + n * C + cols, mask=col_mask, other=0.0)
@@ -181,44 +143,29 @@ def _se_bwd_reduce_kernel(
 
 
 @kernel
-def _se_bwd_fc2_kernel(
-    dz2_ptr, w_ptr, h_ptr, dz1_ptr, C, R,
-    ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+def _se_fc_backward_kernel(
+    v_ptr, w_ptr, h_ptr, out_ptr, K, J, S,
+    HIDDEN: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dz1[n, r] = (sum_c dz2[n, c] * w[c, r]) * (h[n, r] > 0); w [C, R] contiguous."""
+    """out[n, j] = sum_k v[n, k] * w[k, j], w [K, J] and v [N, K] contiguous; then
+    HIDDEN (through fc2 to the hidden units: d_z1 from d_z2): * (h[n, j] > 0);
+    else (through fc1 to the squeezed input: d_sq from d_z1): / S."""
     n = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    col_mask = cols < R
-    acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=ACC_DTYPE)
-    for k0 in range(0, C, BLOCK_K):
+    cols = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    col_mask = cols < J
+    acc = tl.zeros((BLOCK_K, BLOCK_J), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < C
-        v = tl.load(dz2_ptr + n * C + ks, mask=k_mask, other=0.0)
-        w = tl.load(w_ptr + ks.to(tl.int64)[:, None] * R + cols[None, :],
+        k_mask = ks < K
+        v = tl.load(v_ptr + n * K + ks, mask=k_mask, other=0.0)
+        w = tl.load(w_ptr + ks.to(tl.int64)[:, None] * J + cols[None, :],
                     mask=k_mask[:, None] & col_mask[None, :], other=0.0).to(ACC_DTYPE)
         acc += v[:, None] * w
-    h = tl.load(h_ptr + n * R + cols, mask=col_mask, other=0.0)
-    tl.store(dz1_ptr + n * R + cols, tl.where(h > 0, tl.sum(acc, axis=0), 0.0), mask=col_mask)
-
-
-@kernel
-def _se_bwd_fc1_kernel(
-    dz1_ptr, w_ptr, dsq_ptr, C, R, S,
-    ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """dsq[n, c] = (sum_r dz1[n, r] * w[r, c]) / S; w [R, C] contiguous."""
-    n = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < C
-    acc = tl.zeros((BLOCK_K, BLOCK_C), dtype=ACC_DTYPE)
-    for k0 in range(0, R, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < R
-        v = tl.load(dz1_ptr + n * R + ks, mask=k_mask, other=0.0)
-        w = tl.load(w_ptr + ks.to(tl.int64)[:, None] * C + cols[None, :],
-                    mask=k_mask[:, None] & col_mask[None, :], other=0.0).to(ACC_DTYPE)
-        acc += v[:, None] * w
-    tl.store(dsq_ptr + n * C + cols, tl.sum(acc, axis=0) / S, mask=col_mask)
+    if HIDDEN:
+        h = tl.load(h_ptr + n * J + cols, mask=col_mask, other=0.0)
+        tl.store(out_ptr + n * J + cols, tl.where(h > 0, tl.sum(acc, axis=0), 0.0), mask=col_mask)
+    else:
+        tl.store(out_ptr + n * J + cols, tl.sum(acc, axis=0) / S, mask=col_mask)
 
 
 @kernel
@@ -262,28 +209,17 @@ def _se_bwd_elementwise_kernel(
 ):
     """g = grad_out (0 where out <= 0 for relu); grad_x = g * gate[n, c] + dsq[n, c];
     grad_residual = g."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_mask = rows < M
-    col_mask = cols < C
-    mask = row_mask[:, None] & col_mask[None, :]
-    n = (rows // S).to(tl.int64)
-    h = (rows % S) // W
-    w = rows % W
-    g = tl.load(grad_ptr + (n * sg_n + h * sg_h + w * sg_w)[:, None] + cols[None, :] * sg_c,
-                mask=mask, other=0.0).to(ACC_DTYPE)
-    if RELU:
-        o = tl.load(out_ptr + (n * so_n + h * so_h + w * so_w)[:, None] + cols[None, :] * so_c,
-                    mask=mask, other=0.0)
-        g = tl.where(o.to(ACC_DTYPE) > 0, g, 0.0)
+    rows, cols, col_mask, mask = program_tile(M, C, BLOCK_M, BLOCK_C)
+    g = grad_before_act(grad_ptr, tile_offsets(rows, cols, S, W, sg_n, sg_c, sg_h, sg_w), out_ptr,
+                        tile_offsets(rows, cols, S, W, so_n, so_c, so_h, so_w), mask, RELU, ACC_DTYPE)
     if WRITE_GRES:
-        tl.store(gres_ptr + (n * se_n + h * se_h + w * se_w)[:, None] + cols[None, :] * se_c,
+        tl.store(gres_ptr + tile_offsets(rows, cols, S, W, se_n, se_c, se_h, se_w),
                  g.to(gres_ptr.dtype.element_ty), mask=mask)
     if WRITE_GX:
-        per_sample = n[:, None] * C + cols[None, :]
+        per_sample = (rows // S).to(tl.int64)[:, None] * C + cols[None, :]
         gate = tl.load(gate_ptr + per_sample, mask=mask, other=0.0)
         dsq = tl.load(dsq_ptr + per_sample, mask=mask, other=0.0)
-        tl.store(gx_ptr + (n * sd_n + h * sd_h + w * sd_w)[:, None] + cols[None, :] * sd_c,
+        tl.store(gx_ptr + tile_offsets(rows, cols, S, W, sd_n, sd_c, sd_h, sd_w),
                  (g * gate + dsq).to(gx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -298,7 +234,7 @@ def unsupported_reasons(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual,
     CUDA tensors run compiled; CPU tensors run through Triton's interpreter (slow, for
     tests). float64 runs only in the interpreter."""
     if triton is None:
-        return [f"triton is not installed ({_IMPORT_ERROR})"]
+        return _support.missing_triton()
     reasons = _support.tensor_reasons(x, activation)
     if x.dim() != 4 or fc1_weight.dim() != 2 or fc2_weight.dim() != 2:
         reasons.append("x must be 4-D and the fc weights 2-D")
@@ -324,12 +260,12 @@ def forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation)
     w1, w2 = fc1_weight.contiguous(), fc2_weight.contiguous()
     _se_squeeze_kernel[(n, triton.cdiv(c, _BLOCK_C))](
         x, squeezed, c, s, w, *x.stride(), ACC_DTYPE=acc, BLOCK_S=_BLOCK_S, BLOCK_C=_BLOCK_C)
-    _se_fc1_kernel[(n, triton.cdiv(r, _BLOCK_R))](
+    _se_fc_kernel[(n, triton.cdiv(r, _BLOCK_R))](
         squeezed, w1, fc1_bias if fc1_bias is not None else w1, hidden, c, r,
-        HAS_BIAS=fc1_bias is not None, ACC_DTYPE=acc, BLOCK_R=_BLOCK_R, BLOCK_K=_BLOCK_K)
-    _se_fc2_kernel[(n, triton.cdiv(c, _BLOCK_C))](
-        hidden, w2, fc2_bias if fc2_bias is not None else w2, gate, c, r,
-        HAS_BIAS=fc2_bias is not None, ACC_DTYPE=acc, BLOCK_C=_BLOCK_C, BLOCK_K=_BLOCK_K)
+        HAS_BIAS=fc1_bias is not None, SIGMOID=False, ACC_DTYPE=acc, BLOCK_J=_BLOCK_R, BLOCK_K=_BLOCK_K)
+    _se_fc_kernel[(n, triton.cdiv(c, _BLOCK_C))](
+        hidden, w2, fc2_bias if fc2_bias is not None else w2, gate, r, c,
+        HAS_BIAS=fc2_bias is not None, SIGMOID=True, ACC_DTYPE=acc, BLOCK_J=_BLOCK_C, BLOCK_K=_BLOCK_K)
     res = residual if residual is not None else x
     m = n * s
     _se_scale_kernel[(triton.cdiv(m, _BLOCK_M), triton.cdiv(c, _BLOCK_C))](
@@ -367,12 +303,12 @@ def backward(grad_out, out, x, fc1_weight, fc2_weight, squeezed, hidden, gate, a
         _se_bwd_reduce_kernel[(n, triton.cdiv(c, _BLOCK_C))](
             grad_out, out_arg, x, gate, dz2, c, s, w, *grad_out.stride(), *out_arg.stride(), *x.stride(),
             RELU=relu, ACC_DTYPE=acc, BLOCK_S=_BLOCK_S, BLOCK_C=_BLOCK_C)
-        _se_bwd_fc2_kernel[(n, triton.cdiv(r, _BLOCK_R))](
-            dz2, w2, hidden, dz1, c, r, ACC_DTYPE=acc, BLOCK_R=_BLOCK_R, BLOCK_K=_BLOCK_K)
+        _se_fc_backward_kernel[(n, triton.cdiv(r, _BLOCK_R))](
+            dz2, w2, hidden, dz1, c, r, s, HIDDEN=True, ACC_DTYPE=acc, BLOCK_J=_BLOCK_R, BLOCK_K=_BLOCK_K)
         if output_mask[0]:
             dsq = torch.empty((n, c), dtype=sdtype, device=x.device)
-            _se_bwd_fc1_kernel[(n, triton.cdiv(c, _BLOCK_C))](
-                dz1, w1, dsq, c, r, s, ACC_DTYPE=acc, BLOCK_C=_BLOCK_C, BLOCK_K=_BLOCK_K)
+            _se_fc_backward_kernel[(n, triton.cdiv(c, _BLOCK_C))](
+                dz1, w1, hidden, dsq, r, c, s, HIDDEN=False, ACC_DTYPE=acc, BLOCK_J=_BLOCK_C, BLOCK_K=_BLOCK_K)
         for a, b, gw, gb, size_i, size_j in ((dz1, squeezed, grads[0], grads[1], r, c),
                                              (dz2, hidden, grads[2], grads[3], c, r)):
             if gw is None and gb is None:

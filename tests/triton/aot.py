@@ -22,6 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
@@ -33,6 +34,12 @@ from cnnkernels.triton._launch import DualKernel
 # Max dynamic shared memory per block: sm_80 (A100) 163 KiB, sm_90 (H100) 227 KiB.
 SHARED_LIMIT = {80: 166912, 90: 232448}
 CAPABILITIES = (80, 90)
+
+# The AOT test modules' marks: every test runs once per capability, and none under
+# TRITON_INTERPRET=1 (triton.language is then built for the interpreter).
+skip_if_interpreting = pytest.mark.skipif(triton.knobs.runtime.interpret,
+                                          reason="TRITON_INTERPRET=1: triton.language is built for the interpreter")
+each_capability = pytest.mark.parametrize("capability", CAPABILITIES, ids=lambda c: f"sm_{c}")
 
 
 def kernels_of(module) -> list[str]:
@@ -143,3 +150,13 @@ def assert_fits(report: list[Compiled], capability: int) -> None:
     print("\n".join(f"sm_{capability} {entry}" for entry in report))
     assert [str(e) for e in report if e.spill_stores or e.spill_loads] == []
     assert [str(e) for e in report if e.shared > SHARED_LIMIT[capability]] == []
+
+
+def assert_kernels_compile(launches, kernels, capability: int) -> list[Compiled]:
+    """Compiles every distinct launch for sm_<capability> (compile_launches) and asserts
+    that the launches reached exactly the kernels named `kernels`, and that each fits
+    (assert_fits). Returns the report."""
+    report = compile_launches(launches, capability)
+    assert {entry.kernel for entry in report} == set(kernels)
+    assert_fits(report, capability)
+    return report

@@ -13,7 +13,7 @@ import torch
 
 import cnnkernels
 from cnnkernels import ops, reference
-from cnnkernels.triton import conv1x1_bn_act, grouped_conv_bn_act
+from cnnkernels.triton import _implicit_gemm, conv1x1_bn_act, grouped_conv_bn_act
 from cnnkernels.triton import conv_bn_act as triton_conv_bn_act
 from helpers import TOLERANCE, ConvCase, rel_err
 from test_conv_bn_act_triton import _PoisonedTorch
@@ -21,7 +21,7 @@ from test_conv_bn_act_triton import _PoisonedTorch
 EPS = 1e-5  # the public op's default
 GRAD_NAMES = ("x", "weight", "bias", "bn_weight", "bn_bias", "residual")
 FORWARD_KERNELS = {
-    "general": (triton_conv_bn_act, "_conv_fwd_kernel"),
+    "general": (_implicit_gemm, "_conv_fwd_kernel"),
     "conv1x1": (conv1x1_bn_act, "_conv1x1_fwd_kernel"),
     "grouped": (grouped_conv_bn_act, "_grouped_conv_fwd_kernel"),
 }

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cnnkernels import reference
+from cnnkernels.triton import _bn
 from cnnkernels.triton import conv_bn_act as triton_conv_bn_act
 from helpers import CASES, TOLERANCE, ConvCase, rel_err
 
@@ -201,8 +202,8 @@ def test_interpreter_leaves_triton_language_untouched():
     assert JITFunction.__call__ is call and interpreter.interpreter_builder.options is options
     assert "create_dot" not in vars(interpreter.interpreter_builder)
     assert all(tl.core.is_builtin(f) for f in (tl.full, tl.core.full, tl.load, tl.core.dot, tl.math.sqrt))
-    jit = triton_conv_bn_act._bn_bwd_finalize_kernel.jit
-    constexprs = dict(HAS_Y=True, ACC_DTYPE=tl.float32, BLOCK_S=16, BLOCK_C=32)
+    jit = _bn.bwd_finalize_kernel.jit
+    constexprs = dict(HAS_V=True, INVSTD=False, ACC_DTYPE=tl.float32, BLOCK_S=16, BLOCK_C=32)
     signature = {name: "constexpr" if name in constexprs else "*fp32" if name.endswith("_ptr")
                  else "fp32" if name == "eps" else "i32" for name in jit.arg_names}
     compiled = triton.compile(ASTSource(fn=jit, signature=signature, constexprs=constexprs),
