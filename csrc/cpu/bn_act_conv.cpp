@@ -216,27 +216,14 @@ void backward_reduce_kernel(const at::Tensor& grad_z, const at::Tensor& x_in, co
         });
         return;
       }
-      const auto total = reduce_rows(s.rows(), c, 2, [&](int64_t r0, int64_t r1, double* part) {
-        std::vector<acc_t> block(2 * c);
-        acc_t* bs = block.data();
-        acc_t* bx = bs + c;
-        const int64_t rows_per_block = std::max<int64_t>(1, kBlock / c);
-        for (int64_t b0 = r0; b0 < r1; b0 += rows_per_block) {
-          std::fill(block.begin(), block.end(), acc_t(0));
-          for (int64_t r = b0; r < std::min(r1, b0 + rows_per_block); ++r) {
-            const scalar_t* g = gp + r * c;
-            const scalar_t* xv = xp + s.row(r);
+      const auto total = channel_sum_pairs<acc_t>(s.rows(), c, [&](int64_t r, acc_t* bs, acc_t* bx) {
+        const scalar_t* g = gp + r * c;
+        const scalar_t* xv = xp + s.row(r);
 #pragma omp simd
-            for (int64_t ch = 0; ch < c; ++ch) {
-              const acc_t gv = masked_grad<kRelu>(g[ch], xv[ch], scp[ch], shp[ch]);
-              bs[ch] += gv;
-              if constexpr (kX) bx[ch] += gv * (static_cast<acc_t>(xv[ch]) - mp[ch]);
-            }
-          }
-          for (int64_t ch = 0; ch < c; ++ch) {
-            part[ch] += bs[ch];
-            part[c + ch] += bx[ch];
-          }
+        for (int64_t ch = 0; ch < c; ++ch) {
+          const acc_t gv = masked_grad<kRelu>(g[ch], xv[ch], scp[ch], shp[ch]);
+          bs[ch] += gv;
+          if constexpr (kX) bx[ch] += gv * (static_cast<acc_t>(xv[ch]) - mp[ch]);
         }
       });
       for (int64_t ch = 0; ch < c; ++ch) {

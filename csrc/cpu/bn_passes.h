@@ -80,6 +80,28 @@ std::vector<double> reduce_rows(int64_t rows, int64_t c, int64_t width, const Bo
   return total;
 }
 
+// Two per-channel sums over the rows of channels-last data ([rows, c], row r at any
+// offset): add_row(r, first, second) adds row r's terms to the c-wide acc_t accumulators,
+// which are flushed to double every kBlock elements. Returns {first sums, second sums}
+// as 2 * c doubles, through reduce_rows (thread-count independent).
+template <typename acc_t, typename AddRow>
+std::vector<double> channel_sum_pairs(int64_t rows, int64_t c, const AddRow& add_row) {
+  return reduce_rows(rows, c, 2, [&](int64_t r0, int64_t r1, double* part) {
+    std::vector<acc_t> block(2 * c);
+    acc_t* first = block.data();
+    acc_t* second = first + c;
+    const int64_t rows_per_block = std::max<int64_t>(1, kBlock / c);
+    for (int64_t b0 = r0; b0 < r1; b0 += rows_per_block) {
+      std::fill(block.begin(), block.end(), acc_t(0));
+      for (int64_t r = b0; r < std::min(r1, b0 + rows_per_block); ++r) add_row(r, first, second);
+      for (int64_t ch = 0; ch < c; ++ch) {
+        part[ch] += first[ch];
+        part[c + ch] += second[ch];
+      }
+    }
+  });
+}
+
 // ---------------------------------------------------------------- batch statistics
 // Per-channel mean and biased variance of the tensor at p (walked by s, by rows or by
 // planes) over (N, H, W), into mean[c], var[c]. Sums of d = v - ref[c] and d*d, with
@@ -124,26 +146,13 @@ void shifted_batch_stats(const scalar_t* p, const Walk& s, bool rows, acc_t* mp,
   std::vector<acc_t> ref(c);
   for (int64_t ch = 0; ch < c; ++ch) ref[ch] = static_cast<acc_t>(p[s.row(0) + ch]);
   const acc_t* rp = ref.data();
-  const auto total = reduce_rows(s.rows(), c, 2, [&](int64_t r0, int64_t r1, double* part) {
-    std::vector<acc_t> block(2 * c);
-    acc_t* bs = block.data();
-    acc_t* bq = bs + c;
-    const int64_t rows_per_block = std::max<int64_t>(1, kBlock / c);
-    for (int64_t b0 = r0; b0 < r1; b0 += rows_per_block) {
-      std::fill(block.begin(), block.end(), acc_t(0));
-      for (int64_t r = b0; r < std::min(r1, b0 + rows_per_block); ++r) {
-        const scalar_t* q = p + s.row(r);
+  const auto total = channel_sum_pairs<acc_t>(s.rows(), c, [&](int64_t r, acc_t* bs, acc_t* bq) {
+    const scalar_t* q = p + s.row(r);
 #pragma omp simd
-        for (int64_t ch = 0; ch < c; ++ch) {
-          const acc_t d = static_cast<acc_t>(q[ch]) - rp[ch];
-          bs[ch] += d;
-          bq[ch] += d * d;
-        }
-      }
-      for (int64_t ch = 0; ch < c; ++ch) {
-        part[ch] += bs[ch];
-        part[c + ch] += bq[ch];
-      }
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const acc_t d = static_cast<acc_t>(q[ch]) - rp[ch];
+      bs[ch] += d;
+      bq[ch] += d * d;
     }
   });
   for (int64_t ch = 0; ch < c; ++ch) finish(ch, rp[ch], total[ch], total[c + ch]);

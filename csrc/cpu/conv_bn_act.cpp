@@ -193,26 +193,13 @@ void backward_reduce_kernel(const at::Tensor& grad_out, const at::Tensor& out, c
         });
         return;
       }
-      const auto total = reduce_rows(s.rows(), c, 2, [&](int64_t r0, int64_t r1, double* part) {
-        std::vector<acc_t> block(2 * c);
-        acc_t* bs = block.data();
-        acc_t* by = bs + c;
-        const int64_t rows_per_block = std::max<int64_t>(1, kBlock / c);
-        for (int64_t b0 = r0; b0 < r1; b0 += rows_per_block) {
-          std::fill(block.begin(), block.end(), acc_t(0));
-          for (int64_t r = b0; r < std::min(r1, b0 + rows_per_block); ++r) {
-            const int64_t o = r * c;
+      const auto total = channel_sum_pairs<acc_t>(s.rows(), c, [&](int64_t r, acc_t* bs, acc_t* by) {
+        const int64_t o = r * c;
 #pragma omp simd
-            for (int64_t ch = 0; ch < c; ++ch) {
-              const acc_t g = masked_grad<kRelu, scalar_t, acc_t>(gp + o, op + (kRelu ? o : 0), ch);
-              bs[ch] += g;
-              if constexpr (kY) by[ch] += g * (static_cast<acc_t>(yp[o + ch]) - mp[ch]);
-            }
-          }
-          for (int64_t ch = 0; ch < c; ++ch) {
-            part[ch] += bs[ch];
-            part[c + ch] += by[ch];
-          }
+        for (int64_t ch = 0; ch < c; ++ch) {
+          const acc_t g = masked_grad<kRelu, scalar_t, acc_t>(gp + o, op + (kRelu ? o : 0), ch);
+          bs[ch] += g;
+          if constexpr (kY) by[ch] += g * (static_cast<acc_t>(yp[o + ch]) - mp[ch]);
         }
       });
       for (int64_t ch = 0; ch < c; ++ch) {
