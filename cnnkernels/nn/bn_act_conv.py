@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cnnkernels.nn.functional import assemble, bn_act_conv_modules, check_zero_padding
+from cnnkernels.nn.functional import assemble, bn_act_conv_modules, check_pair
 
 
 class BNActConv(nn.Module):
@@ -35,9 +35,7 @@ class BNActConv(nn.Module):
     @classmethod
     def from_modules(cls, bn: nn.BatchNorm2d, conv: nn.Conv2d, activation: str = "relu") -> "BNActConv":
         """Wraps existing modules (shared, not copied)."""
-        check_zero_padding(conv)
-        if bn.num_features != conv.in_channels:
-            raise ValueError(f"bn has {bn.num_features} features but conv has {conv.in_channels} input channels")
+        check_pair(conv, bn, "input")
         return assemble(cls, {"bn": bn, "conv": conv}, {"activation": activation})
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

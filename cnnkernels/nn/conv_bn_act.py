@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cnnkernels.nn.functional import assemble, check_zero_padding, conv_bn_act_modules
+from cnnkernels.nn.functional import assemble, check_pair, conv_bn_act_modules
 
 
 class ConvBNAct(nn.Module):
@@ -29,9 +29,7 @@ class ConvBNAct(nn.Module):
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: str = "relu") -> "ConvBNAct":
         """Wraps existing modules (shared, not copied)."""
-        check_zero_padding(conv)
-        if bn.num_features != conv.out_channels:
-            raise ValueError(f"bn has {bn.num_features} features but conv has {conv.out_channels} output channels")
+        check_pair(conv, bn, "output")
         return assemble(cls, {"conv": conv, "bn": bn}, {"activation": activation})
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:

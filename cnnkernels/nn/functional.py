@@ -19,6 +19,14 @@ def check_zero_padding(conv: nn.Conv2d) -> None:
                          f"padding_mode={conv.padding_mode!r}")
 
 
+def check_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d, bn_over: str) -> None:
+    """conv takes integer zero padding and bn normalises its "input" or "output" channels."""
+    check_zero_padding(conv)
+    channels = conv.in_channels if bn_over == "input" else conv.out_channels
+    if bn.num_features != channels:
+        raise ValueError(f"bn has {bn.num_features} features but conv has {channels} {bn_over} channels")
+
+
 def assemble(cls: type[nn.Module], children: dict[str, nn.Module | None], attributes: dict | None = None):
     """A new `cls` instance (its __init__ not run) holding the given submodules (shared, in
     the given order, None allowed) and plain attributes, in training mode."""

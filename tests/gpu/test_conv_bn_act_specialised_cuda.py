@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import cnnkernels
 from cnnkernels import ops
 from cnnkernels.ops import _conv_bn_act_choice as choice
-from helpers import rel_err
+from helpers import ConvShape, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -22,28 +22,26 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2e-2, tor
 
 
 @dataclass(frozen=True)
-class Case:
-    name: str
-    n: int
-    c_in: int
-    c_out: int
-    hw: int
-    kernel: int
-    stride: int
-    groups: int
-    dtype: torch.dtype
-    expected: str
+class Case(ConvShape):
+    """padding is kernel // 2 in every case (same-size 3x3, 1x1 without padding)."""
+    dtype: torch.dtype = torch.float32
+    expected: str = ""
+
+
+def _case(name, n, c_in, c_out, hw, kernel, stride, groups, dtype, expected) -> Case:
+    return Case(name, n=n, c_in=c_in, c_out=c_out, hw=hw, kernel=kernel, stride=stride, padding=kernel // 2,
+                groups=groups, dtype=dtype, expected=expected)
 
 
 CASES = [
-    Case("1x1_bottleneck_f32", 4, 256, 64, 14, 1, 1, 1, torch.float32, choice.CONV1X1_GEMM),
-    Case("1x1_s2_odd_f64", 2, 37, 70, 9, 1, 2, 1, torch.float64, choice.CONV1X1_GEMM),
-    Case("1x1_tiny_f32", 3, 5, 9, 7, 1, 1, 1, torch.float32, choice.CONV1X1_GEMM),
-    Case("resnext_32x4d_f32", 2, 128, 128, 14, 3, 1, 32, torch.float32, choice.GROUPED_CONV3X3),
-    Case("resnext_s2_bf16", 2, 256, 256, 15, 3, 2, 32, torch.bfloat16, choice.GROUPED_CONV3X3),
-    Case("grouped_6_per_group_f16", 2, 24, 24, 9, 3, 1, 4, torch.float16, choice.GROUPED_CONV3X3),
-    Case("grouped_32_per_group_f32", 2, 1024, 1024, 7, 3, 1, 32, torch.float32, choice.GROUPED_CONV3X3),
-    Case("grouped_5_in_7_out_f64", 2, 10, 14, 17, 3, 2, 2, torch.float64, choice.GROUPED_CONV3X3),
+    _case("1x1_bottleneck_f32", 4, 256, 64, 14, 1, 1, 1, torch.float32, choice.CONV1X1_GEMM),
+    _case("1x1_s2_odd_f64", 2, 37, 70, 9, 1, 2, 1, torch.float64, choice.CONV1X1_GEMM),
+    _case("1x1_tiny_f32", 3, 5, 9, 7, 1, 1, 1, torch.float32, choice.CONV1X1_GEMM),
+    _case("resnext_32x4d_f32", 2, 128, 128, 14, 3, 1, 32, torch.float32, choice.GROUPED_CONV3X3),
+    _case("resnext_s2_bf16", 2, 256, 256, 15, 3, 2, 32, torch.bfloat16, choice.GROUPED_CONV3X3),
+    _case("grouped_6_per_group_f16", 2, 24, 24, 9, 3, 1, 4, torch.float16, choice.GROUPED_CONV3X3),
+    _case("grouped_32_per_group_f32", 2, 1024, 1024, 7, 3, 1, 32, torch.float32, choice.GROUPED_CONV3X3),
+    _case("grouped_5_in_7_out_f64", 2, 10, 14, 17, 3, 2, 2, torch.float64, choice.GROUPED_CONV3X3),
 ]
 
 
@@ -67,7 +65,7 @@ def _inputs(case: Case, with_residual: bool, seed: int = 0):
     bn_bias = rand(case.c_out, scale=0.3).to(case.dtype)
     running_mean = rand(case.c_out, scale=0.2).to(case.dtype)
     running_var = (rand(case.c_out, scale=0.3).abs() + 0.5).to(case.dtype)
-    h_out = (case.hw - 1) // case.stride + 1
+    h_out = case.out_hw()
     residual = rand(case.n, case.c_out, h_out, h_out).to(case.dtype).contiguous(memory_format=torch.channels_last) \
         if with_residual else None
     for t in (x, weight, bias, bn_weight, bn_bias, residual):
@@ -82,7 +80,7 @@ def _inputs(case: Case, with_residual: bool, seed: int = 0):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_specialised_kernel_matches_cudnn(case, with_residual, activation, training):
     x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual = _inputs(case, with_residual)
-    kwargs = dict(stride=case.stride, padding=case.kernel // 2, groups=case.groups, training=training,
+    kwargs = dict(stride=case.stride, padding=case.padding, groups=case.groups, training=training,
                   residual=residual, activation=activation)
     with cnnkernels.use_backend("cuda"):
         verdict = ops.explain("conv_bn_act", x, weight, bias, bn_weight, bn_bias, running_mean, running_var, **kwargs)
@@ -92,7 +90,7 @@ def test_specialised_kernel_matches_cudnn(case, with_residual, activation, train
     assert out.is_contiguous(memory_format=torch.channels_last)
 
     ref_mean, ref_var = running_mean.clone(), running_var.clone()
-    y = F.conv2d(x, weight, bias, case.stride, case.kernel // 2, 1, case.groups)
+    y = F.conv2d(x, weight, bias, case.stride, case.padding, 1, case.groups)
     z = F.batch_norm(y, ref_mean, ref_var, bn_weight, bn_bias, training, 0.1, 1e-5)
     z = z + residual if residual is not None else z
     ref = torch.relu(z) if activation == "relu" else z
@@ -113,9 +111,9 @@ def test_training_statistics_large_mean_offset(case):
     bias = (bias.detach() + 1000).requires_grad_(True)
     with cnnkernels.use_backend("cuda"):
         _, conv_out, save_mean, save_var = torch.ops.cnnkernels.conv_bn_act(
-            x, weight, bias, bn_weight, bn_bias, None, None, [case.stride] * 2, [case.kernel // 2] * 2, [1, 1],
+            x, weight, bias, bn_weight, bn_bias, None, None, [case.stride] * 2, [case.padding] * 2, [1, 1],
             case.groups, True, 1e-5, None, "relu")
     ref_var, ref_mean = torch.var_mean(conv_out.double(), dim=(0, 2, 3), unbiased=False)
     assert rel_err(save_mean, ref_mean) < 1e-6
     assert rel_err(save_var, ref_var) < 1e-4
-    assert rel_err(conv_out, F.conv2d(x, weight, bias, case.stride, case.kernel // 2, 1, case.groups)) < 1e-5
+    assert rel_err(conv_out, F.conv2d(x, weight, bias, case.stride, case.padding, 1, case.groups)) < 1e-5
