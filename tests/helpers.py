@@ -276,3 +276,21 @@ class RecordOps(TorchDispatchMode):
         if func is torch.ops.cnnkernels.bn_act_conv.default:
             self.bn_act_conv_weights.append(args[1].data_ptr())
         return func(*args, **(kwargs or {}))
+
+
+def global_state() -> dict:
+    """The process-wide settings a test could change and forget to restore (tests/conftest.py
+    checks them around every test)."""
+    from cnnkernels import _backends
+    return {
+        "default dtype": torch.get_default_dtype(),
+        "grad mode": torch.is_grad_enabled(),
+        "deterministic algorithms": (torch.are_deterministic_algorithms_enabled(),
+                                     torch.is_deterministic_algorithms_warn_only_enabled()),
+        "fill_uninitialized_memory": torch.utils.deterministic.fill_uninitialized_memory,
+        "cudnn flags": (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
+                        torch.backends.cudnn.deterministic, torch.backends.cudnn.enabled),
+        "matmul TF32": (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()),
+        "forced backend": (_backends.forced_backend(), os.environ.get("CNNKERNELS_BACKEND")),
+        "autocast": (torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda")),
+    }

@@ -6,13 +6,13 @@ import re
 
 import torch
 
-from conftest import _global_state
+from helpers import global_state
 
 ROOT = pathlib.Path(__file__).resolve().parent
 
 
 def test_the_state_check_sees_each_setting_change():
-    before = _global_state()
+    before = global_state()
     changes = [
         (lambda: torch.set_default_dtype(torch.float64), lambda: torch.set_default_dtype(torch.float32)),
         (lambda: torch.use_deterministic_algorithms(True), lambda: torch.use_deterministic_algorithms(False)),
@@ -23,10 +23,10 @@ def test_the_state_check_sees_each_setting_change():
     for change, undo in changes:
         change()
         try:
-            assert _global_state() != before
+            assert global_state() != before
         finally:
             undo()
-        assert _global_state() == before
+        assert global_state() == before
 
 
 def test_skips_that_make_test_must_not_take_go_through_skip_or_fail():
