@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import math
 import os
-import statistics
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -39,43 +37,15 @@ from cnnkernels.bench.architectures import Architecture, architecture
 from cnnkernels.bench.environment import describe
 from cnnkernels.bench import openvino_engine
 from cnnkernels.bench.memory import MEMORY_METHOD, profiled_peak_bytes, state_bytes
+from cnnkernels.bench.timing import (AUX_WEIGHT, INPUT_POOL, METHODOLOGY, SGD_LR, SGD_MOMENTUM, TIMING_METHOD,
+                                     add_comparisons, rel_err, summarize, timed_rounds)
 from cnnkernels.bench.variants import BASELINE_VARIANTS, VARIANTS, Variant  # noqa: F401  (harness.VARIANTS)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 MODES = ("inference", "train")
-INPUT_POOL = 4
-SGD_LR, SGD_MOMENTUM = 0.01, 0.9
-AUX_WEIGHT = 0.3  # weight of auxiliary classifiers' losses in train mode (GoogLeNet's)
 
-
-
-TIMING_METHOD = {
-    "cpu": "time.perf_counter() around each step (CPU execution is synchronous)",
-    "cuda": "a pair of CUDA events recorded around each step on the current stream, read after a single "
-            "torch.cuda.synchronize() at the end of the timed loop",
-}
-METHODOLOGY = {
-    "step": {"inference": "forward pass under torch.no_grad()",
-             "train": f"zero_grad(set_to_none=True) + forward + cross_entropy (plus {AUX_WEIGHT} x each auxiliary "
-                      f"classifier's, for models that return them in training) + backward + "
-                      f"SGD(lr={SGD_LR}, momentum={SGD_MOMENTUM}) step"},
-    "dtype": "float32 runs plainly; bfloat16 / float16 run under torch.autocast(device, dtype) with "
-             "float32 weights (mixed precision)",
-    "order": "first call (timed alone: includes compilation and other one-time work), then the warm-up "
-             "steps (untimed), then the timed steps",
-    "inputs": f"a pool of {INPUT_POOL} random batches (and labels), used in turn (rotating inputs)",
-    "throughput": "images_per_s = batch_size / median step time; images_per_s_quartiles from the step "
-                  "time quartiles; wall_images_per_s = batch_size * iterations / wall time of the whole "
-                  "timed loop",
-    "speedup": "images_per_s of the row / images_per_s of the baseline variant, same model and configuration",
-    "output_rel_err_vs_eager": "||out - out_eager|| / ||out_eager|| of the first call's logits, same "
-                               "weights and input, float64 (agreement check, not a speed figure)",
-    "weights": "every variant of a model loads the same state_dict (ours, seeded), strict=True",
-    "cnnkernels_backends_used": "per cnnkernels op, how many of its calls in the first step ran on each "
-                                "backend (counted at the backend dispatcher)",
-}
 
 
 @dataclass(frozen=True)
@@ -282,51 +252,52 @@ def prepare(arch: Architecture, variant: Variant, config: Config, state: dict[st
     return Prepared(step, model, optimizer, forced)
 
 
-def summarize(times: Sequence[float], batch_size: int) -> dict:
-    """Median, quartiles, min, max, mean, std of step times (s) and the throughputs."""
-    ordered = sorted(times)
-    median = statistics.median(ordered)
-    q1, q3 = _quantile(ordered, 0.25), _quantile(ordered, 0.75)
-    return {
-        "median_s": median, "q1_s": q1, "q3_s": q3, "min_s": ordered[0], "max_s": ordered[-1],
-        "mean_s": statistics.fmean(ordered), "std_s": statistics.stdev(ordered) if len(ordered) > 1 else 0.0,
-        "iqr_percent": 100.0 * (q3 - q1) / median if median > 0 else math.nan,
-        "images_per_s": batch_size / median,
-        "images_per_s_quartiles": [batch_size / q3, batch_size / q1],
-    }
-
-
-def _quantile(ordered: Sequence[float], q: float) -> float:
-    """Linear-interpolation quantile of sorted values (numpy's default)."""
-    position = (len(ordered) - 1) * q
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def measure(prepared: Prepared, inputs, config: Config, iterations: int, warmup: int,
-            progress: Callable[[str], None] | None = None) -> dict:
-    """Runs first call, warm-up and timed steps (see the module docstring) and returns
-    {'first_call_s', 'times_s', timing summary..., 'wall_images_per_s', 'memory',
+def first_call(prepared: Prepared, inputs, config: Config, warmup: int, tick: Callable[[str], None]) -> dict:
+    """The first call, timed alone, then `warmup` untimed steps: {'first_call_s',
     'first_output', 'cnnkernels_backends_used' (which backend ran each cnnkernels op in
-    the first call: {op: {backend: calls}})}. progress(phase) is called once per step."""
-    if iterations < 1:
-        raise ValueError(f"iterations must be >= 1, got {iterations}")
-    device = config.device
-    tick = progress or (lambda phase: None)
+    the first call: {op: {backend: calls}})}."""
     with forced_backend(prepared.backend):
-        synchronize(device)
+        synchronize(config.device)
         with recording_backends() as backends_used:
             start = time.perf_counter()
             first_output = prepared.step(*inputs[0])
-            synchronize(device)
+            synchronize(config.device)
             first_call_s = time.perf_counter() - start
-        first_output = first_output.detach().to("cpu", torch.float64, copy=True)
         tick("first call")
         for i in range(warmup):
             prepared.step(*inputs[(i + 1) % len(inputs)])
             tick("warm-up")
-        synchronize(device)
+        synchronize(config.device)
+    return {"first_call_s": first_call_s, "warmup": warmup, "cnnkernels_backends_used": backends_used,
+            "first_output": first_output.detach().to("cpu", torch.float64, copy=True)}
+
+
+def cpu_memory(prepared: Prepared, inputs, iterations: int) -> dict:
+    """Peak memory of one extra step (cnnkernels.bench.memory) plus the state it holds."""
+    with forced_backend(prepared.backend):
+        step_peak = profiled_peak_bytes(lambda: prepared.step(*inputs[iterations % len(inputs)]))
+    held = state_bytes(prepared.model, prepared.optimizer, inputs)
+    return {"peak_bytes": held + step_peak, "state_bytes": held, "step_peak_bytes": step_peak,
+            "method": MEMORY_METHOD["cpu"]}
+
+
+def timing_figures(times: list[float], wall_s: float, config: Config) -> dict:
+    figures = {"iterations": len(times), "times_s": times, **summarize(times, config.batch_size)}
+    figures["wall_images_per_s"] = config.batch_size * len(times) / wall_s
+    return figures
+
+
+def measure(prepared: Prepared, inputs, config: Config, iterations: int, warmup: int,
+            progress: Callable[[str], None] | None = None) -> dict:
+    """One variant alone: first call, warm-up and timed steps (see the module docstring);
+    returns first_call()'s figures, 'times_s', the timing summary, 'wall_images_per_s'
+    and 'memory'. progress(phase) is called once per step."""
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    device = config.device
+    tick = progress or (lambda phase: None)
+    figures = first_call(prepared, inputs, config, warmup, tick)
+    with forced_backend(prepared.backend):
         cuda = config.device_type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
@@ -348,82 +319,100 @@ def measure(prepared: Prepared, inputs, config: Config, iterations: int, warmup:
             tick("timed")
         synchronize(device)
         wall_s = time.perf_counter() - loop_start
-        if cuda:
-            times = [begin.elapsed_time(end) / 1e3 for begin, end in events]
-            peak = torch.cuda.max_memory_allocated(device)
-            memory = {"peak_bytes": peak, "state_bytes": held_at_start, "step_peak_bytes": peak - held_at_start,
-                      "method": MEMORY_METHOD["cuda"]}
-        else:
-            step_peak = profiled_peak_bytes(lambda: prepared.step(*inputs[iterations % len(inputs)]))
-            held = state_bytes(prepared.model, prepared.optimizer, inputs)
-            memory = {"peak_bytes": held + step_peak, "state_bytes": held, "step_peak_bytes": step_peak,
-                      "method": MEMORY_METHOD["cpu"]}
-            tick("memory")
-    figures = {"first_call_s": first_call_s, "warmup": warmup, "iterations": iterations, "times_s": times,
-               "cnnkernels_backends_used": backends_used}
-    figures.update(summarize(times, config.batch_size))
-    figures["wall_images_per_s"] = config.batch_size * iterations / wall_s
-    figures["memory"] = memory
-    figures["first_output"] = first_output
-    return figures
+    if cuda:
+        times = [begin.elapsed_time(end) / 1e3 for begin, end in events]
+        peak = torch.cuda.max_memory_allocated(device)
+        memory = {"peak_bytes": peak, "state_bytes": held_at_start, "step_peak_bytes": peak - held_at_start,
+                  "method": MEMORY_METHOD["cuda"]}
+    else:
+        memory = cpu_memory(prepared, inputs, iterations)
+        tick("memory")
+    return {**figures, **timing_figures(times, wall_s, config), "memory": memory}
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64."""
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+def _record(arch: Architecture, variant: Variant, config: Config, settings: Settings) -> dict:
+    return {"model": arch.name, "baseline": arch.baseline_label, "variant": variant.name,
+            "label": variant.label, "role": variant.role, "compile_mode": variant.compile_mode,
+            "forced_backend": settings.backend if variant.role == "ours" else arch.baseline_backend,
+            **{k: v for k, v in asdict(config).items()}}
+
+
+def _failed(record: dict, error: Exception) -> dict:
+    """Records a failure (status "error", message, traceback) or a skip with its reason."""
+    skipped = isinstance(error, openvino_engine.Unavailable)
+    record["status"] = "skipped" if skipped else "error"
+    record["error"] = str(error) if skipped else f"{type(error).__name__}: {error}".splitlines()[0][:500]
+    if not skipped:
+        record["traceback"] = traceback.format_exception(error)
+    return record
+
+
+def _release(config: Config) -> None:
+    torch._dynamo.reset()
+    gc.collect()
+    if config.device_type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def run_variant(arch: Architecture, variant: Variant, config: Config, state, inputs, settings: Settings,
                 progress: Callable[[str], None] | None = None) -> dict:
-    """Measures one variant; a failure is recorded (status "error", the message and the
-    traceback), not raised, so one broken variant does not stop the run."""
-    record = {"model": arch.name, "baseline": arch.baseline_label, "variant": variant.name,
-              "label": variant.label, "role": variant.role, "compile_mode": variant.compile_mode,
-              "forced_backend": settings.backend if variant.role == "ours" else arch.baseline_backend,
-              **{k: v for k, v in asdict(config).items()}}
-    torch._dynamo.reset()
-    prepared = None
+    """Measures one variant alone; a failure is recorded (status "error", the message
+    and the traceback) and a variant that cannot run here is "skipped" with its reason,
+    not raised, so one broken variant does not stop the run."""
+    record = _record(arch, variant, config, settings)
+    _release(config)
     try:
         prepared = prepare(arch, variant, config, state, settings.backend)
         record.update(measure(prepared, inputs, config, settings.iterations, settings.warmup, progress))
         record["status"] = "ok"
-    except openvino_engine.Unavailable as reason:  # not a failure: the table says why it did not run
-        record["status"] = "skipped"
-        record["error"] = str(reason)
     except Exception as error:  # recorded in the results; the run goes on with the next variant
-        record["status"] = "error"
-        record["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:500]
-        record["traceback"] = traceback.format_exc()
+        _failed(record, error)
     finally:
-        del prepared
-        torch._dynamo.reset()
-        gc.collect()
-        if config.device_type == "cuda":
-            torch.cuda.empty_cache()
+        prepared = None
+        _release(config)
     return record
 
 
-def add_comparisons(records: list[dict]) -> None:
-    """Adds 'speedup' {baseline variant: ratio of images_per_s} and
-    'output_rel_err_vs_eager' to every ok record, within each (model, config)."""
-    groups: dict[tuple, list[dict]] = {}
-    for record in records:
-        key = (record["model"], record["device"], record["batch_size"], record["image_size"], record["dtype"],
-               record["memory_format"], record["mode"])
-        groups.setdefault(key, []).append(record)
-    for group in groups.values():
-        baselines = {r["variant"]: r for r in group if r["role"] == "baseline" and r["status"] == "ok"}
-        for record in group:
-            if record["status"] != "ok":
+def run_interleaved(arch: Architecture, variants: Sequence[Variant], config: Config, state, inputs,
+                    settings: Settings, tick: Callable[[str, str], None]) -> list[dict]:
+    """Measures the variants of one model and configuration together (cpu): each is built
+    and takes its first call and warm-up in turn, then their timed steps run in rounds
+    (one step of each variant per round), then each one's memory. Failures and skips are
+    recorded per variant, as in run_variant."""
+    if settings.iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {settings.iterations}")
+    records = {v.name: _record(arch, v, config, settings) for v in variants}
+    live: dict[str, Prepared] = {}
+    _release(config)
+    try:
+        for v in variants:
+            try:
+                prepared = prepare(arch, v, config, state, settings.backend)
+                records[v.name].update(first_call(prepared, inputs, config, settings.warmup,
+                                                  lambda phase, name=v.name: tick(name, phase)))
+                live[v.name] = prepared
+            except Exception as error:  # recorded; the other variants go on
+                _failed(records[v.name], error)
+
+        def stepper(prepared: Prepared):
+            def step(i: int) -> None:
+                with forced_backend(prepared.backend):
+                    prepared.step(*inputs[i % len(inputs)])
+            return step
+        times, errors = timed_rounds({name: stepper(p) for name, p in live.items()}, settings.iterations, tick)
+        for name, prepared in live.items():
+            record = records[name]
+            if name in errors:
+                _failed(record, RuntimeError(errors[name]))
                 continue
-            record["speedup"] = {name: record["images_per_s"] / base["images_per_s"]
-                                 for name, base in baselines.items()}
-            eager = baselines.get("eager")
-            record["output_rel_err_vs_eager"] = (rel_err(record["first_output"], eager["first_output"])
-                                                 if eager is not None else None)
-    for record in records:
-        record.pop("first_output", None)
+            record.update(timing_figures(times[name], sum(times[name]), config))
+            record["memory"] = cpu_memory(prepared, inputs, settings.iterations)
+            record["status"] = "ok"
+            tick(name, "memory")
+    finally:
+        live.clear()
+        _release(config)
+    return list(records.values())
 
 
 def run(settings: Settings, progress: bool = True) -> dict:
@@ -449,6 +438,23 @@ def run(settings: Settings, progress: bool = True) -> dict:
             state = reference_state(arch, settings.configs[0].num_classes, settings.seed)
             for config in settings.configs:
                 inputs = make_inputs(config, settings.seed)
+                if config.device_type == "cpu":
+                    group = f"{arch.name} {config.mode}"
+                    outer.set_postfix_str(f"{group}: {', '.join(v.name for v in variants)} in rounds")
+                    with tqdm(total=len(variants) * per_variant_steps, desc=group, unit="step", leave=False,
+                              position=1, disable=not progress, dynamic_ncols=True) as inner:
+                        def tick_variant(name, phase, inner=inner):
+                            inner.update(1)
+                            inner.set_postfix_str(f"{name}: {phase}")
+                        group_records = run_interleaved(arch, variants, config, state, inputs, settings, tick_variant)
+                    for record in group_records:
+                        if record["status"] != "ok":
+                            outer.write(f"{group} {record['variant']}: "
+                                        f"{'skipped' if record['status'] == 'skipped' else 'FAILED'}: {record['error']}")
+                    records.extend(group_records)
+                    outer.update(len(variants))
+                    del inputs
+                    continue
                 for variant in variants:
                     desc = f"{arch.name} {config.mode} {variant.name}"
                     outer.set_postfix_str(desc)

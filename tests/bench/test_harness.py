@@ -159,8 +159,9 @@ def test_baseline_backend_is_forced_for_the_baseline_only(tiny):
     finally:
         architectures.TABLE.pop("recording", None)
     assert all(r["status"] == "ok" for r in document["results"])
-    steps = 1 + 1 + 2 + 1  # first call, warm-up, timed, memory
-    assert seen == ["reference"] * steps + [None] * steps
+    # cpu: each variant's first call and warm-up in turn, then the timed steps in rounds
+    # (baseline, ours, baseline, ours), then each one's memory step
+    assert seen == ["reference"] * 2 + [None] * 2 + ["reference", None] * 2 + ["reference", None]
     assert os.environ.get("CNNKERNELS_BACKEND") is None
 
 
@@ -233,3 +234,18 @@ def test_frozen_variant_freezes_only_our_model_and_agrees_with_eager(tiny):
         model = harness.prepare(arch, harness.VARIANTS[name], config, state).model
         bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
         assert bns and all(is_frozen(m) == frozen for m in bns)
+
+
+def test_timed_rounds_interleave_the_steps_and_drop_one_that_fails():
+    from cnnkernels.bench.timing import timed_rounds
+    order = []
+
+    def step(name, fail_at=None):
+        def run(i):
+            order.append((name, i))
+            if i == fail_at:
+                raise RuntimeError("broken at step 1")
+        return run
+    times, errors = timed_rounds({"a": step("a"), "b": step("b", fail_at=1), "c": step("c")}, 3)
+    assert order == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("b", 1), ("c", 1), ("a", 2), ("c", 2)]
+    assert [len(times[k]) for k in "abc"] == [3, 1, 3] and errors == {"b": "RuntimeError: broken at step 1"}
