@@ -58,8 +58,8 @@ Methodology: the first call is timed alone (compilation, cuDNN autotuning and ot
 one-time work); then warm-up steps; then --iterations timed steps, each on the next
 of 4 random input batches (rotating inputs); on cpu the variants of a model take their
 timed steps in rounds (eager, compile, ours, eager, ...), so that load from elsewhere
-hits every variant alike, and each variant's memory is measured after the rounds; CPU steps timed with perf_counter, CUDA
-steps with CUDA events; reported: median step time, quartiles, min/max/std,
+hits every variant alike, and each variant's memory is measured after the rounds.
+CPU steps timed with perf_counter, CUDA steps with CUDA events; reported: median step time, quartiles, min/max/std,
 images/s = batch / median, and the wall-clock throughput of the loop.
 A step is a forward pass under no_grad (inference) or zero_grad + forward +
 cross-entropy + backward + SGD step (train); bfloat16/float16 mean torch.autocast with
