@@ -38,8 +38,8 @@ from cnnkernels.bench.environment import describe
 from cnnkernels.bench import openvino_engine
 from cnnkernels.bench.memory import MEMORY_METHOD, profiled_peak_bytes, state_bytes
 from cnnkernels.bench.timing import (AUX_WEIGHT, INPUT_POOL, METHODOLOGY, SGD_LR, SGD_MOMENTUM, TIMING_METHOD,
-                                     add_comparisons, rel_err, summarize, timed_rounds)
-from cnnkernels.bench.variants import BASELINE_VARIANTS, VARIANTS, Variant  # noqa: F401  (harness.VARIANTS)
+                                     add_comparisons, summarize, timed_rounds)
+from cnnkernels.bench.variants import VARIANTS, Variant
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}

@@ -7,7 +7,7 @@ import math
 import pathlib
 import time
 
-from cnnkernels.bench.harness import BASELINE_VARIANTS
+from cnnkernels.bench.variants import BASELINE_VARIANTS
 
 MIB = 2 ** 20
 SPEEDUP_HEADER = {"eager": "x eager", "compile": "x compile", "compile-max-autotune": "x max-autotune"}

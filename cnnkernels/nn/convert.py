@@ -31,7 +31,6 @@ from torch import nn
 
 from cnnkernels.nn.conv_bn_act import ConvBNAct
 from cnnkernels.nn.functional import assemble, conv_bn_act_modules
-from cnnkernels.nn.squeeze_excite import SqueezeExcite
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,6 @@ from cnnkernels.nn.functional import batch_norm_mode, bn_act_conv_modules
 from cnnkernels.nn.sync_batchnorm import sync_group
 from cnnkernels.ops import _autocast
 from cnnkernels.ops._conv_bn_core import update_running_stats
-from cnnkernels.ops.bn_act_conv import bn_act_conv
 
 __all__ = ["DenseBlock", "DenseLayer"]
 
@@ -68,8 +67,8 @@ class DenseLayer(nn.Module):
         return (self.norm1, self.conv1), (self.norm2, self.conv2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _bn_act_conv_functional(self.norm1, self.conv1, x)
-        out = _bn_act_conv_functional(self.norm2, self.conv2, out)
+        out = bn_act_conv_modules(self.norm1, self.conv1, x)
+        out = bn_act_conv_modules(self.norm2, self.conv2, out)
         if self.drop_rate > 0:
             out = F.dropout(out, p=self.drop_rate, training=self.training)
         return out
@@ -318,9 +317,3 @@ class _DenseBlockFunction(torch.autograd.Function):
             del grads1, grads2, bottleneck
         grad_x = grad_buf[:, :block.num_input_features] if ctx.needs_input_grad[1] else None
         return (None, grad_x, *param_grads)
-
-
-def _bn_act_conv_functional(norm: nn.BatchNorm2d, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """conv(relu(norm(x))) through the functional, autograd-recording op (or, for a
-    synchronised norm in training, the synchronised BatchNorm and torch ops)."""
-    return bn_act_conv_modules(norm, conv, x)

@@ -46,11 +46,12 @@ def _stats_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _global_moments(x: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(count, mean, biased variance) per channel of x [N, C, ...] over every rank's x."""
+    """(count, mean, biased variance) per channel of x [N, C, ...] (in its statistics
+    dtype) over every rank's x."""
     c = x.shape[1]
     local = torch.zeros(3, c, dtype=torch.float64, device=x.device)
     if x.numel():
-        var, mean = torch.var_mean(x.to(_stats_dtype(x)).transpose(0, 1).reshape(c, -1), dim=1, correction=0)
+        var, mean = torch.var_mean(x.transpose(0, 1).reshape(c, -1), dim=1, correction=0)
         count = x.numel() // c
         local[0], local[1], local[2] = count, mean.double(), var.double() * count
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
@@ -69,7 +70,9 @@ def _global_moments(x: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor,
 class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group):
-        count, mean, var = _global_moments(x, group)
+        dtype = _stats_dtype(x)
+        xs = x.to(dtype)
+        count, mean, var = _global_moments(xs, group)
         total = int(count[0].item()) if count.numel() else 0
         if total <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got {total} over the "
@@ -79,11 +82,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
                 running_var.mul_(1 - momentum).add_((var * total / (total - 1)).to(running_var.dtype),
                                                     alpha=momentum)
-        dtype = _stats_dtype(x)
         mean, invstd = mean.to(dtype), torch.rsqrt(var + eps).to(dtype)
         scale = invstd if weight is None else invstd * weight.to(dtype)
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        out = (x.to(dtype) - mean.view(shape)) * scale.view(shape)
+        out = (xs - mean.view(shape)) * scale.view(shape)
         if bias is not None:
             out = out + bias.to(dtype).view(shape)
         ctx.save_for_backward(x, weight, mean, invstd)

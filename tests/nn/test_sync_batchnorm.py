@@ -13,6 +13,7 @@ from torch import nn
 
 import cnnkernels
 from cnnkernels import models
+from helpers import skip_or_fail
 
 WORKER = pathlib.Path(__file__).with_name("sync_bn_worker.py")
 CHECKS = [
@@ -28,7 +29,7 @@ CHECKS = [
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available in this build")
+        skip_or_fail("torch.distributed is not available in this build (needed for the gloo processes)")
     folder = tmp_path_factory.mktemp("sync_bn")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(rank), "2", str(folder / "store"),
