@@ -28,7 +28,7 @@ def _match_tv_resnet(module) -> bool:
     return (is_instance_of(module, TV_RESNET, "ResNet") and is_conv_bn_pair(module.conv1, module.bn1)
             and is_relu(module.relu) and type(module.maxpool) is nn.MaxPool2d
             and has_exactly(module, {"conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4",
-                                      "avgpool", "fc"}))
+                                     "avgpool", "fc"}))
 
 
 def _replace_tv_resnet(module):

@@ -37,8 +37,10 @@ CASES = {
     # model builders and the registry
     "unknown model name": (lambda f: models.create_model("resnet19"), ValueError, "unknown model 'resnet19'.*resnet18"),
     "num_classes zero": (lambda f: models.resnet18(num_classes=0), ValueError, "num_classes must be a positive int"),
-    "num_classes a string": (lambda f: models.vgg11(num_classes="10"), ValueError, "num_classes must be a positive int"),
-    "num_classes a bool": (lambda f: models.densenet121(num_classes=True), ValueError, "num_classes must be a positive"),
+    "num_classes a string": (lambda f: models.vgg11(num_classes="10"), ValueError,
+                             "num_classes must be a positive int"),
+    "num_classes a bool": (lambda f: models.densenet121(num_classes=True), ValueError,
+                           "num_classes must be a positive"),
     "weights of a wrong type": (lambda f: models.resnet18(weights=3), TypeError, "weights must be a checkpoint path"),
     "unknown builder argument": (lambda f: models.resnet18(foo=1), TypeError, "unexpected keyword argument 'foo'"),
     "fixed ResNeXt groups changed": (lambda f: models.resnext50_32x4d(groups=8), ValueError, "fixes groups=32"),

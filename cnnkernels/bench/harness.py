@@ -415,6 +415,11 @@ def run_interleaved(arch: Architecture, variants: Sequence[Variant], config: Con
     return list(records.values())
 
 
+def _tell_failure(bar, desc: str, record: dict) -> None:
+    if record["status"] != "ok":
+        bar.write(f"{desc}: {'skipped' if record['status'] == 'skipped' else 'FAILED'}: {record['error']}")
+
+
 def run(settings: Settings, progress: bool = True) -> dict:
     """Measures every model x config x variant of settings and returns the document
     written to JSON: {'schema', 'created', 'environment', 'settings', 'methodology',
@@ -448,9 +453,7 @@ def run(settings: Settings, progress: bool = True) -> dict:
                             inner.set_postfix_str(f"{name}: {phase}")
                         group_records = run_interleaved(arch, variants, config, state, inputs, settings, tick_variant)
                     for record in group_records:
-                        if record["status"] != "ok":
-                            outer.write(f"{group} {record['variant']}: "
-                                        f"{'skipped' if record['status'] == 'skipped' else 'FAILED'}: {record['error']}")
+                        _tell_failure(outer, f"{group} {record['variant']}", record)
                     records.extend(group_records)
                     outer.update(len(variants))
                     del inputs
@@ -466,9 +469,7 @@ def run(settings: Settings, progress: bool = True) -> dict:
                             inner.update(1)
                             inner.set_postfix_str(phase)
                         record = run_variant(arch, variant, config, state, inputs, settings, tick)
-                    if record["status"] != "ok":
-                        outer.write(f"{desc}: {'skipped' if record['status'] == 'skipped' else 'FAILED'}: "
-                                    f"{record['error']}")
+                    _tell_failure(outer, desc, record)
                     records.append(record)
                     outer.update(1)
                 del inputs

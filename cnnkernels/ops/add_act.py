@@ -9,7 +9,6 @@ so torch.compile(fullgraph=True) traces the op without a graph break.
 """
 from __future__ import annotations
 
-
 from math import prod
 
 import torch

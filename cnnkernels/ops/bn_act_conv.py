@@ -13,7 +13,6 @@ without a graph break.
 """
 from __future__ import annotations
 
-
 from math import prod
 
 import torch
@@ -137,12 +136,13 @@ def _analysis_cost(v: dict, result) -> _cost.OpCost:
     if activation != "none":
         unfused += 2 * nbytes(x)
     return _cost.OpCost(kinds, x, [], [weight, v["bias"], *bn_vectors], out,
-                              x.numel() + out.numel() * weight[0].numel(), unfused)
+                        x.numel() + out.numel() * weight[0].numel(), unfused)
 
 
 def _traffic(x_shape, weight_shape, *, stride=1, padding=0, dilation=1, activation="relu", mode="eval",
-                itemsize=4) -> _cost.Traffic:
-    """Memory traffic (cnnkernels.bench.traffic) of conv2d(act(bn(x)), weight): x [N, C_in, H, W], weight [C_out, C_in/g, kH, kW]."""
+             itemsize=4) -> _cost.Traffic:
+    """Memory traffic (cnnkernels.bench.traffic) of conv2d(act(bn(x)), weight):
+    x [N, C_in, H, W], weight [C_out, C_in/g, kH, kW]."""
     train, relu = _cost.check_mode(mode), _cost.check_activation(activation)
     x = prod(x_shape) * itemsize
     w = prod(weight_shape) * itemsize

@@ -9,7 +9,6 @@ so torch.compile(fullgraph=True) traces the op without a graph break.
 """
 from __future__ import annotations
 
-
 from math import prod
 
 import torch
@@ -88,13 +87,14 @@ def _analysis_cost(v: dict, result) -> _cost.OpCost:
     unfused = (_cost.nbytes(x, weight, v["bias"], out) + 2 * _cost.nbytes(out)
                + _cost.nbytes(*bn_vectors) + _cost.epilogue_bytes(out, residual, activation))
     return _cost.OpCost(_cost.steps(["conv", "bn"], residual is not None, activation), x,
-                              [residual] if residual is not None else [], [weight, v["bias"], *bn_vectors], out,
-                              out.numel() * weight[0].numel() + out.numel(), unfused)
+                        [residual] if residual is not None else [], [weight, v["bias"], *bn_vectors], out,
+                        out.numel() * weight[0].numel() + out.numel(), unfused)
 
 
 def _traffic(x_shape, weight_shape, *, stride=1, padding=0, dilation=1, residual=False,
-                activation="relu", mode="eval", input_grad=True, itemsize=4) -> _cost.Traffic:
-    """Memory traffic (cnnkernels.bench.traffic) of act(bn(conv2d(x, weight)) + residual): x [N, C_in, H, W], weight [C_out, C_in/g, kH, kW]."""
+             activation="relu", mode="eval", input_grad=True, itemsize=4) -> _cost.Traffic:
+    """Memory traffic (cnnkernels.bench.traffic) of act(bn(conv2d(x, weight)) + residual):
+    x [N, C_in, H, W], weight [C_out, C_in/g, kH, kW]."""
     train, relu = _cost.check_mode(mode), _cost.check_activation(activation)
     x = prod(x_shape) * itemsize
     w = prod(weight_shape) * itemsize

@@ -11,7 +11,6 @@ op without a graph break.
 """
 from __future__ import annotations
 
-
 from math import prod
 
 import torch
@@ -113,13 +112,14 @@ def _analysis_cost(v: dict, result) -> _cost.OpCost:
                + nbytes(hidden, weights[2], weights[3], gate) + 2 * nbytes(gate) + nbytes(x, gate, out)
                + _cost.epilogue_bytes(out, residual, activation))
     return _cost.OpCost(_cost.steps(["se"], residual is not None, activation), x,
-                              [residual] if residual is not None else [], weights, out,
-                              x.numel() + 2 * weights[0].numel() * x.shape[0] + out.numel(), unfused)
+                        [residual] if residual is not None else [], weights, out,
+                        x.numel() + 2 * weights[0].numel() * x.shape[0] + out.numel(), unfused)
 
 
-def _traffic(shape, hidden_channels, *, residual=True, activation="relu", mode="eval", itemsize=4) -> _cost.Traffic:
-    """Memory traffic (cnnkernels.bench.traffic) of act(x * sigmoid(fc2(relu(fc1(mean_hw(x))))) + residual): x [N, C, H, W], fc1 [R, C],
-    fc2 [C, R] with R = hidden_channels."""
+def _traffic(shape, hidden_channels, *, residual=True, activation="relu", mode="eval",
+             itemsize=4) -> _cost.Traffic:
+    """Memory traffic (cnnkernels.bench.traffic) of act(x * sigmoid(fc2(relu(fc1(mean_hw(x))))) +
+    residual): x [N, C, H, W], fc1 [R, C], fc2 [C, R] with R = hidden_channels."""
     train, relu = _cost.check_mode(mode), _cost.check_activation(activation)
     a = prod(shape) * itemsize
     fc = shape[1] * hidden_channels * itemsize

@@ -79,7 +79,8 @@ def test_bn_act_conv_prologue_relu_is_exact(backend):
     x, g, b = torch.randn(2, 8, 5, 5, generator=gen), torch.rand(8, generator=gen) + 0.5, torch.randn(8, generator=gen)
     mean, var = torch.randn(8, generator=gen), torch.rand(8, generator=gen) + 0.5
     per_channel = [t.double()[:, None, None] for t in (mean, var, g, b)]
-    near = per_channel[0] + (_near_zero(x.shape, gen) - per_channel[3]) * (per_channel[1] + 1e-5).sqrt() / per_channel[2]
+    mean64, var64, g64, b64 = per_channel
+    near = mean64 + (_near_zero(x.shape, gen) - b64) * (var64 + 1e-5).sqrt() / g64
     x = torch.where(torch.rand(x.shape, generator=gen) < 0.5, near.float(), x)
     eye = torch.eye(8).reshape(8, 8, 1, 1)
     x, g, b, mean, var, eye = (t.to(device) for t in (x, g, b, mean, var, eye))
