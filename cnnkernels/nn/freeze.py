@@ -22,15 +22,23 @@ through `.data` bypass version counters, as with torch.compile's freezing: call
 Memory: a frozen model holds a folded copy of each such convolution weight next to the
 original (the parameters stay, so the state_dict and training are unchanged): about the
 size of the model's convolution weights once more. unfreeze releases it.
+
+On top of the folding, a channels_last float32 or bfloat16 input on the CPU takes the
+prepacked oneDNN path of cnnkernels/nn/frozen_cpu.py (weights reordered once per input
+shape and dtype, one convolution call per pair); its results agree with the plain path
+to float32 / bfloat16 rounding, not bitwise.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-__all__ = ["freeze", "unfreeze", "is_frozen", "folded_eval_arguments"]
+from cnnkernels.nn import frozen_cpu
 
-_ATTR = "_cnnkernels_freeze"  # on the BatchNorm: None (frozen, nothing cached yet) or (key, arguments)
+__all__ = ["freeze", "unfreeze", "is_frozen", "folded_eval_arguments", "run_frozen_cpu"]
+
+# On the BatchNorm: None (frozen, nothing cached yet) or (key, folded arguments, frozen_cpu.PackedWeights).
+_ATTR = "_cnnkernels_freeze"
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -61,9 +69,9 @@ def is_frozen(bn: nn.Module) -> bool:
 
 
 def _key(tensors, eps: float):
+    # A replaced tensor (another dtype or device included) has another data_ptr.
     try:
-        return tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None
-                     for t in tensors) + (eps,)
+        return [None if t is None else (t.data_ptr(), t._version) for t in tensors] + [eps]
     except RuntimeError:  # inference tensors carry no version counter: never cache them
         return None
 
@@ -72,13 +80,38 @@ def folded_eval_arguments(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) 
     """For a frozen bn whose conditions hold (module docstring): the conv_bn_act arguments
     (weight, bias, bn_weight, bn_bias, running_mean, running_var, eps) that run the pair
     with BatchNorm already folded into the weight; None to take the plain path."""
-    if not is_frozen(bn) or bn.training or bn.running_mean is None or not bn.track_running_stats:
-        return None
     weight = conv.weight
     if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype
             or torch.compiler.is_compiling()):
         return None
-    tensors = (weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    cached = _cached(conv, bn)
+    return None if cached is None else cached[0]
+
+
+def run_frozen_cpu(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor | None,
+                   activation: str, overwrite_residual: bool = False) -> torch.Tensor | None:
+    """act(bn(conv(x)) + residual) through frozen_cpu's prepacked oneDNN call for a frozen
+    bn, where its conditions hold; None to take the other paths."""
+    if activation not in ("relu", "none") or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return None
+    if not frozen_cpu.applies(x, residual):
+        return None
+    dtype = frozen_cpu.compute_dtype(x, conv.weight)
+    if dtype is None:
+        return None
+    cached = _cached(conv, bn)
+    if cached is None:
+        return None
+    return frozen_cpu.frozen_conv_bn_act(conv, cached[0], cached[1], x, residual, activation, dtype,
+                                         overwrite_residual)
+
+
+def _cached(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple | None:
+    """(folded arguments, packed weights) of a frozen eval bn wanting no gradient, folded
+    again when a tensor changed; None where the pair must run unfrozen."""
+    if not is_frozen(bn) or bn.training or bn.running_mean is None or not bn.track_running_stats:
+        return None
+    tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return None
     key = _key(tensors, bn.eps)
@@ -86,11 +119,12 @@ def folded_eval_arguments(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) 
         return None
     cached = getattr(bn, _ATTR)
     if cached is not None and cached[0] == key:
-        return cached[1]
+        return cached[1:]
     with torch.no_grad():
-        arguments = _fold(weight, conv.bias, bn)
-    setattr(bn, _ATTR, (key, arguments))
-    return arguments
+        arguments = _fold(conv.weight, conv.bias, bn)
+    cached = (key, arguments, frozen_cpu.PackedWeights())
+    setattr(bn, _ATTR, cached)
+    return cached[1:]
 
 
 def _fold(weight, bias, bn) -> tuple:

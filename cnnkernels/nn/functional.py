@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from cnnkernels.nn._batch_norm_state import batch_norm_mode
-from cnnkernels.nn.freeze import folded_eval_arguments
+from cnnkernels.nn.freeze import folded_eval_arguments, is_frozen, run_frozen_cpu
 from cnnkernels.nn.sync_batchnorm import sync_batch_norm, sync_group
 from cnnkernels.ops.bn_act_conv import bn_act_conv
 from cnnkernels.ops.conv_bn_act import conv_bn_act
@@ -40,12 +40,20 @@ def assemble(cls: type[nn.Module], children: dict[str, nn.Module | None], attrib
 
 
 def conv_bn_act_modules(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor,
-                        residual: torch.Tensor | None = None, activation: str = "relu") -> torch.Tensor:
+                        residual: torch.Tensor | None = None, activation: str = "relu",
+                        overwrite_residual: bool = False) -> torch.Tensor:
     """act(bn(conv(x)) + residual) with the modules' parameters and buffers, fused; same
     results and running-statistics updates as calling the modules in turn. A bn marked by
-    cnnkernels.nn.freeze runs with its folded weights cached (cnnkernels/nn/freeze.py). A
+    cnnkernels.nn.freeze runs with its folded weights cached (cnnkernels/nn/freeze.py), on
+    the CPU in channels_last as one prepacked oneDNN call (cnnkernels/nn/frozen_cpu.py). A
     synchronised bn (cnnkernels.nn.convert_sync_batchnorm) in training runs conv, the
-    synchronised BatchNorm, the add and the activation as torch ops."""
+    synchronised BatchNorm, the add and the activation as torch ops. overwrite_residual: the
+    caller does not read `residual` afterwards, so the frozen CPU path may write the result
+    into it (no other path does)."""
+    if is_frozen(bn):
+        out = run_frozen_cpu(conv, bn, x, residual, activation, overwrite_residual)
+        if out is not None:
+            return out
     check_zero_padding(conv)
     training, momentum, running_mean, running_var = batch_norm_mode(bn)
     group = sync_group(bn)

@@ -1,0 +1,164 @@
+"""The frozen CPU inference path: one oneDNN call per conv-BN pair, weights prepacked once.
+
+For a BatchNorm marked by cnnkernels.nn.freeze, conv_bn_act_modules runs
+act(conv(x, W * s) + t (+ residual)) as one torch.ops.mkldnn._convolution_pointwise call
+(the binary form with the residual: add, then the activation, as oneDNN post-ops), the
+same call torch.compile's frozen CPU graphs make. W * s and t are folded once
+(freeze.py's arithmetic), and the folded weight is reordered once into the blocked
+layout oneDNN picks for the input's shape and memory format
+(mkldnn._reorder_convolution_weight) and kept. Per call, only the key check below and the
+convolution run: no weight fold, no weight reorder, no extra pass over the output.
+
+Taken when all of these hold, else the caller's plain path runs (which also raises the
+op's errors for bad arguments):
+- torch was built with oneDNN and it is enabled; not under torch.compile tracing;
+- x is a 4-D CPU tensor, channels_last-contiguous, float32 or bfloat16; no gradient is
+  wanted (torch.no_grad, inference_mode, or no parameter requiring grad);
+- the convolution runs in float32 (x and the weight float32, autocast off) or in bfloat16
+  (CPU autocast to bfloat16, or x and the weight bfloat16) where oneDNN runs bfloat16;
+- a residual, if any, is a CPU tensor of the output's shape.
+
+The prepacked weights follow the module like the folded ones (freeze.py): they are
+rebuilt when a parameter or buffer changes (storages and version counters), and dropped
+by unfreeze. One packed copy is kept per (dtype, input shape); the oldest goes when a
+fifth shape arrives, so a model fed many shapes holds at most four packed copies of its
+convolution weights per dtype. A packed weight made for one shape still runs another
+(oneDNN reorders it per call then), but at batch 1 a weight packed for batch 8 runs at
+about half speed on AVX-512, hence the key on the shape.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+__all__ = ["frozen_conv_bn_act", "MAX_PACKED_SHAPES"]
+
+MAX_PACKED_SHAPES = 4
+_ONEDNN = getattr(torch.ops, "mkldnn", None)
+
+
+def _onednn_usable() -> bool:
+    return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and hasattr(_ONEDNN, "_convolution_pointwise") and hasattr(_ONEDNN, "_reorder_convolution_weight"))
+
+
+def _bf16_supported() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_USABLE = None  # decided at the first call: (oneDNN usable, bfloat16 supported)
+
+
+def _support() -> tuple[bool, bool]:
+    global _USABLE
+    if _USABLE is None:
+        usable = _onednn_usable()
+        _USABLE = (usable, usable and _bf16_supported())
+    return _USABLE
+
+
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype the convolution runs in on the frozen path, None where that path does not apply."""
+    usable, bf16 = _support()
+    if not usable:
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        if torch.get_autocast_dtype("cpu") != torch.bfloat16 or x.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        return torch.bfloat16 if bf16 and weight.dtype in (torch.float32, torch.bfloat16) else None
+    if x.dtype != weight.dtype:
+        return None
+    if x.dtype == torch.float32:
+        return torch.float32
+    return torch.bfloat16 if x.dtype == torch.bfloat16 and bf16 else None
+
+
+class PackedWeights:
+    """The packed (weight, bias) of one conv-BN pair per (dtype, input shape), newest last."""
+
+    def __init__(self):
+        self.by_shape: OrderedDict = OrderedDict()
+
+    # oneDNN's packed tensors have no storage to copy or pickle: a copied or pickled model
+    # (deepcopy, torch.save of the module) starts with none and packs again on its first call.
+    def __deepcopy__(self, memo):
+        return PackedWeights()
+
+    def __reduce__(self):
+        return PackedWeights, ()
+
+    def get(self, folded: tuple, conv: nn.Conv2d, dtype: torch.dtype, shape: torch.Size):
+        key = (dtype, shape)
+        packed = self.by_shape.get(key)
+        if packed is None:
+            packed = _pack(folded, conv, dtype, shape)
+            self.by_shape[key] = packed
+            if len(self.by_shape) > MAX_PACKED_SHAPES:
+                self.by_shape.popitem(last=False)
+        return packed
+
+
+def _pack(folded: tuple, conv: nn.Conv2d, dtype: torch.dtype, shape: torch.Size):
+    weight, shift = folded[0], folded[3]
+    with torch.no_grad():
+        dense = weight.to(dtype).contiguous(memory_format=torch.channels_last)
+        packed = torch.ops.mkldnn._reorder_convolution_weight(
+            dense, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(shape))
+        return packed, shift.to(dtype)
+
+
+def applies(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    """The input conditions of the module docstring that do not depend on the modules."""
+    if x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
+        return False
+    if residual is not None and (not isinstance(residual, torch.Tensor) or residual.device.type != "cpu"
+                                 or residual.dim() != 4):
+        return False
+    return not torch.compiler.is_compiling()
+
+
+def frozen_conv_bn_act(conv: nn.Conv2d, folded: tuple, packed: PackedWeights, x: torch.Tensor,
+                       residual: torch.Tensor | None, activation: str, dtype: torch.dtype,
+                       overwrite_residual: bool = False) -> torch.Tensor | None:
+    """act(conv(x) folded with BN (+ residual)) in one oneDNN call; [N, C_in, H, W] ->
+    [N, C_out, H_out, W_out] channels_last in `dtype`. None where x's channels are not the
+    conv's or the residual's shape is not the output's (the caller's plain path then names
+    the error). overwrite_residual: the
+    caller's promise that nothing reads the residual afterwards; the result is then written
+    into it (oneDNN's in-place sum form, as torch.compile's frozen graphs do) when its dtype
+    and layout allow, which spares allocating (and on Linux page-faulting in) a fresh output."""
+    if x.shape[1] != conv.in_channels:
+        return None
+    if residual is not None:
+        out_hw = [(x.shape[2 + i] + 2 * conv.padding[i] - conv.dilation[i] * (conv.kernel_size[i] - 1) - 1)
+                  // conv.stride[i] + 1 for i in range(2)]
+        if list(residual.shape) != [x.shape[0], conv.out_channels, *out_hw]:
+            return None
+    weight, bias = packed.get(folded, conv, dtype, x.shape)
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    post = "relu" if activation == "relu" else "none"
+    if residual is None:
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, conv.padding, conv.stride, conv.dilation,
+                                                       conv.groups, post, [], None)
+    unary = None if post == "none" else post
+    writable = residual.dtype == dtype and residual.is_contiguous(memory_format=torch.channels_last)
+    if not (overwrite_residual and writable) and dtype == torch.bfloat16 and conv.groups > 1:
+        # torch 2.14's out-of-place form fails an internal assert for grouped bfloat16
+        # ("Unsupported datatype for add_relu"); the in-place form into a copy works.
+        residual, writable = residual.to(dtype).clone(memory_format=torch.channels_last), True
+        overwrite_residual = True
+    if overwrite_residual and writable:
+        return torch.ops.mkldnn._convolution_pointwise_.binary(
+            residual, x, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups, "add", None, unary,
+            [], None)
+    if residual.dtype != dtype:
+        residual = residual.to(dtype)
+    return torch.ops.mkldnn._convolution_pointwise.binary(
+        x, residual, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups, "add", None, unary, [],
+        None)
