@@ -56,7 +56,8 @@ def is_conv_bn(module: nn.Module | None) -> bool:
 
 def shortcut(downsample: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
     """The block's identity branch: x itself, bn(conv(x)) fused for torchvision's
-    Sequential(conv1x1, BatchNorm2d) projection, or any other module called as is."""
+    Sequential(conv1x1, BatchNorm2d) projection (a fresh tensor no hook sees: the block may
+    overwrite it), or any other module called as is."""
     if downsample is None:
         return x
     if is_conv_bn(downsample):
@@ -94,7 +95,8 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = shortcut(self.downsample, x)
         out = conv_bn_act_modules(self.conv1, self.bn1, x)
-        return conv_bn_act_modules(self.conv2, self.bn2, out, residual=identity, activation="relu")
+        return conv_bn_act_modules(self.conv2, self.bn2, out, residual=identity, activation="relu",
+                                   overwrite_residual=is_conv_bn(self.downsample))
 
 
 class Bottleneck(nn.Module):
@@ -133,7 +135,8 @@ class Bottleneck(nn.Module):
         out = conv_bn_act_modules(self.conv1, self.bn1, x)
         out = conv_bn_act_modules(self.conv2, self.bn2, out)
         if self.se is None:
-            return conv_bn_act_modules(self.conv3, self.bn3, out, residual=identity, activation="relu")
+            return conv_bn_act_modules(self.conv3, self.bn3, out, residual=identity, activation="relu",
+                                       overwrite_residual=is_conv_bn(self.downsample))
         out = conv_bn_act_modules(self.conv3, self.bn3, out, activation="none")
         return self.se(out, residual=identity, activation="relu")
 
