@@ -175,19 +175,24 @@ def _se_wgrad_kernel(
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     """gw[i, j] = sum_n a[n, i] * b[n, j]; gb[i] = sum_n a[n, i] (by the programs of the
-    first J tile). a [N, I], b [N, J], gw [I, J], gb [I], all contiguous."""
+    first J tile). a [N, I], b [N, J], gw [I, J], gb [I], all contiguous. The row
+    pointers step by I and J (64-bit pointer arithmetic: N * I may pass 2^31)."""
     i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     i_mask = i < I
     j_mask = j < J
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=ACC_DTYPE)
     acc_b = tl.zeros((BLOCK_I,), dtype=ACC_DTYPE)
-    for n in range(0, N):
-        a = tl.load(a_ptr + n * I + i, mask=i_mask, other=0.0)
+    a_row = a_ptr + i
+    b_row = b_ptr + j
+    for _ in range(0, N):
+        a = tl.load(a_row, mask=i_mask, other=0.0)
         if WRITE_W:
-            b = tl.load(b_ptr + n * J + j, mask=j_mask, other=0.0)
+            b = tl.load(b_row, mask=j_mask, other=0.0)
             acc += a[:, None] * b[None, :]
         acc_b += a
+        a_row += I
+        b_row += J
     if WRITE_W:
         tl.store(gw_ptr + i.to(tl.int64)[:, None] * J + j[None, :], acc.to(gw_ptr.dtype.element_ty),
                  mask=i_mask[:, None] & j_mask[None, :])
