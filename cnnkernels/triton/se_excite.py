@@ -245,7 +245,20 @@ def unsupported_reasons(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual,
         reasons.append("x must be 4-D and the fc weights 2-D")
     elif x.shape[1] == 0 or x.shape[2] * x.shape[3] == 0 or fc1_weight.shape[0] == 0:
         reasons.append("zero channels, pixels or hidden units")
+    else:
+        reasons += _support.index_reasons(x.shape[0] * x.shape[2] * x.shape[3],
+                                          dict(x=x, residual=residual, out=x.shape))
     return reasons
+
+
+def backward_unsupported_reasons(grad_out, out, x, fc1_weight, fc2_weight, squeezed, hidden, gate, activation,
+                                 output_mask) -> list[str]:
+    """unsupported_reasons for the backward's arguments: the forward's checks on x, and the
+    int32 indexing of grad_out and out (read through their strides)."""
+    reasons = unsupported_reasons(x, fc1_weight, None, fc2_weight, None, None, activation)
+    if triton is None or x.dim() != 4 or grad_out.dim() != 4:
+        return reasons
+    return reasons + _support.index_reasons(x.shape[0] * x.shape[2] * x.shape[3], dict(grad_out=grad_out, out=out))
 
 
 def forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation):
