@@ -58,6 +58,8 @@ def cuda_kernel(n, c_in, h, w, c_out, kh, kw, stride, padding, dilation, groups,
         return CUDNN_EPILOGUE, "the kernel does not fit the padded input"
     if n * c_in * h * w > MAX_SPECIALISED_NUMEL or n * c_out * h_out * w_out > MAX_SPECIALISED_NUMEL:
         return CUDNN_EPILOGUE, "more than 2^30 elements"
+    if c_out * (c_in // groups) * kh * kw > MAX_SPECIALISED_NUMEL:
+        return CUDNN_EPILOGUE, "a weight of more than 2^30 elements"
     if kh == 1 and kw == 1 and padding[0] == 0 and groups == 1:
         if dtype == "float64" or (dtype == "float32" and not tf32):
             return CONV1X1_GEMM, "1x1 convolution"

@@ -99,11 +99,18 @@ class TritonModule:
 
     def reasons(self, *args) -> list[str]:
         """The module's unsupported_reasons(*args), or why triton cannot be imported."""
-        try:
-            module = self.module()
-        except ImportError as error:
-            return [f"triton is unavailable ({error})"]
-        return module.unsupported_reasons(*args)
+        return self.reasons_from("unsupported_reasons")(*args)
+
+    def reasons_from(self, name: str) -> Callable[..., list[str]]:
+        """Like reasons, through the module's function `name` (the checks of an op's other
+        entry points, e.g. its backward's), imported at the first call."""
+        def reasons(*args) -> list[str]:
+            try:
+                module = self.module()
+            except ImportError as error:
+                return [f"triton is unavailable ({error})"]
+            return getattr(module, name)(*args)
+        return reasons
 
     def function(self, name: str) -> Callable:
         """Calls the module's function `name`, importing the module at the first call."""

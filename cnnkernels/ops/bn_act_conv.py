@@ -181,13 +181,6 @@ _registration.declare_call(INTO_OP, _normalize_into_call, lambda device: _sample
 _TRITON = _registration.TritonModule("cnnkernels.triton.bn_act_conv")
 
 
-def _triton_into_reasons(out, *args):
-    reasons = _TRITON.reasons(*args)
-    if out.device != args[0].device:
-        reasons.append(f"out is on {out.device}, x on {args[0].device}")
-    return reasons
-
-
 def _triton_backward_reasons(grad_out, x, weight, bias, bn_weight, bn_bias, save_mean, save_var, stride,
                              padding, dilation, groups, training, eps, activation, output_mask):
     return _TRITON.reasons(x, weight, bias, bn_weight, bn_bias, None, None, stride, padding, dilation, groups,
@@ -213,7 +206,8 @@ _registration.register(
     reference=(_REFERENCE_KERNEL + ", copy into out", reference.bn_act_conv_into),
     native=({backend: kernel + ", written into out" for backend, kernel in _NATIVE_KERNEL.items()},
             "_bn_act_conv_into_native"),
-    triton=(_TRITON_KERNEL + ", stored through out's strides", _TRITON.function("into"), _triton_into_reasons),
+    triton=(_TRITON_KERNEL + ", stored through out's strides", _TRITON.function("into"),
+            _TRITON.reasons_from("into_unsupported_reasons")),
     triton_describe=lambda out, *args: _TRITON.function("describe")(*args))
 _registration.register(
     BACKWARD_OP, family=OP, x_index=1,

@@ -141,12 +141,6 @@ _registration.declare_call(OP, _normalize_call, _sample, cost=_analysis_cost, tr
 _TRITON = _registration.TritonModule("cnnkernels.triton.conv_bn_act")
 
 
-def _triton_backward_reasons(grad_out, out, x, weight, bias, conv_out, bn_weight, save_mean, save_var,
-                             stride, padding, dilation, groups, training, eps, activation, output_mask):
-    return _TRITON.reasons(x, weight, bias, bn_weight, None, None, None, stride, padding, dilation,
-                           groups, training, eps, None, activation)
-
-
 _registration.register(
     OP, family=OP,
     reference=("plain torch: conv2d, batch statistics, affine, activation", reference.conv_bn_act_forward),
@@ -163,7 +157,7 @@ _registration.register(
     reference=("plain torch", reference.conv_bn_act_backward),
     native=("fused BN/activation backward pass + ATen convolution_backward", "_conv_bn_act_backward_native"),
     triton=("Triton BN/activation backward kernels + ATen convolution_backward", _TRITON.function("backward"),
-            _triton_backward_reasons))
+            _TRITON.reasons_from("backward_unsupported_reasons")))
 
 
 @torch.library.register_fake(f"cnnkernels::{OP}")

@@ -160,11 +160,6 @@ _registration.declare_call(OP, _normalize_call, _sample, cost=_analysis_cost, tr
 _TRITON = _registration.TritonModule("cnnkernels.triton.se_excite")
 
 
-def _triton_backward_reasons(grad_out, out, x, fc1_weight, fc2_weight, squeezed, hidden, gate, activation,
-                             output_mask):
-    return _TRITON.reasons(x, fc1_weight, None, fc2_weight, None, None, activation)
-
-
 _registration.register(
     OP, family=OP,
     reference=("plain torch: mean, linear, sigmoid, scale, activation", reference.se_excite_forward),
@@ -182,7 +177,7 @@ _registration.register(
              "cuda": "one block per sample for the g*x reduction and FC backward, weight-gradient kernel, one "
                      "elementwise grad_x/grad_residual kernel"}, "_se_excite_backward_native"),
     triton=("Triton g*x reduction, FC backward, weight-gradient and fused grad_x/grad_residual kernels",
-            _TRITON.function("backward"), _triton_backward_reasons))
+            _TRITON.function("backward"), _TRITON.reasons_from("backward_unsupported_reasons")))
 
 
 @torch.library.register_fake(f"cnnkernels::{OP}")

@@ -15,8 +15,9 @@ compiled kernel. :func:`kernel` keeps the raw Python function and builds both fo
   ``tl.dot`` on bfloat16 operands (it multiplies their raw bits as integers) by widening
   them to float32 first, which is exact, and turns off the interpreter's int32
   overflow sanitizer (it checks every integer op through int64 and makes the
-  interpreter about 2.5x slower; the launchers compute offsets in int64 where
-  they can exceed int32). It also makes ``tl.tensor.__index__`` read a scalar's
+  interpreter about 2.5x slower; the kernels compute offsets in int64 where
+  they can exceed int32, and _support.index_reasons turns away the tensors that
+  would overflow the rest). It also makes ``tl.tensor.__index__`` read a scalar's
   one-element array through ``.squeeze()``, as Triton 3.8's interpreter does: Triton
   3.6's calls ``int()`` on the shape-(1,) array, which NumPy 2.4 refuses ("only
   0-dimensional arrays can be converted to Python scalars"), so every

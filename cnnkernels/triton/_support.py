@@ -79,6 +79,49 @@ def conv_reasons(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilatio
     return []
 
 
+INT32_MAX = 2 ** 31 - 1
+MAX_ROWS = 2 ** 31 - 2 ** 24
+"""The most rows (pixels N*H*W) index_reasons() lets through: int32 row indices with
+room for the last row tile and for the last split of a reduction (at most 1/256 of the
+rows, _bn.splits) past the end."""
+
+
+def sample_span(t) -> int:
+    """Elements a tensor spans within one sample, dims 1.. (1 + sum of (size - 1) * stride),
+    at least its elements per sample (what a dense copy spans); t a tensor, or the shape of
+    a dense tensor a launcher allocates."""
+    shape = tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t)
+    dense = 1
+    for size in shape[1:]:
+        dense *= size
+    if not isinstance(t, torch.Tensor) or dense == 0:
+        return dense
+    return max(dense, 1 + sum((size - 1) * abs(stride) for size, stride in zip(shape[1:], t.stride()[1:])))
+
+
+def index_reasons(rows: int, tensors: dict) -> list[str]:
+    """Why the kernels' 32-bit index arithmetic could overflow here ([] when it cannot).
+
+    The Triton kernels of conv_bn_act, bn_act_conv and se_excite address element
+    (n, c, h, w) as n * stride_n in int64 plus c * stride_c + h * stride_h + w * stride_w
+    in int32, and number the rows of their tiles (flattened pixels) in int32: 64-bit
+    arithmetic throughout would put 64-bit divisions on every element. So every tensor
+    must span at most 2^31 elements within a sample (sample_span; tensors {name: tensor
+    or dense shape}, None skipped) and rows (the most pixels N*H*W of any of them) stay
+    within MAX_ROWS. add_act indexes in int64 and does not call this."""
+    reasons = []
+    if rows > MAX_ROWS:
+        reasons.append(f"{rows} rows (N*H*W pixels) exceed the {MAX_ROWS} that the Triton kernels' int32 row "
+                       "indices allow")
+    for name, t in tensors.items():
+        span = 0 if t is None else sample_span(t)
+        if span > INT32_MAX + 1:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t)
+            reasons.append(f"{name} of shape {shape} spans {span} elements within one sample, more than the 2^31 "
+                           "that the Triton kernels' int32 offsets address")
+    return reasons
+
+
 def channels_last_aligned(t: torch.Tensor) -> bool:
     """What Triton's specialisation sees as a channels-last tensor whose channel runs
     can be read and written as vectors: channel stride 1, the other strides and the

@@ -63,8 +63,9 @@ def unsupported_reasons(first, second, activation) -> list[str]:
     if triton is None:
         return _support.missing_triton()
     reasons = _support.tensor_reasons(first, activation)
-    if first.numel() >= 2 ** 31 * BLOCK:
-        reasons.append("more elements than one grid axis can cover")
+    if first.numel() > _support.INT32_MAX * BLOCK:  # programs index in int64; the grid axis is the limit
+        reasons.append(f"{first.numel()} elements need more than the {_support.INT32_MAX} programs of one grid "
+                       f"axis ({BLOCK} elements each)")
     return reasons
 
 

@@ -174,7 +174,23 @@ def unsupported_reasons(x, weight, bias, bn_weight, bn_bias, running_mean, runni
     tests). float64 runs only in the interpreter."""
     if triton is None:
         return _support.missing_triton()
-    return _support.tensor_reasons(x, activation) + _support.conv_reasons(x, weight, stride, padding, dilation)
+    reasons = _support.conv_reasons(x, weight, stride, padding, dilation)
+    if not reasons:  # the backward's z, grad_z and grad_x are dense copies of x's shape
+        n, _, h_out, w_out = reference.conv_output_size(x.shape, weight.shape, stride, padding, dilation)
+        reasons = _support.index_reasons(max(n * x.shape[2] * x.shape[3], n * h_out * w_out),
+                                         dict(x=x, out=(n, weight.shape[0], h_out, w_out)))
+    return _support.tensor_reasons(x, activation) + reasons
+
+
+def into_unsupported_reasons(out, *args) -> list[str]:
+    """unsupported_reasons(*args) for bn_act_conv_into, and out's device and int32
+    indexing (out is written through its strides: a channel slice spans its buffer)."""
+    reasons = unsupported_reasons(*args)
+    if out.device != args[0].device:
+        reasons.append(f"out is on {out.device}, x on {args[0].device}")
+    if triton is None or out.dim() != 4:
+        return reasons
+    return reasons + _support.index_reasons(out.shape[0] * out.shape[2] * out.shape[3], dict(out=out))
 
 
 def _batch_stats(x):

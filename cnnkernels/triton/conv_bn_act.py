@@ -158,7 +158,24 @@ def unsupported_reasons(x, weight, bias, bn_weight, bn_bias, running_mean, runni
     tests). float64 runs only in the interpreter."""
     if triton is None:
         return _support.missing_triton()
-    return _support.tensor_reasons(x, activation) + _support.conv_reasons(x, weight, stride, padding, dilation)
+    reasons = _support.conv_reasons(x, weight, stride, padding, dilation)
+    if not reasons:
+        out_shape = reference.conv_output_size(x.shape, weight.shape, stride, padding, dilation)
+        reasons = _support.index_reasons(out_shape[0] * out_shape[2] * out_shape[3],
+                                         dict(x=x, weight=weight, residual=residual, out=out_shape))
+    return _support.tensor_reasons(x, activation) + reasons
+
+
+def backward_unsupported_reasons(grad_out, out, x, weight, bias, conv_out, bn_weight, save_mean, save_var, stride,
+                                 padding, dilation, groups, training, eps, activation, output_mask) -> list[str]:
+    """unsupported_reasons for the backward's arguments: the forward's checks, and the
+    int32 indexing of the tensors the backward kernels read."""
+    reasons = unsupported_reasons(x, weight, bias, bn_weight, None, None, None, stride, padding, dilation, groups,
+                                  training, eps, None, activation)
+    if triton is None or grad_out.dim() != 4:
+        return reasons
+    n, _, h_out, w_out = grad_out.shape
+    return reasons + _support.index_reasons(n * h_out * w_out, dict(grad_out=grad_out, out=out, conv_out=conv_out))
 
 
 def forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,

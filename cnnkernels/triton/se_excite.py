@@ -175,19 +175,24 @@ def _se_wgrad_kernel(
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     """gw[i, j] = sum_n a[n, i] * b[n, j]; gb[i] = sum_n a[n, i] (by the programs of the
-    first J tile). a [N, I], b [N, J], gw [I, J], gb [I], all contiguous."""
+    first J tile). a [N, I], b [N, J], gw [I, J], gb [I], all contiguous. The row
+    pointers step by I and J (64-bit pointer arithmetic: N * I may pass 2^31)."""
     i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     i_mask = i < I
     j_mask = j < J
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=ACC_DTYPE)
     acc_b = tl.zeros((BLOCK_I,), dtype=ACC_DTYPE)
-    for n in range(0, N):
-        a = tl.load(a_ptr + n * I + i, mask=i_mask, other=0.0)
+    a_row = a_ptr + i
+    b_row = b_ptr + j
+    for _ in range(0, N):
+        a = tl.load(a_row, mask=i_mask, other=0.0)
         if WRITE_W:
-            b = tl.load(b_ptr + n * J + j, mask=j_mask, other=0.0)
+            b = tl.load(b_row, mask=j_mask, other=0.0)
             acc += a[:, None] * b[None, :]
         acc_b += a
+        a_row += I
+        b_row += J
     if WRITE_W:
         tl.store(gw_ptr + i.to(tl.int64)[:, None] * J + j[None, :], acc.to(gw_ptr.dtype.element_ty),
                  mask=i_mask[:, None] & j_mask[None, :])
@@ -240,7 +245,20 @@ def unsupported_reasons(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual,
         reasons.append("x must be 4-D and the fc weights 2-D")
     elif x.shape[1] == 0 or x.shape[2] * x.shape[3] == 0 or fc1_weight.shape[0] == 0:
         reasons.append("zero channels, pixels or hidden units")
+    else:
+        reasons += _support.index_reasons(x.shape[0] * x.shape[2] * x.shape[3],
+                                          dict(x=x, residual=residual, out=x.shape))
     return reasons
+
+
+def backward_unsupported_reasons(grad_out, out, x, fc1_weight, fc2_weight, squeezed, hidden, gate, activation,
+                                 output_mask) -> list[str]:
+    """unsupported_reasons for the backward's arguments: the forward's checks on x, and the
+    int32 indexing of grad_out and out (read through their strides)."""
+    reasons = unsupported_reasons(x, fc1_weight, None, fc2_weight, None, None, activation)
+    if triton is None or x.dim() != 4 or grad_out.dim() != 4:
+        return reasons
+    return reasons + _support.index_reasons(x.shape[0] * x.shape[2] * x.shape[3], dict(grad_out=grad_out, out=out))
 
 
 def forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, activation):

@@ -15,8 +15,9 @@
 //                    (ResNeXt); any dtype (cuDNN's channels_last grouped convolutions are
 //                    slow whatever the dtype: pytorch issues 34977, 70954).
 //   cudnn_epilogue   everything else: at::convolution (cuDNN) + the epilogue passes.
-// Empty tensors and tensors of more than 2^30 elements always take cudnn_epilogue (the
-// specialised kernels use 32-bit element offsets, with headroom for a tile past the end).
+// Empty tensors and x, output or weight of more than 2^30 elements always take
+// cudnn_epilogue (the specialised kernels use 32-bit element offsets, with headroom for a
+// tile past the end).
 #pragma once
 
 #include <cstdint>
@@ -54,7 +55,8 @@ inline ConvBnActKernel choose_conv_bn_act_kernel(const ConvBnActShape& s) {
   const int64_t h_out = (s.h + 2 * s.pad_h - (s.kh - 1) - 1) / s.stride_h + 1;
   const int64_t w_out = (s.w + 2 * s.pad_w - (s.kw - 1) - 1) / s.stride_w + 1;
   if (s.h + 2 * s.pad_h < s.kh || s.w + 2 * s.pad_w < s.kw || h_out < 1 || w_out < 1) return fallback;
-  if (s.n * s.c_in * s.h * s.w > kMaxSpecialisedNumel || s.n * s.c_out * h_out * w_out > kMaxSpecialisedNumel) {
+  if (s.n * s.c_in * s.h * s.w > kMaxSpecialisedNumel || s.n * s.c_out * h_out * w_out > kMaxSpecialisedNumel ||
+      s.c_out * (s.c_in / s.groups) * s.kh * s.kw > kMaxSpecialisedNumel) {
     return fallback;
   }
   if (s.kh == 1 && s.kw == 1 && s.pad_h == 0 && s.groups == 1) {

@@ -173,9 +173,9 @@ __device__ __forceinline__ RowInfo row_info(int64_t m, const ConvShape& s, const
   if (m >= s.m) return {0, -(1 << 30), 0};
   const int64_t hw = int64_t(s.h_out) * s.w_out;
   const int64_t n = m / hw;
-  const int rem = static_cast<int>(m - n * hw);
-  const int ho = rem / s.w_out;
-  const int wo = rem - ho * s.w_out;
+  const int64_t rem = m - n * hw;  // int64: H_out * W_out may pass 2^31
+  const int ho = static_cast<int>(rem / s.w_out);
+  const int wo = static_cast<int>(rem - int64_t(ho) * s.w_out);
   return {n * xs.n, ho * s.stride_h - s.pad_h, wo * s.stride_w - s.pad_w};
 }
 
@@ -318,9 +318,9 @@ __global__ void conv_kernel(ConvArgs<scalar_t, acc_t> p) {
     const int64_t m = m0 + m_lane + 16 * i;
     if (m >= s.m) continue;
     const int64_t n = m / hw;
-    const int rem = static_cast<int>(m - n * hw);
-    const int ho = rem / s.w_out;
-    const int wo = rem - ho * s.w_out;
+    const int64_t rem = m - n * hw;  // as in row_info
+    const int ho = static_cast<int>(rem / s.w_out);
+    const int wo = static_cast<int>(rem - int64_t(ho) * s.w_out);
     scalar_t* out_m = p.out + n * p.os.n + ho * p.os.h + wo * p.os.w;
 #pragma unroll
     for (int j = 0; j < TN; ++j) {

@@ -45,6 +45,10 @@ def _grid():
         yield n, c_in, h, w, c_out, k, k, stride, padding, dilation, groups
     yield 2, 64, 8, 8, 64, 1, 3, (1, 1), (0, 1), (1, 1), 1  # non-square kernel
     yield 0, 64, 8, 8, 64, 1, 1, (1, 1), (0, 0), (1, 1), 1  # empty batch
+    for c in (2 ** 15, 2 ** 15 + 1, 2 ** 16):  # weights of 2^30 elements and more (32-bit offsets)
+        yield 1, c, 2, 2, c, 1, 1, (1, 1), (0, 0), (1, 1), 1
+    for c, groups in ((2 ** 20, 2 ** 15), (2 ** 22, 2 ** 17)):  # grouped: 9 * 2^25 and 9 * 2^27 weights
+        yield 1, c, 2, 2, c, 3, 3, (1, 1), (1, 1), (1, 1), groups
 
 
 def test_python_mirror_agrees_with_the_cpp_rule(lib):
