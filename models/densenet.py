@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnkernels.nn import DenseBlock, FusedSequential
+from cnnkernels.nn.freeze import is_frozen, run_frozen_cpu_bn_act_conv
 from cnnkernels.nn.functional import bn_act_conv_modules
 
 from ._init import initialize, kaiming_fan_in, zero_bias
@@ -31,7 +32,9 @@ __all__ = ["DenseNet", "densenet121", "densenet161", "densenet169", "densenet201
 class _Transition(nn.Module):
     """BN-ReLU-1x1 conv (one fused bn_act_conv op) then 2x2/2 average pool.
     [N, C_in, H, W] -> [N, C_out, H/2, W/2]. The children are torchvision's (norm, relu,
-    conv, pool); `relu` is kept for the structure, the op applies the ReLU itself."""
+    conv, pool); `relu` is kept for the structure, the op applies the ReLU itself. In a
+    frozen model on the CPU (cnnkernels.nn.freeze) the pool runs before the 1x1 conv
+    instead, a quarter of its work for the same function (run_frozen_cpu_bn_act_conv)."""
 
     def __init__(self, num_input_features: int, num_output_features: int) -> None:
         super().__init__()
@@ -41,6 +44,10 @@ class _Transition(nn.Module):
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_frozen(self.norm):
+            out = run_frozen_cpu_bn_act_conv(self.norm, self.conv, x, pool=self.pool)
+            if out is not None:
+                return out
         return self.pool(bn_act_conv_modules(self.norm, self.conv, x))
 
 

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from cnnkernels.nn import frozen_cpu
+from cnnkernels.nn.freeze import is_frozen, run_frozen_cpu_bn_act_conv
 from cnnkernels.nn.functional import batch_norm_mode, bn_act_conv_modules
 from cnnkernels.nn.sync_batchnorm import sync_group
 from cnnkernels.ops import _autocast
@@ -223,8 +225,15 @@ def _run_forward(block: DenseBlock, x: torch.Tensor, params, keep: bool):
                       memory_format=_buffer_format(x))
     buf[:, :c].copy_(x)
     records = []
+    scratch = None if keep else _frozen_scratch(block, buf)
     for i, layer in enumerate(block.values()):
         (norm1, conv1), (norm2, conv2) = layer.units()
+        if scratch is not None:
+            new = _frozen_layer(layer, buf[:, :c], scratch)
+            if new is not None:
+                buf[:, c:c + k].copy_(new)
+                c += k
+                continue
         unit1 = params[_PARAMS_PER_LAYER * i:_PARAMS_PER_LAYER * i + 4]
         unit2 = params[_PARAMS_PER_LAYER * i + 4:_PARAMS_PER_LAYER * (i + 1)]
         bottleneck, mean1, var1, training1 = _bn_act_conv_forward(norm1, conv1, unit1, buf[:, :c], None)
@@ -242,6 +251,32 @@ def _run_forward(block: DenseBlock, x: torch.Tensor, params, keep: bool):
         del bottleneck
         c += k
     return buf, records
+
+
+def _frozen_scratch(block: DenseBlock, buf: torch.Tensor) -> torch.Tensor | None:
+    """For a block of a frozen model on the CPU path of cnnkernels.nn.freeze: one flat
+    tensor that holds each layer's relu(norm1(prefix)) in turn; None otherwise."""
+    first = block["denselayer1"]
+    if not is_frozen(first.norm1) or not frozen_cpu.applies(buf, None):
+        return None
+    dtype = frozen_cpu.compute_dtype(buf, first.conv1.weight)
+    if dtype is None:
+        return None
+    n, _, h, w = buf.shape
+    widest = block.num_output_features - block.growth_rate
+    return torch.empty(n * widest * h * w, dtype=dtype, device=buf.device)
+
+
+def _frozen_layer(layer: DenseLayer, prefix: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor | None:
+    """The layer's new features [N, k, H, W] on the frozen CPU path: relu(norm1(prefix))
+    into scratch, conv1 with norm2 folded and relu2 as one packed call, conv2 packed;
+    None where the path does not apply (the caller runs the layer's plain step)."""
+    if layer.training and layer.drop_rate > 0:
+        return None
+    bottleneck = run_frozen_cpu_bn_act_conv(layer.norm1, layer.conv1, prefix, then_bn=layer.norm2, scratch=scratch)
+    if bottleneck is None:
+        return None
+    return run_frozen_cpu_bn_act_conv(None, layer.conv2, bottleneck)
 
 
 class _DenseBlockFunction(torch.autograd.Function):

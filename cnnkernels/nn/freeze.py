@@ -26,7 +26,9 @@ size of the model's convolution weights once more. unfreeze releases it.
 On top of the folding, a channels_last float32 or bfloat16 input on the CPU takes the
 prepacked oneDNN path of cnnkernels/nn/frozen_cpu.py (weights reordered once per input
 shape and dtype, one convolution call per pair); its results agree with the plain path
-to float32 / bfloat16 rounding, not bitwise.
+to float32 / bfloat16 rounding, not bitwise. The same path runs DenseNet's
+pre-activation units (run_frozen_cpu_bn_act_conv): each dense layer's norm2 is folded
+into conv1, and a transition pools before its 1x1 convolution.
 """
 from __future__ import annotations
 
@@ -35,23 +37,27 @@ from torch import nn
 
 from cnnkernels.nn import frozen_cpu
 
-__all__ = ["freeze", "unfreeze", "is_frozen", "folded_eval_arguments", "run_frozen_cpu"]
+__all__ = ["freeze", "unfreeze", "is_frozen", "folded_eval_arguments", "run_frozen_cpu",
+           "run_frozen_cpu_bn_act_conv"]
 
-# On the BatchNorm: None (frozen, nothing cached yet) or (key, folded arguments, frozen_cpu.PackedWeights).
+# On each BatchNorm2d and Conv2d of a frozen model: {role: (key, cached value)}, empty
+# until the first call. Roles: "conv_bn" on a BatchNorm (the folded arguments of the conv
+# before it and their frozen_cpu.PackedWeights), "conv" on a convolution with no
+# BatchNorm after it (its own weight and bias, packed).
 _ATTR = "_cnnkernels_freeze"
 
 
 def freeze(model: nn.Module) -> nn.Module:
-    """Marks every BatchNorm2d of model (the model itself included) frozen; returns model."""
+    """Marks every BatchNorm2d and Conv2d of model (the model itself included) frozen; returns model."""
     _check_module(model)
     for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            setattr(module, _ATTR, None)
+        if isinstance(module, (nn.BatchNorm2d, nn.Conv2d)):
+            setattr(module, _ATTR, {})
     return model
 
 
 def unfreeze(model: nn.Module) -> nn.Module:
-    """Undoes freeze(model): drops every cached folded weight; returns model."""
+    """Undoes freeze(model): drops every cached folded or packed weight; returns model."""
     _check_module(model)
     for module in model.modules():
         if hasattr(module, _ATTR):
@@ -64,8 +70,16 @@ def _check_module(model) -> None:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
-def is_frozen(bn: nn.Module) -> bool:
-    return hasattr(bn, _ATTR)
+def is_frozen(module: nn.Module) -> bool:
+    return hasattr(module, _ATTR)
+
+
+def packed_weights(module: nn.Module) -> frozen_cpu.PackedWeights | None:
+    """The packed weights cached on a frozen BatchNorm (for the conv before it) or Conv2d
+    (for itself, with no BatchNorm after it); None before the first packed call."""
+    memo = getattr(module, _ATTR, None) or {}
+    entry = memo.get("conv_bn" if isinstance(module, nn.BatchNorm2d) else "conv")
+    return None if entry is None else entry[1][1]
 
 
 def _key(tensors, eps: float):
@@ -74,6 +88,29 @@ def _key(tensors, eps: float):
         return [None if t is None else (t.data_ptr(), t._version) for t in tensors] + [eps]
     except RuntimeError:  # inference tensors carry no version counter: never cache them
         return None
+
+
+def _wants_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _memo(module: nn.Module, role: str, tensors, eps: float, build):
+    """build()'s value, cached on the frozen module under `role` and built again when any
+    of `tensors` changed; None (nothing cached) when the module is not frozen, a tensor
+    wants its gradient or cannot be keyed."""
+    memo = getattr(module, _ATTR, None)
+    if memo is None or _wants_grad(tensors):
+        return None
+    key = _key(tensors, eps)
+    if key is None:
+        return None
+    entry = memo.get(role)
+    if entry is not None and entry[0] == key:
+        return entry[1]
+    with torch.no_grad():
+        value = build()
+    memo[role] = (key, value)
+    return value
 
 
 def folded_eval_arguments(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> tuple | None:
@@ -88,13 +125,15 @@ def folded_eval_arguments(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) 
     return None if cached is None else cached[0]
 
 
+def _packable(conv: nn.Conv2d, activation: str) -> bool:
+    return activation in ("relu", "none") and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
+
 def run_frozen_cpu(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor | None,
                    activation: str, overwrite_residual: bool = False) -> torch.Tensor | None:
     """act(bn(conv(x)) + residual) through frozen_cpu's prepacked oneDNN call for a frozen
     bn, where its conditions hold; None to take the other paths."""
-    if activation not in ("relu", "none") or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        return None
-    if not frozen_cpu.applies(x, residual):
+    if not _packable(conv, activation) or not frozen_cpu.applies(x, residual):
         return None
     dtype = frozen_cpu.compute_dtype(x, conv.weight)
     if dtype is None:
@@ -106,25 +145,77 @@ def run_frozen_cpu(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, residua
                                          overwrite_residual)
 
 
+def run_frozen_cpu_bn_act_conv(bn: nn.BatchNorm2d | None, conv: nn.Conv2d, x: torch.Tensor,
+                               activation: str = "relu", then_bn: nn.BatchNorm2d | None = None,
+                               pool: nn.AvgPool2d | None = None,
+                               scratch: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The pre-activation unit conv(act(bn(x))) of a frozen model on frozen_cpu's path:
+    act(bn(x)) as one addcmul and an in-place activation (bn None: x as it is, no
+    activation applied), then the
+    packed convolution. then_bn: a BatchNorm right after the convolution, followed by ReLU
+    (DenseNet's norm2 -> relu2): folded into the packed convolution, so the result is
+    relu(then_bn(conv(act(bn(x))))). pool: an unpadded AvgPool2d after the convolution
+    (DenseNet's transition), applied before it instead, which is the same function for a
+    1x1 stride-1 convolution (averaging commutes with a per-pixel affine map) at a quarter
+    of the convolution's work; results agree to rounding. scratch: a flat tensor of at
+    least x.numel() elements of the compute dtype to hold act(bn(x)) (spares allocating
+    it per call). [N, C_in, H, W] (channels_last, or a channel-prefix view of a
+    channels_last tensor) -> [N, C_out, H', W'] channels_last; None where the conditions
+    of frozen_cpu do not hold (bn and then_bn eval and frozen, C_in channels, no gradient
+    wanted) and the caller's plain path runs."""
+    if not _packable(conv, activation) or not frozen_cpu.applies(x, None, views=bn is not None):
+        return None
+    if x.shape[1] != conv.in_channels or (pool is not None and not _pool_commutes(pool, conv)):
+        return None
+    dtype = frozen_cpu.compute_dtype(x, conv.weight)
+    if dtype is None:
+        return None
+    if bn is not None:
+        if not _eval_stats(bn) or x.shape[1] != bn.num_features:
+            return None
+        tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        scale_shift = _memo(bn, "bn_act", tensors, bn.eps, lambda: frozen_cpu.scale_shift(bn))
+        if scale_shift is None:
+            return None
+    if then_bn is None:
+        cached = _memo(conv, "conv", (conv.weight, conv.bias), 0.0,
+                       lambda: ((conv.weight, None, None, conv.bias), frozen_cpu.PackedWeights()))
+    else:
+        cached = _cached(conv, then_bn)
+    if cached is None:
+        return None
+    if bn is not None:
+        out = None
+        if scratch is not None and scratch.dtype == dtype and scratch.numel() >= x.numel():
+            n, c, h, w = x.shape
+            out = scratch[:x.numel()].view(n, h, w, c).permute(0, 3, 1, 2)
+        z = frozen_cpu.bn_act(scale_shift, x, dtype, activation, out)
+    else:
+        z = x.to(dtype)
+    if pool is not None:
+        z = pool(z)
+    return frozen_cpu.frozen_conv_bn_act(conv, cached[0], cached[1], z, None,
+                                         "none" if then_bn is None else "relu", dtype)
+
+
+def _eval_stats(bn: nn.BatchNorm2d) -> bool:
+    return not bn.training and bn.running_mean is not None and bn.track_running_stats
+
+
+def _pool_commutes(pool: nn.Module, conv: nn.Conv2d) -> bool:
+    return (type(pool) is nn.AvgPool2d and pool.padding in (0, (0, 0)) and pool.divisor_override is None
+            and tuple(conv.kernel_size) == (1, 1) and tuple(conv.stride) == (1, 1)
+            and tuple(conv.padding) == (0, 0))
+
+
 def _cached(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple | None:
     """(folded arguments, packed weights) of a frozen eval bn wanting no gradient, folded
     again when a tensor changed; None where the pair must run unfrozen."""
-    if not is_frozen(bn) or bn.training or bn.running_mean is None or not bn.track_running_stats:
+    if not _eval_stats(bn):
         return None
     tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return None
-    key = _key(tensors, bn.eps)
-    if key is None:
-        return None
-    cached = getattr(bn, _ATTR)
-    if cached is not None and cached[0] == key:
-        return cached[1:]
-    with torch.no_grad():
-        arguments = _fold(conv.weight, conv.bias, bn)
-    cached = (key, arguments, frozen_cpu.PackedWeights())
-    setattr(bn, _ATTR, cached)
-    return cached[1:]
+    return _memo(bn, "conv_bn", tensors, bn.eps,
+                 lambda: (_fold(conv.weight, conv.bias, bn), frozen_cpu.PackedWeights()))
 
 
 def _fold(weight, bias, bn) -> tuple:

@@ -9,6 +9,9 @@ layout oneDNN picks for the input's shape and memory format
 (mkldnn._reorder_convolution_weight) and kept. Per call, only the key check below and the
 convolution run: no weight fold, no weight reorder, no extra pass over the output.
 
+DenseNet's pre-activation units (relu(bn(x)) -> conv) take the same packed convolution
+after one addcmul + in-place ReLU pass (bn_act); see freeze.run_frozen_cpu_bn_act_conv.
+
 Taken when all of these hold, else the caller's plain path runs (which also raises the
 op's errors for bad arguments):
 - torch was built with oneDNN and it is enabled; not under torch.compile tracing;
@@ -33,7 +36,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-__all__ = ["frozen_conv_bn_act", "MAX_PACKED_SHAPES"]
+__all__ = ["frozen_conv_bn_act", "bn_act", "MAX_PACKED_SHAPES"]
 
 MAX_PACKED_SHAPES = 4
 _ONEDNN = getattr(torch.ops, "mkldnn", None)
@@ -109,12 +112,39 @@ def _pack(folded: tuple, conv: nn.Conv2d, dtype: torch.dtype, shape: torch.Size)
         dense = weight.to(dtype).contiguous(memory_format=torch.channels_last)
         packed = torch.ops.mkldnn._reorder_convolution_weight(
             dense, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(shape))
-        return packed, shift.to(dtype)
+        return packed, None if shift is None else shift.to(dtype)
 
 
-def applies(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
-    """The input conditions of the module docstring that do not depend on the modules."""
-    if x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
+def scale_shift(bn: nn.BatchNorm2d) -> dict:
+    """{dtype: (scale, shift)} of eval bn, [1, C, 1, 1] each, for act(x * scale + shift)
+    in float32 and bfloat16; freeze.py caches it per BatchNorm."""
+    scale = bn.running_var.float().add(bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * bn.weight.float()
+    shift = -bn.running_mean.float() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.float()
+    pair = (scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1))
+    return {torch.float32: pair, torch.bfloat16: tuple(t.to(torch.bfloat16) for t in pair)}
+
+
+def bn_act(scale_shift_of: dict, x: torch.Tensor, dtype: torch.dtype, activation: str,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """act(x * scale + shift) in `dtype` (scale_shift's pair for it), written into `out`
+    (x's shape, channels_last) when given: one addcmul reading x through its strides (a
+    channel-prefix view costs no copy), then the activation in place."""
+    scale, shift = scale_shift_of[dtype]
+    with torch.autocast("cpu", enabled=False):
+        z = torch.addcmul(shift, x.to(dtype), scale, out=out)
+    return z.relu_() if activation == "relu" else z
+
+
+def applies(x: torch.Tensor, residual: torch.Tensor | None, views: bool = False) -> bool:
+    """The input conditions of the module docstring that do not depend on the modules;
+    views: x may also be a channel-prefix view of a channels_last tensor (unit channel stride)."""
+    if x.device.type != "cpu" or x.dim() != 4:
+        return False
+    if not (x.is_contiguous(memory_format=torch.channels_last) or (views and x.stride(1) == 1)):
         return False
     if residual is not None and (not isinstance(residual, torch.Tensor) or residual.device.type != "cpu"
                                  or residual.dim() != 4):

@@ -8,7 +8,7 @@ from torch import nn
 
 from cnnkernels.nn import ConvBNAct, freeze, unfreeze
 from cnnkernels.nn import frozen_cpu
-from cnnkernels.nn.freeze import run_frozen_cpu
+from cnnkernels.nn.freeze import packed_weights, run_frozen_cpu
 from helpers import randomize_batchnorm, rel_err, skip_or_fail
 
 CASES = {  # name: (ConvBNAct kwargs, input shape, residual)
@@ -43,8 +43,7 @@ def make(case, seed=0, dtype=torch.float32):
 
 
 def packed_keys(module):
-    state = getattr(module.bn, "_cnnkernels_freeze")
-    return [] if state is None else list(state[2].by_shape)
+    return packed_keys_of(module.bn)
 
 
 def bf16_or_skip():
@@ -185,9 +184,9 @@ def test_frozen_resnet_in_channels_last_matches_torchvision_in_float32_and_bfloa
             assert rel_err(got.double(), exact) < max(2 * rel_err(want.double(), exact), 2e-2)
 
 
-def packed_keys_of(bn):
-    state = getattr(bn, "_cnnkernels_freeze", None)
-    return [] if state is None else list(state[2].by_shape)
+def packed_keys_of(module):
+    packed = packed_weights(module)
+    return [] if packed is None else list(packed.by_shape)
 
 
 def test_a_frozen_model_with_packed_weights_deep_copies_and_pickles():

@@ -1,0 +1,166 @@
+"""The frozen CPU path of DenseNet's pre-activation units (freeze.run_frozen_cpu_bn_act_conv):
+dense layers as relu(norm1(prefix)) -> conv1 with norm2 folded -> conv2, both packed, and
+transitions with the average pool moved before their 1x1 convolution."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from cnnkernels.nn import DenseBlock, freeze, frozen_cpu, unfreeze
+from cnnkernels.nn.freeze import packed_weights, run_frozen_cpu_bn_act_conv
+from helpers import randomize_batchnorm, rel_err, skip_or_fail
+
+
+@pytest.fixture(autouse=True)
+def _require_onednn():
+    if not frozen_cpu._support()[0]:
+        skip_or_fail("torch has no usable oneDNN: the frozen CPU path cannot run")
+
+
+def block_and_input(seed=0, channels_last=True):
+    torch.manual_seed(seed)
+    block = DenseBlock(num_layers=3, num_input_features=12, bn_size=2, growth_rate=8).eval()
+    randomize_batchnorm(block, seed)
+    x = torch.randn(2, 12, 9, 7)
+    return block, x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def packed_units(block):
+    """How many of the block's modules hold packed weights: norm2 (conv1 folded) and conv2 per layer."""
+    return sum(packed_weights(m) is not None and bool(packed_weights(m).by_shape)
+               for layer in block.values() for m in (layer.norm2, layer.conv2))
+
+
+def exact_block(block, x):
+    """The block in float64 through the modules themselves, torch.cat, no cnnkernels op."""
+    features = [x.double()]
+    for layer in block.values():
+        layer = copy.deepcopy(layer).double()
+        z = torch.cat(features, 1)
+        z = layer.conv1(torch.relu(layer.norm1(z)))
+        features.append(layer.conv2(torch.relu(layer.norm2(z))))
+    return torch.cat(features, 1)
+
+
+def test_frozen_dense_block_matches_the_exact_block_and_packs_every_layer():
+    block, x = block_and_input()
+    twin = copy.deepcopy(block)
+    freeze(block)
+    with torch.inference_mode():
+        got = block(x)
+        want = twin(x)
+    exact = exact_block(block, x)
+    assert packed_units(block) == 2 * len(block)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(got.double(), exact) < 1e-5 and rel_err(want.double(), exact) < 1e-5
+    assert torch.equal(got[:, :12], x)
+
+
+def test_frozen_dense_block_under_bfloat16_autocast():
+    if not frozen_cpu._support()[1]:
+        skip_or_fail("oneDNN runs no bfloat16 on this CPU")
+    block, x = block_and_input(seed=1)
+    twin = copy.deepcopy(block)
+    freeze(block)
+    exact = exact_block(block, x)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = block(x), twin(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert packed_units(block) == 2 * len(block)
+    assert rel_err(got.double(), exact) < max(2 * rel_err(want.double(), exact), 2e-2)
+
+
+def test_frozen_dense_block_follows_parameter_changes():
+    block, x = block_and_input(seed=2)
+    freeze(block)
+    with torch.no_grad():
+        before = block(x)
+        block["denselayer2"].norm1.running_mean.add_(0.5)
+        block["denselayer3"].conv2.weight.mul_(-1.0)
+        block["denselayer1"].norm2.weight.mul_(2.0)
+        got = block(x)
+    want = exact_block(block, x)
+    assert rel_err(got.double(), want) < 1e-5 and rel_err(before.double(), want) > 1e-2
+
+
+def test_dense_block_paths_not_taken():
+    block, x = block_and_input(seed=3, channels_last=False)
+    freeze(block)
+    with torch.no_grad():
+        got = block(x)  # NCHW: the plain in-place forward
+    assert packed_units(block) == 0
+    assert rel_err(got.double(), exact_block(block, x)) < 1e-5
+    block, x = block_and_input(seed=3)
+    freeze(block)
+    got = block(x)  # gradients wanted: the block's autograd Function
+    assert got.requires_grad and packed_units(block) == 0
+    block["denselayer1"].drop_rate = 0.5
+    block.train()
+    block["denselayer1"].norm1.eval(), block["denselayer1"].norm2.eval()
+    with torch.no_grad():
+        block(x)  # layer 1 drops features in training mode: not frozen
+    assert packed_units(block) == 0
+    unfreeze(block)
+    assert not any(hasattr(m, "_cnnkernels_freeze") for m in block.modules())
+
+
+def transition(seed=0):
+    torch.manual_seed(seed)
+    norm, conv = nn.BatchNorm2d(16), nn.Conv2d(16, 8, 1, bias=False)
+    randomize_batchnorm(norm, seed)
+    norm.eval()
+    freeze(norm), freeze(conv)
+    return norm, conv
+
+
+@pytest.mark.parametrize("size", [(8, 8), (9, 7)])
+def test_pool_before_the_1x1_convolution_is_the_same_function(size):
+    norm, conv = transition()
+    pool = nn.AvgPool2d(2, 2)
+    x = torch.randn(2, 16, *size).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got = run_frozen_cpu_bn_act_conv(norm, conv, x, pool=pool)
+        exact = pool(conv.double()(torch.relu(norm.double()(x.double()))))
+    assert got.shape == exact.shape and got.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(got.double(), exact) < 1e-5
+
+
+def test_pool_is_not_moved_where_it_would_change_the_function():
+    norm, conv = transition()
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    padded = nn.AvgPool2d(2, 2, padding=1)  # the zero padding would meet conv's bias, not 0
+    strided, padded_conv = nn.Conv2d(16, 8, 1, stride=2), nn.Conv2d(16, 8, 1, padding=1)
+    freeze(strided), freeze(padded_conv)
+    with torch.no_grad():
+        assert run_frozen_cpu_bn_act_conv(norm, conv, x, pool=padded) is None
+        assert run_frozen_cpu_bn_act_conv(norm, strided, x, pool=nn.AvgPool2d(2)) is None
+        assert run_frozen_cpu_bn_act_conv(norm, padded_conv, x, pool=nn.AvgPool2d(2)) is None
+        assert run_frozen_cpu_bn_act_conv(norm, conv, x, pool=nn.MaxPool2d(2)) is None
+        assert run_frozen_cpu_bn_act_conv(norm, conv, x[:, :8]) is None  # wrong channels
+        norm.train()
+        assert run_frozen_cpu_bn_act_conv(norm, conv, x) is None
+
+
+def test_frozen_densenet_in_channels_last_matches_torchvision():
+    torchvision = pytest.importorskip("torchvision")
+    from cnnkernels.models.densenet import DenseNet
+    torch.manual_seed(0)
+    config = dict(growth_rate=8, block_config=(2, 3), num_init_features=16, num_classes=10)
+    ref = torchvision.models.DenseNet(**config).eval()
+    randomize_batchnorm(ref)
+    net = DenseNet(**config).eval()
+    net.load_state_dict(ref.state_dict())
+    freeze(net.to(memory_format=torch.channels_last))
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        exact = copy.deepcopy(ref).double()(x.double())
+        assert rel_err(net(x).double(), exact) < 1e-5
+        transition = net.features.transition1
+        assert packed_weights(transition.conv).by_shape
+        assert next(iter(packed_weights(transition.conv).by_shape))[1][2] == 8  # pooled 16x16 -> 8x8
+        if frozen_cpu._support()[1]:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got, want = net(x), ref(x)
+            assert got.dtype == want.dtype
+            assert rel_err(got.double(), exact) < max(2 * rel_err(want.double(), exact), 2e-2)
