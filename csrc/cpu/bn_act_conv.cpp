@@ -24,6 +24,7 @@
 
 #include "common/bn_act_conv_driver.h"
 #include "cpu/bn_passes.h"
+#include "cpu/simd_cast.h"
 
 namespace cnnkernels {
 namespace {
@@ -77,12 +78,12 @@ void check_dense(const at::Tensor& t, const at::Tensor& x, bool rows, const char
 // The pre-activation of the op, a = x * scale + shift, and the relu-masked gradient.
 template <typename acc_t, typename scalar_t>
 inline acc_t pre_activation(scalar_t x, acc_t scale, acc_t shift) {
-  return static_cast<acc_t>(x) * scale + shift;
+  return to_acc<acc_t>(x) * scale + shift;
 }
 
 template <bool kRelu, typename acc_t, typename scalar_t>
 inline acc_t masked_grad(scalar_t grad_z, scalar_t x, acc_t scale, acc_t shift) {
-  const acc_t g = static_cast<acc_t>(grad_z);
+  const acc_t g = to_acc<acc_t>(grad_z);
   if constexpr (kRelu) return pre_activation<acc_t>(x, scale, shift) > acc_t(0) ? g : acc_t(0);
   return g;
 }
@@ -117,7 +118,7 @@ inline void scale_shift_act_span(const scalar_t* x, scalar_t* z, const acc_t* sc
   for (int64_t j = 0; j < len; ++j) {
     acc_t v = pre_activation<acc_t>(x[j], scale[kPerElement ? j : 0], shift[kPerElement ? j : 0]);
     if constexpr (kRelu) v = v > acc_t(0) ? v : acc_t(0);
-    z[j] = static_cast<scalar_t>(v);
+    z[j] = from_acc<scalar_t>(v);
   }
 }
 
@@ -204,7 +205,7 @@ void backward_reduce_kernel(const at::Tensor& grad_z, const at::Tensor& x_in, co
                 for (int64_t j = j0; j < j0 + len; ++j) {
                   const acc_t gv = masked_grad<kRelu>(g[j], xv[j], a, b);
                   bs += gv;
-                  if constexpr (kX) bx += gv * (static_cast<acc_t>(xv[j]) - m);
+                  if constexpr (kX) bx += gv * (to_acc<acc_t>(xv[j]) - m);
                 }
                 sum += bs;
                 sum_x += bx;
@@ -223,7 +224,7 @@ void backward_reduce_kernel(const at::Tensor& grad_z, const at::Tensor& x_in, co
         for (int64_t ch = 0; ch < c; ++ch) {
           const acc_t gv = masked_grad<kRelu>(g[ch], xv[ch], scp[ch], shp[ch]);
           bs[ch] += gv;
-          if constexpr (kX) bx[ch] += gv * (static_cast<acc_t>(xv[ch]) - mp[ch]);
+          if constexpr (kX) bx[ch] += gv * (to_acc<acc_t>(xv[ch]) - mp[ch]);
         }
       });
       for (int64_t ch = 0; ch < c; ++ch) {
@@ -266,8 +267,8 @@ inline void backward_span(const scalar_t* grad_z, const scalar_t* x, GradCoefs<a
     const int64_t ch = kPerElement ? j : 0;
     const acc_t g = masked_grad<kRelu>(grad_z[j], x[j], k.scale[ch], k.shift[ch]);
     acc_t v = g * k.g_scale[ch] + k.g_shift[ch];
-    if constexpr (kX) v -= (static_cast<acc_t>(x[j]) - k.mean[ch]) * k.x_scale[ch];
-    grad_x[j] = static_cast<scalar_t>(v);
+    if constexpr (kX) v -= (to_acc<acc_t>(x[j]) - k.mean[ch]) * k.x_scale[ch];
+    grad_x[j] = from_acc<scalar_t>(v);
   }
 }
 

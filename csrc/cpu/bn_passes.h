@@ -19,6 +19,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/simd_cast.h"
+
 namespace cnnkernels {
 namespace cpu_bn {
 
@@ -119,7 +121,7 @@ void shifted_batch_stats(const scalar_t* p, const Walk& s, bool rows, acc_t* mp,
   if (!rows) {
     at::parallel_for(0, s.c, grain(s.rows()), [&](int64_t c0, int64_t c1) {
       for (int64_t ch = c0; ch < c1; ++ch) {
-        const acc_t ref = static_cast<acc_t>(p[s.plane(0, ch)]);
+        const acc_t ref = to_acc<acc_t>(p[s.plane(0, ch)]);
         double sum = 0, sq = 0;
         for (int64_t i = 0; i < s.n; ++i) {
           const scalar_t* q = p + s.plane(i, ch);
@@ -128,7 +130,7 @@ void shifted_batch_stats(const scalar_t* p, const Walk& s, bool rows, acc_t* mp,
             acc_t bs = 0, bq = 0;
 #pragma omp simd reduction(+ : bs, bq)
             for (int64_t j = 0; j < len; ++j) {
-              const acc_t d = static_cast<acc_t>(q[j0 + j]) - ref;
+              const acc_t d = to_acc<acc_t>(q[j0 + j]) - ref;
               bs += d;
               bq += d * d;
             }
@@ -144,13 +146,13 @@ void shifted_batch_stats(const scalar_t* p, const Walk& s, bool rows, acc_t* mp,
 
   const int64_t c = s.c;
   std::vector<acc_t> ref(c);
-  for (int64_t ch = 0; ch < c; ++ch) ref[ch] = static_cast<acc_t>(p[s.row(0) + ch]);
+  for (int64_t ch = 0; ch < c; ++ch) ref[ch] = to_acc<acc_t>(p[s.row(0) + ch]);
   const acc_t* rp = ref.data();
   const auto total = channel_sum_pairs<acc_t>(s.rows(), c, [&](int64_t r, acc_t* bs, acc_t* bq) {
     const scalar_t* q = p + s.row(r);
 #pragma omp simd
     for (int64_t ch = 0; ch < c; ++ch) {
-      const acc_t d = static_cast<acc_t>(q[ch]) - rp[ch];
+      const acc_t d = to_acc<acc_t>(q[ch]) - rp[ch];
       bs[ch] += d;
       bq[ch] += d * d;
     }

@@ -22,6 +22,7 @@
 
 #include "common/conv_bn_act_driver.h"
 #include "cpu/bn_passes.h"
+#include "cpu/simd_cast.h"
 
 namespace cnnkernels {
 namespace {
@@ -85,10 +86,10 @@ inline void scale_shift_act_span(const scalar_t* y, const scalar_t* res, scalar_
                                  const acc_t* scale, const acc_t* shift, int64_t len) {
 #pragma omp simd
   for (int64_t j = 0; j < len; ++j) {
-    acc_t v = static_cast<acc_t>(y[j]) * scale[kPerElement ? j : 0] + shift[kPerElement ? j : 0];
-    if constexpr (kRes) v += static_cast<acc_t>(res[j]);
+    acc_t v = to_acc<acc_t>(y[j]) * scale[kPerElement ? j : 0] + shift[kPerElement ? j : 0];
+    if constexpr (kRes) v += to_acc<acc_t>(res[j]);
     if constexpr (kRelu) v = v < acc_t(0) ? acc_t(0) : v;
-    out[j] = static_cast<scalar_t>(v);
+    out[j] = from_acc<scalar_t>(v);
   }
 }
 
@@ -140,8 +141,8 @@ void scale_shift_act_cpu(const at::Tensor& y, const at::Tensor& scale, const at:
 
 template <bool kRelu, typename scalar_t, typename acc_t>
 inline acc_t masked_grad(const scalar_t* grad_out, const scalar_t* out, int64_t j) {
-  const acc_t g = static_cast<acc_t>(grad_out[j]);
-  if constexpr (kRelu) return static_cast<acc_t>(out[j]) > acc_t(0) ? g : acc_t(0);
+  const acc_t g = to_acc<acc_t>(grad_out[j]);
+  if constexpr (kRelu) return to_acc<acc_t>(out[j]) > acc_t(0) ? g : acc_t(0);
   return g;
 }
 
@@ -181,7 +182,7 @@ void backward_reduce_kernel(const at::Tensor& grad_out, const at::Tensor& out, c
                 for (int64_t j = 0; j < len; ++j) {
                   const acc_t g = masked_grad<kRelu, scalar_t, acc_t>(gp + o, op + (kRelu ? o : 0), j);
                   bs += g;
-                  if constexpr (kY) by += g * (static_cast<acc_t>(yp[o + j]) - m);
+                  if constexpr (kY) by += g * (to_acc<acc_t>(yp[o + j]) - m);
                 }
                 sum += bs;
                 sum_y += by;
@@ -199,7 +200,7 @@ void backward_reduce_kernel(const at::Tensor& grad_out, const at::Tensor& out, c
         for (int64_t ch = 0; ch < c; ++ch) {
           const acc_t g = masked_grad<kRelu, scalar_t, acc_t>(gp + o, op + (kRelu ? o : 0), ch);
           bs[ch] += g;
-          if constexpr (kY) by[ch] += g * (static_cast<acc_t>(yp[o + ch]) - mp[ch]);
+          if constexpr (kY) by[ch] += g * (to_acc<acc_t>(yp[o + ch]) - mp[ch]);
         }
       });
       for (int64_t ch = 0; ch < c; ++ch) {
@@ -237,10 +238,10 @@ inline void backward_span(const scalar_t* grad_out, const scalar_t* out, const s
     const acc_t g = masked_grad<kRelu, scalar_t, acc_t>(grad_out, out, j);
     if constexpr (kGradY) {
       acc_t v = g * k.g_scale[ch] + k.shift[ch];
-      if constexpr (kY) v -= (static_cast<acc_t>(y[j]) - k.mean[ch]) * k.y_scale[ch];
-      grad_y[j] = static_cast<scalar_t>(v);
+      if constexpr (kY) v -= (to_acc<acc_t>(y[j]) - k.mean[ch]) * k.y_scale[ch];
+      grad_y[j] = from_acc<scalar_t>(v);
     }
-    if constexpr (kGradPre) grad_pre[j] = static_cast<scalar_t>(g);
+    if constexpr (kGradPre) grad_pre[j] = from_acc<scalar_t>(g);
   }
 }
 

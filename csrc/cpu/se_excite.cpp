@@ -30,6 +30,7 @@
 #include "common/checks.h"
 #include "common/op_args.h"
 #include "common/se_excite_args.h"
+#include "cpu/simd_cast.h"
 
 namespace cnnkernels {
 namespace {
@@ -141,7 +142,7 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
     std::vector<double> sums(c);
     for (int64_t i = n0; i < n1; ++i) {
       const scalar_t* xi = xp + i * c * s;
-      sample_channel_sums<acc_t>(channels_last, c, s, [&](int64_t o) { return static_cast<acc_t>(xi[o]); },
+      sample_channel_sums<acc_t>(channels_last, c, s, [&](int64_t o) { return to_acc<acc_t>(xi[o]); },
                                  sums.data());
       acc_t* sqi = sq + i * c;
       for (int64_t ch = 0; ch < c; ++ch) sqi[ch] = static_cast<acc_t>(sums[ch] / static_cast<double>(s));
@@ -162,10 +163,10 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
     const bool has_res = rp != nullptr;
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
-      acc_t v = static_cast<acc_t>(xp[off + j]) * g[per_element ? j : 0];
-      if (has_res) v += static_cast<acc_t>(rp[off + j]);
+      acc_t v = to_acc<acc_t>(xp[off + j]) * g[per_element ? j : 0];
+      if (has_res) v += to_acc<acc_t>(rp[off + j]);
       if (relu) v = v < acc_t(0) ? acc_t(0) : v;
-      op[off + j] = static_cast<scalar_t>(v);
+      op[off + j] = from_acc<scalar_t>(v);
     }
   };
   if (!channels_last) {
@@ -228,8 +229,8 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& out, const at
   const acc_t* hp = hidden.const_data_ptr<acc_t>();
   const acc_t* gp = gate.const_data_ptr<acc_t>();
   auto masked = [=](int64_t o) {
-    const acc_t g = static_cast<acc_t>(gop[o]);
-    return (relu && !(static_cast<acc_t>(outp[o]) > acc_t(0))) ? acc_t(0) : g;
+    const acc_t g = to_acc<acc_t>(gop[o]);
+    return (relu && !(to_acc<acc_t>(outp[o]) > acc_t(0))) ? acc_t(0) : g;
   };
   const bool want_x = grad_x.defined();
   // d_squeezed / S per (n, c), only for grad_x.
@@ -245,7 +246,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& out, const at
         const int64_t base = i * c * s;
         sample_channel_sums<acc_t>(
             channels_last, c, s,
-            [&](int64_t o) { return masked(base + o) * static_cast<acc_t>(xp[base + o]); }, sums.data());
+            [&](int64_t o) { return masked(base + o) * to_acc<acc_t>(xp[base + o]); }, sums.data());
         const acc_t* gi = gp + i * c;
         acc_t* dz2 = dz2p + i * c;
         for (int64_t ch = 0; ch < c; ++ch) dz2[ch] = static_cast<acc_t>(sums[ch]) * gi[ch] * (acc_t(1) - gi[ch]);
@@ -285,8 +286,8 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& out, const at
     for (int64_t j = 0; j < len; ++j) {
       const acc_t g = masked(off + j);
       const int64_t k = coef + (per_element ? j : 0);
-      if (gxp) gxp[off + j] = static_cast<scalar_t>(g * gp[k] + dsqp[k]);
-      if (grp) grp[off + j] = static_cast<scalar_t>(g);
+      if (gxp) gxp[off + j] = from_acc<scalar_t>(g * gp[k] + dsqp[k]);
+      if (grp) grp[off + j] = from_acc<scalar_t>(g);
     }
   };
   if (!channels_last) {
