@@ -44,7 +44,8 @@ Defaults depend on the device (--device; default: cuda when available, else cpu)
 Variants: eager / compile / compile-max-autotune run the baseline model (eager,
 torch.compile default mode, mode="max-autotune"); cnnkernels / cnnkernels-compile run
 ours; cnnkernels-frozen runs ours after cnnkernels.nn.freeze(model) (BatchNorm folded
-into the convolution weights once instead of per call: CPU float32 inference; the
+into the convolution weights once instead of per call, and in channels_last float32 /
+bfloat16 the weights prepacked for oneDNN once per input shape: CPU inference; the
 same contract as torch.compile's freezing: parameters do not change behind autograd's
 back). compile-freezing is torch.compile with Inductor's freezing (weights constant-folded
 and prepacked at compile time; inference); openvino converts the baseline model with

@@ -9,8 +9,9 @@ class Variant:
     """How a model runs: role "baseline" (the architecture's baseline model) or "ours";
     compile_mode None for eager, else torch.compile's mode ("default", "max-autotune"),
     with Inductor `compile_options` (e.g. freezing); freeze: ours with
-    cnnkernels.nn.freeze applied (it changes CPU float32/float64 inference only; elsewhere
-    the model runs as the unfrozen variant); engine "openvino": the baseline model
+    cnnkernels.nn.freeze applied (it changes CPU inference only: float32/float64, and
+    float32/bfloat16 in channels_last on oneDNN's prepacked path; elsewhere the model runs
+    as the unfrozen variant); engine "openvino": the baseline model
     converted and compiled by OpenVINO's CPU plugin (inference only)."""
     name: str
     role: str
