@@ -21,7 +21,8 @@ backward(grad_out, out, x, weight, bias, conv_out, bn_weight, save_mean, save_va
          stride, padding, dilation, groups, training, eps, activation, output_mask)
     -> (grad_x, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias, grad_residual)
   output_mask [6] says which of the six are wanted; an unwanted one is an empty [0]
-  tensor. grad_x and grad_residual come in x's memory format, the rest contiguous.
+  tensor. grad_x and grad_residual come in x's memory format, grad_weight in weight's
+  layout (like_weight), the rest contiguous.
   grad_bn_weight and grad_bn_bias are in the statistics dtype. In eval, an empty
   conv_out means "recompute it from x" (needed only for grad_bn_weight).
 
@@ -58,7 +59,8 @@ backward(grad_out, x, weight, bias, bn_weight, bn_bias, save_mean, save_var, str
   grad_x = gamma * invstd * (g - grad_bn_bias / M - xhat * grad_bn_weight / M) in
   training (M = N*H*W), gamma * invstd * g in eval.
   output_mask [5] says which are wanted; an unwanted one (or grad_bias without a bias)
-  is an empty [0] tensor. grad_x in bn_act_conv_memory_format(x), the rest contiguous;
+  is an empty [0] tensor. grad_x in bn_act_conv_memory_format(x), grad_weight in weight's
+  layout (like_weight), the rest contiguous;
   grad_bn_weight and grad_bn_bias in the statistics dtype.
 """
 from __future__ import annotations
@@ -77,6 +79,14 @@ def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
+
+
+def like_weight(grad_weight: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """grad_weight in weight's layout (torch.empty_like(weight)'s strides), as autograd
+    keeps parameter gradients: no copy when the convolution's backward already gave it."""
+    if grad_weight.stride() == weight.stride():
+        return grad_weight
+    return torch.empty_like(weight).copy_(grad_weight)
 
 
 def conv_output_size(x_shape, weight_shape, stride, padding, dilation) -> list[int]:
@@ -130,7 +140,7 @@ def conv_bn_act_backward(grad_out, out, x, weight, bias, conv_out, bn_weight, sa
     c_out = weight.shape[0]
     g = grad_out.to(sdtype)
     if activation == "relu":
-        g = torch.where(out > 0, g, torch.zeros_like(g))
+        g = torch.where(out > 0, g, g.new_zeros(()))
     invstd = torch.rsqrt(save_var.to(sdtype) + eps)
     mean = save_mean.to(sdtype)
     gamma = bn_weight.to(sdtype) if bn_weight is not None else torch.ones(c_out, dtype=sdtype, device=x.device)
@@ -156,7 +166,7 @@ def conv_bn_act_backward(grad_out, out, x, weight, bias, conv_out, bn_weight, sa
             list(dilation), False, [0, 0], groups, [output_mask[0], output_mask[1], output_mask[2]])
     return (
         grad_x.contiguous(memory_format=fmt) if output_mask[0] else _empty(x),
-        grad_w.contiguous() if output_mask[1] else _empty(x),
+        like_weight(grad_w, weight) if output_mask[1] else _empty(x),
         grad_b.contiguous() if output_mask[2] else _empty(x),
         grad_gamma.contiguous() if output_mask[3] else _empty(save_mean),
         grad_beta.contiguous() if output_mask[4] else _empty(save_mean),
@@ -226,7 +236,7 @@ def se_excite_backward(grad_out, out, x, fc1_weight, fc2_weight, squeezed, hidde
     sdtype = stats_dtype(x.dtype)
     g = grad_out.to(sdtype)
     if activation == "relu":
-        g = torch.where(out > 0, g, torch.zeros_like(g))
+        g = torch.where(out > 0, g, g.new_zeros(()))
     gate, hidden, squeezed = gate.to(sdtype), hidden.to(sdtype), squeezed.to(sdtype)
     d_gate = (g * x.to(sdtype)).sum(dim=(2, 3))
     d_z2 = d_gate * gate * (1 - gate)
@@ -308,7 +318,7 @@ def bn_act_conv_backward(grad_out, x, weight, bias, bn_weight, bn_bias, save_mea
     if want_grad_z:
         g = grad_z.to(sdtype)
         if activation == "relu":
-            g = torch.where(a > 0, g, torch.zeros_like(g))
+            g = torch.where(a > 0, g, g.new_zeros(()))
         invstd = torch.rsqrt(save_var.to(sdtype) + eps)
         xhat = (x.to(sdtype) - save_mean.to(sdtype).view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
         grad_beta = g.sum(dim=(0, 2, 3))
@@ -323,7 +333,7 @@ def bn_act_conv_backward(grad_out, x, weight, bias, bn_weight, bn_bias, save_mea
     empty_x, empty_s = x.new_empty(0), save_mean.new_empty(0, dtype=sdtype)
     return (
         grad_x.to(x.dtype).contiguous(memory_format=fmt) if output_mask[0] else empty_x,
-        grad_w.contiguous() if output_mask[1] else empty_x,
+        like_weight(grad_w, weight) if output_mask[1] else empty_x,
         grad_b.contiguous() if want_bias else empty_x,
         grad_gamma.contiguous() if output_mask[3] else empty_s,
         grad_beta.contiguous() if output_mask[4] else empty_s,

@@ -48,15 +48,17 @@ def promote(x: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return x.to(dtype), other.to(dtype)
 
 
+def enabled() -> bool:
+    """Whether autocast is on for cpu or cuda in this thread."""
+    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+
+
 @contextlib.contextmanager
 def suspended():
     """Autocast off on cpu and cuda for the block: an op's implementation (the reference
     backend's torch calls, the C++ kernels' ATen calls) must run in the dtypes it was
     given, not recast by an autocast region around the op."""
     on = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
-    if not on:
-        yield
-        return
     with contextlib.ExitStack() as stack:
         for device_type in on:
             stack.enter_context(torch.autocast(device_type, enabled=False))

@@ -73,18 +73,23 @@ def native_reasons(family: str, native_op: str, device_type: str, x_index: int =
     dispatch_key, source = next((key, source.format(family)) for device, key, source in _NATIVE
                                 if device == device_type)
 
+    def build_reasons() -> list[str]:
+        if not _library.extension_loaded():
+            return [f"cnnkernels._C is not loaded ({_library.LOAD_ERROR})"]
+        if not hasattr(torch.ops.cnnkernels, native_op):
+            return [f"cnnkernels._C predates {family}: rebuild it"]
+        if not _library.has_native_kernel(native_op, dispatch_key):
+            return [f"cnnkernels._C was built without {dispatch_key} kernels of {family} ({source})"]
+        return []
+
+    build = []  # asked at the first call, once: the extension is loaded (or not) at import
+
     def reasons(*args):
         x = args[x_index]
-        found = []
-        if x.device.type != device_type:
-            found.append(f"needs {device_type} tensors, got {x.device.type}")
-        if not _library.extension_loaded():
-            found.append(f"cnnkernels._C is not loaded ({_library.LOAD_ERROR})")
-        elif not hasattr(torch.ops.cnnkernels, native_op):
-            found.append(f"cnnkernels._C predates {family}: rebuild it")
-        elif not _library.has_native_kernel(native_op, dispatch_key):
-            found.append(f"cnnkernels._C was built without {dispatch_key} kernels of {family} ({source})")
-        return found
+        found = [] if x.device.type == device_type else [f"needs {device_type} tensors, got {x.device.type}"]
+        if not build:
+            build.append(build_reasons())
+        return found + build[0]
     return reasons
 
 
@@ -145,5 +150,8 @@ def register(op_name: str, *, family: str, x_index: int = 0,
 
     @torch.library.register_kernel(f"cnnkernels::{op_name}", ("cpu", "cuda"))
     def _kernel(*args):
+        implementation = _backends.select(op_name, args)
+        if not _autocast.enabled():
+            return implementation.run(*args)
         with _autocast.suspended():  # the op's dtypes were settled by its Python front (ops/_autocast.py)
-            return _backends.select(op_name, args).run(*args)
+            return implementation.run(*args)

@@ -242,7 +242,7 @@ def _backward_fake(grad_out, x, weight, bias, bn_weight, bn_bias, save_mean, sav
     sdtype = reference.stats_dtype(x.dtype)
     wanted = (
         output_mask[0] and (lambda: torch.empty_like(x, memory_format=reference.bn_act_conv_memory_format(x))),
-        output_mask[1] and (lambda: torch.empty_like(weight, memory_format=torch.contiguous_format)),
+        output_mask[1] and (lambda: torch.empty_like(weight)),
         output_mask[2] and bias is not None and (lambda: x.new_empty(weight.shape[0])),
         output_mask[3] and (lambda: x.new_empty(x.shape[1], dtype=sdtype)),
         output_mask[4] and (lambda: x.new_empty(x.shape[1], dtype=sdtype)),
@@ -252,6 +252,7 @@ def _backward_fake(grad_out, x, weight, bias, bn_weight, bn_bias, save_mean, sav
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero tensors for the unused outputs' gradients
     x, weight, bias, bn_weight, bn_bias = inputs[:_GRAD_INPUTS]
     _, save_mean, save_var = output
     ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, save_mean, save_var)
@@ -265,7 +266,7 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var):
     x, weight, bias, bn_weight, bn_bias, save_mean, save_var = ctx.saved_tensors
     mask = [bool(ctx.needs_input_grad[i]) for i in range(_GRAD_INPUTS)]
     grads = [None] * (_GRAD_INPUTS + 2 + len(ctx.conv_params))
-    if not any(mask):
+    if grad_out is None or not any(mask):
         return tuple(grads)
     results = torch.ops.cnnkernels.bn_act_conv_backward(
         grad_out, x, weight, bias, bn_weight, bn_bias, save_mean, save_var, *ctx.conv_params, mask)

@@ -178,7 +178,7 @@ def _backward_fake(grad_out, out, x, weight, bias, conv_out, bn_weight, save_mea
     c_out = weight.shape[0]
     wanted = (
         (lambda: torch.empty_like(x, memory_format=fmt)),
-        (lambda: torch.empty_like(weight, memory_format=torch.contiguous_format)),
+        (lambda: torch.empty_like(weight)),
         (lambda: x.new_empty(c_out)),
         (lambda: save_mean.new_empty(c_out)),
         (lambda: save_mean.new_empty(c_out)),
@@ -189,6 +189,7 @@ def _backward_fake(grad_out, out, x, weight, bias, conv_out, bn_weight, save_mea
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero tensors for the unused outputs' gradients
     x, weight, bias, bn_weight = inputs[0], inputs[1], inputs[2], inputs[3]
     out, conv_out, save_mean, save_var = output
     ctx.save_for_backward(out, x, weight, bias, conv_out, bn_weight, save_mean, save_var)
@@ -203,7 +204,7 @@ def _backward(ctx, grad_out, _grad_conv_out, _grad_mean, _grad_var):
     stride, padding, dilation, groups, training, eps, activation = ctx.conv_params
     mask = [bool(ctx.needs_input_grad[i]) for i in _GRAD_INPUT_INDEX]
     grads = [None] * len(_FORWARD_ARGS)
-    if not any(mask):
+    if grad_out is None or not any(mask):
         return tuple(grads)
     results = torch.ops.cnnkernels.conv_bn_act_backward(
         grad_out, out, x, weight, bias, conv_out, bn_weight, save_mean, save_var, stride, padding,

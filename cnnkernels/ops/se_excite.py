@@ -207,6 +207,7 @@ def _backward_fake(grad_out, out, x, fc1_weight, fc2_weight, squeezed, hidden, g
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero tensors for the unused outputs' gradients
     x, fc1_weight, _, fc2_weight, _, _, activation = inputs
     out, squeezed, hidden, gate = output
     ctx.save_for_backward(out, x, fc1_weight, fc2_weight, squeezed, hidden, gate)
@@ -218,7 +219,7 @@ def _backward(ctx, grad_out, _grad_squeezed, _grad_hidden, _grad_gate):
     out, x, fc1_weight, fc2_weight, squeezed, hidden, gate = ctx.saved_tensors
     mask = [bool(ctx.needs_input_grad[i]) for i in _GRAD_INPUT_INDEX]
     grads = [None] * len(_FORWARD_ARGS)
-    if not any(mask):
+    if grad_out is None or not any(mask):
         return tuple(grads)
     results = torch.ops.cnnkernels.se_excite_backward(
         grad_out, out, x, fc1_weight, fc2_weight, squeezed, hidden, gate, ctx.activation, mask)

@@ -294,7 +294,7 @@ def backward(grad_out, x, weight, bias, bn_weight, bn_bias, save_mean, save_var,
             grad_out.to(x.dtype), z, weight, [c_out] if bias is not None else None, list(stride), list(padding),
             list(dilation), False, [0, 0], groups, [want_grad_z, bool(output_mask[1]), want_bias])
         grad_z = gz if want_grad_z else None
-        grad_w = gw.contiguous() if output_mask[1] else empty_x
+        grad_w = reference.like_weight(gw, weight) if output_mask[1] else empty_x
         grad_b = gb.contiguous() if want_bias else empty_x
 
     x_term = training and output_mask[0]

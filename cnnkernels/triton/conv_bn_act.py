@@ -406,7 +406,7 @@ def backward(grad_out, out, x, weight, bias, conv_out, bn_weight, save_mean, sav
             dy, x, weight, [c_out] if bias is not None else None, list(stride), list(padding), list(dilation),
             False, [0, 0], groups, [output_mask[0], output_mask[1], output_mask[2]])
         grad_x = gx.contiguous(memory_format=fmt) if output_mask[0] else empty_x
-        grad_w = gw.contiguous() if output_mask[1] else empty_x
+        grad_w = reference.like_weight(gw, weight) if output_mask[1] else empty_x
         grad_b = gb.contiguous() if output_mask[2] else empty_x
     return (grad_x, grad_w, grad_b,
             grad_gamma if output_mask[3] else empty_s,

@@ -255,8 +255,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_conv_forward(
 // _bn_act_conv_backward_native and cnnkernels/reference.py. Recomputes
 // z = act(x * scale + shift) from x and the saved statistics, runs
 // at::convolution_backward, then the BN + activation backward over x.
-//   -> grad_x (x's shape and dtype, bn_act_conv_memory_format(x)), grad_weight, grad_bias
-//      (contiguous, x's dtype), grad_bn_weight, grad_bn_bias ([C_in], statistics dtype).
+//   -> grad_x (x's shape and dtype, bn_act_conv_memory_format(x)), grad_weight (weight's
+//      layout), grad_bias (contiguous, x's dtype), grad_bn_weight, grad_bn_bias ([C_in],
+//      statistics dtype).
 //      Unwanted (output_mask false) or absent (no bias) grads: empty [0].
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_conv_backward(
     const BnActConvKernels& kernels, const at::Tensor& grad_out, const at::Tensor& x,
@@ -302,7 +303,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn
         dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
         {want_grad_z, output_mask[1], want_bias});
     if (want_grad_z) grad_z = std::get<0>(grads).contiguous(fmt);
-    if (output_mask[1]) grad_w = std::get<1>(grads).contiguous();
+    if (output_mask[1]) grad_w = like_weight(std::get<1>(grads), weight);
     if (want_bias) grad_b = std::get<2>(grads).contiguous();
   }
 

@@ -224,9 +224,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_act_fo
 // _conv_bn_act_backward_native and cnnkernels/reference.py:
 //   grad_out, out [N, C_out, H_out, W_out]; conv_out like out (training) or empty [0]
 //   (eval: recomputed from x when grad_bn_weight is wanted); save_mean, save_var [C_out].
-//   -> grad_x (x's shape, dtype, output memory format), grad_weight, grad_bias (contiguous,
-//      x's dtype), grad_bn_weight, grad_bn_bias ([C_out], statistics dtype), grad_residual
-//      (like out). Unwanted (output_mask false) or absent (no bias) grads: empty [0].
+//   -> grad_x (x's shape, dtype, output memory format), grad_weight (weight's layout),
+//      grad_bias (contiguous, x's dtype), grad_bn_weight, grad_bn_bias ([C_out], statistics
+//      dtype), grad_residual (like out). Unwanted (output_mask false) or absent (no bias)
+//      grads: empty [0].
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 conv_bn_act_backward(const ConvBnActKernels& kernels, const at::Tensor& grad_out,
                      const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
@@ -310,7 +311,7 @@ conv_bn_act_backward(const ConvBnActKernels& kernels, const at::Tensor& grad_out
         stride, padding, dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
         {output_mask[0], output_mask[1], want_bias});
     if (output_mask[0]) grad_x = std::get<0>(grads).contiguous(fmt);
-    if (output_mask[1]) grad_w = std::get<1>(grads).contiguous();
+    if (output_mask[1]) grad_w = like_weight(std::get<1>(grads), weight);
     if (want_bias) grad_b = std::get<2>(grads).contiguous();
   }
   return {grad_x,

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
@@ -60,6 +61,13 @@ inline std::vector<int64_t> check_conv(const at::Tensor& x, const at::Tensor& we
                                        int64_t groups) {
   check_conv_operands(x, weight, bias, stride, padding, dilation, groups);
   return conv_output_sizes(x, weight, stride, padding, dilation);
+}
+
+// grad_weight in weight's layout (at::empty_like(weight)'s strides), as autograd keeps
+// parameter gradients; the convolution's backward usually gives it so already (no copy).
+inline at::Tensor like_weight(const at::Tensor& grad_weight, const at::Tensor& weight) {
+  if (grad_weight.strides() == weight.strides()) return grad_weight;
+  return at::empty_like(weight).copy_(grad_weight);
 }
 
 }  // namespace cnnkernels

@@ -84,7 +84,8 @@ std::vector<double> reduce_rows(int64_t rows, int64_t c, int64_t width, const Bo
 
 // Two per-channel sums over the rows of channels-last data ([rows, c], row r at any
 // offset): add_row(r, first, second) adds row r's terms to the c-wide acc_t accumulators,
-// which are flushed to double every kBlock elements. Returns {first sums, second sums}
+// which are flushed to double every kBlock rows (each channel's acc_t partial sums kBlock
+// values, as the plane walks' blocks do). Returns {first sums, second sums}
 // as 2 * c doubles, through reduce_rows (thread-count independent).
 template <typename acc_t, typename AddRow>
 std::vector<double> channel_sum_pairs(int64_t rows, int64_t c, const AddRow& add_row) {
@@ -92,10 +93,9 @@ std::vector<double> channel_sum_pairs(int64_t rows, int64_t c, const AddRow& add
     std::vector<acc_t> block(2 * c);
     acc_t* first = block.data();
     acc_t* second = first + c;
-    const int64_t rows_per_block = std::max<int64_t>(1, kBlock / c);
-    for (int64_t b0 = r0; b0 < r1; b0 += rows_per_block) {
+    for (int64_t b0 = r0; b0 < r1; b0 += kBlock) {
       std::fill(block.begin(), block.end(), acc_t(0));
-      for (int64_t r = b0; r < std::min(r1, b0 + rows_per_block); ++r) add_row(r, first, second);
+      for (int64_t r = b0; r < std::min(r1, b0 + kBlock); ++r) add_row(r, first, second);
       for (int64_t ch = 0; ch < c; ++ch) {
         part[ch] += first[ch];
         part[c + ch] += second[ch];

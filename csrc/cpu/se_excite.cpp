@@ -101,11 +101,10 @@ void sample_channel_sums(bool channels_last, int64_t c, int64_t s, const F& f, d
   }
   std::fill(result, result + c, 0.0);
   std::vector<acc_t> block(c);
-  const int64_t rows_per_block = std::max<int64_t>(1, kBlock / std::max<int64_t>(1, c));
-  for (int64_t r0 = 0; r0 < s; r0 += rows_per_block) {
+  for (int64_t r0 = 0; r0 < s; r0 += kBlock) {  // kBlock values of each channel per acc_t partial
     std::fill(block.begin(), block.end(), acc_t(0));
     acc_t* bp = block.data();
-    for (int64_t r = r0; r < std::min(s, r0 + rows_per_block); ++r) {
+    for (int64_t r = r0; r < std::min(s, r0 + kBlock); ++r) {
       const int64_t base = r * c;
 #pragma omp simd
       for (int64_t ch = 0; ch < c; ++ch) bp[ch] += f(base + ch);
