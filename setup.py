@@ -64,7 +64,7 @@ def _cuda_build_wanted() -> tuple[bool, str]:
 def _extension():
     with_cuda, why = _cuda_build_wanted()
     print(f"cnnkernels: CUDA sources {'included' if with_cuda else 'skipped'} ({why})")
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/autograd/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-std=c++20", "-fopenmp"]
     define_macros = []
     include_dirs = [os.path.join(ROOT, "csrc")]

@@ -82,6 +82,37 @@ def test_import_without_extension_warns_and_reference_still_works(tmp_path):
     assert result.stdout.strip() == "reference"
 
 
+def test_python_autograd_of_conv_bn_act_serves_without_extension():
+    """Without _C, conv_bn_act's autograd is the Python one (with _C it is compiled,
+    csrc/autograd/conv_bn_act.cpp): its gradients equal plain torch's, float64."""
+    script = (
+        "import sys\n"
+        "sys.modules['cnnkernels._C'] = None\n"
+        "import warnings; warnings.simplefilter('ignore')\n"
+        "import torch, torch.nn.functional as F, cnnkernels\n"
+        "torch.manual_seed(0)\n"
+        "t = [torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in\n"
+        "     ((2, 3, 5, 5), (4, 3, 3, 3), (4,), (4,), (4,), (2, 4, 5, 5))]\n"
+        "x, w, b, g, beta, res = t\n"
+        "out = cnnkernels.ops.conv_bn_act(x, w, b, g, beta, padding=1, training=True, residual=res)\n"
+        "grads = torch.autograd.grad(out, t, out.detach().cos())\n"
+        "want = F.relu(F.batch_norm(F.conv2d(x, w, b, padding=1), None, None, g, beta, True) + res)\n"
+        "expected = torch.autograd.grad(want, t, want.detach().cos())\n"
+        "print(max((a - e).abs().max().item() for a, e in zip(grads, expected)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "CNNKERNELS_BACKEND": ""})
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.strip()) < 1e-10
+
+
+def test_conv_bn_act_autograd_is_compiled_with_the_extension():
+    from cnnkernels import _library
+    if not _library.extension_loaded():
+        skip_or_fail(f"cnnkernels._C is not built here: {_library.LOAD_ERROR}")
+    assert _library.has_native_kernel("conv_bn_act", "Autograd")
+
+
 def test_fallback_schemas_match_the_extension():
     from cnnkernels import _library
     if not _library.extension_loaded():

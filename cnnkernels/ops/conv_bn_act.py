@@ -13,7 +13,7 @@ from math import prod
 
 import torch
 
-from cnnkernels import _cost, reference
+from cnnkernels import _cost, _library, reference
 from cnnkernels.ops import _autocast, _checks, _conv_bn_act_choice, _conv_bn_core, _registration
 
 OP = "conv_bn_act"
@@ -216,4 +216,7 @@ def _backward(ctx, grad_out, _grad_conv_out, _grad_mean, _grad_var):
     return tuple(grads)
 
 
-torch.library.register_autograd(f"cnnkernels::{OP}", _backward, setup_context=_setup_context)
+# The same formula is compiled in csrc/autograd/conv_bn_act.cpp (far less per-call work);
+# this one serves where the extension is missing.
+if not _library.has_native_kernel(OP, "Autograd"):
+    torch.library.register_autograd(f"cnnkernels::{OP}", _backward, setup_context=_setup_context)
