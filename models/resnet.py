@@ -54,6 +54,22 @@ def is_conv_bn(module: nn.Module | None) -> bool:
             and isinstance(module[1], (nn.BatchNorm2d, SyncBatchNorm)))
 
 
+def overwritable_shortcut(downsample: nn.Module | None, consume_input: bool) -> bool:
+    """Whether the block may write its output into its identity branch's tensor (the frozen
+    CPU path then runs the last convolution in oneDNN's in-place sum form, as torch.compile's
+    frozen graphs do, sparing a fresh output): the projection's fresh tensor always; the
+    block's input x itself when the caller consumes it (ResNet.forward_features, for the
+    intermediates it owns)."""
+    return is_conv_bn(downsample) or (consume_input and downsample is None)
+
+
+def _hooked(modules) -> bool:
+    """Whether a forward (pre-)hook could see a tensor passed between these modules."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 def shortcut(downsample: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
     """The block's identity branch: x itself, bn(conv(x)) fused for torchvision's
     Sequential(conv1x1, BatchNorm2d) projection (a fresh tensor no hook sees: the block may
@@ -92,11 +108,13 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
         self.stride = stride
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, consume_input: bool = False) -> torch.Tensor:
+        """consume_input: the caller's promise that nothing reads x afterwards (see
+        overwritable_shortcut)."""
         identity = shortcut(self.downsample, x)
         out = conv_bn_act_modules(self.conv1, self.bn1, x)
         return conv_bn_act_modules(self.conv2, self.bn2, out, residual=identity, activation="relu",
-                                   overwrite_residual=is_conv_bn(self.downsample))
+                                   overwrite_residual=overwritable_shortcut(self.downsample, consume_input))
 
 
 class Bottleneck(nn.Module):
@@ -130,13 +148,15 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
         self.stride = stride
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, consume_input: bool = False) -> torch.Tensor:
+        """consume_input: the caller's promise that nothing reads x afterwards (see
+        overwritable_shortcut)."""
         identity = shortcut(self.downsample, x)
         out = conv_bn_act_modules(self.conv1, self.bn1, x)
         out = conv_bn_act_modules(self.conv2, self.bn2, out)
         if self.se is None:
             return conv_bn_act_modules(self.conv3, self.bn3, out, residual=identity, activation="relu",
-                                       overwrite_residual=is_conv_bn(self.downsample))
+                                       overwrite_residual=overwritable_shortcut(self.downsample, consume_input))
         out = conv_bn_act_modules(self.conv3, self.bn3, out, activation="none")
         return self.se(out, residual=identity, activation="relu")
 
@@ -212,7 +232,14 @@ class ResNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, 3, H, W] -> the last stage's feature map [N, 512 * expansion, H/32, W/32]."""
         x = self.forward_stem(x)
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        stages = (self.layer1, self.layer2, self.layer3, self.layer4)
+        blocks = [block for stage in stages for block in stage]
+        if _hooked((self.maxpool, *stages, *blocks)) or not all(isinstance(b, (BasicBlock, Bottleneck))
+                                                              for b in blocks):
+            return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for block in blocks:  # each block's input is this call's own intermediate, read by no one after
+            x = block(x, consume_input=True)
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.forward_features(x))

@@ -184,6 +184,45 @@ def test_frozen_resnet_in_channels_last_matches_torchvision_in_float32_and_bfloa
             assert rel_err(got.double(), exact) < max(2 * rel_err(want.double(), exact), 2e-2)
 
 
+def _in_place_convolutions(net, x):
+    with torch.profiler.profile() as prof:
+        out = net(x)
+    return out, sum(e.name == "mkldnn::_convolution_pointwise_" for e in prof.events())
+
+
+@pytest.mark.parametrize("builder", ["resnet18", "resnet50"])
+def test_frozen_resnet_writes_identity_blocks_into_their_input_unless_a_hook_could_see_it(builder):
+    """ResNet.forward_features lets each block overwrite its (own, intermediate) input: the
+    last conv of every block then runs in oneDNN's in-place sum form, as torch.compile's
+    frozen graphs do; a forward hook on a block or stage turns that off, and what the hook
+    kept is the block's output, untouched by the next block."""
+    torchvision = pytest.importorskip("torchvision")
+    from cnnkernels import models
+    torch.manual_seed(0)
+    ref = getattr(torchvision.models, builder)(num_classes=10).eval()
+    randomize_batchnorm(ref)
+    net = getattr(models, builder)(num_classes=10).eval()
+    net.load_state_dict(ref.state_dict())
+    freeze(net.to(memory_format=torch.channels_last))
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    blocks = [b for stage in (net.layer1, net.layer2, net.layer3, net.layer4) for b in stage]
+    with torch.inference_mode():
+        exact = copy.deepcopy(ref).double()(x.double())
+        out, in_place = _in_place_convolutions(net, x)
+        assert rel_err(out.double(), exact) < 1e-5
+        assert in_place == len(blocks)
+
+        kept = {}
+        handle = blocks[0].register_forward_hook(lambda m, args, output: kept.update(output=output.clone(),
+                                                                                     alias=output))
+        out, in_place = _in_place_convolutions(net, x)
+        handle.remove()
+        assert rel_err(out.double(), exact) < 1e-5
+        assert torch.equal(kept["alias"], kept["output"]), "the next block overwrote a hooked output"
+        assert in_place == sum(b.downsample is not None for b in blocks)
+        assert rel_err(blocks[0](net.forward_stem(x)).double(), kept["output"].double()) < 1e-6
+
+
 def packed_keys_of(module):
     packed = packed_weights(module)
     return [] if packed is None else list(packed.by_shape)
