@@ -3,12 +3,15 @@ build our model and the baseline it is measured against.
 
 The baseline of a name is the torchvision model of the same architecture
 (``torchvision.models.<twin>``) holding the very same weights: our state_dict is
-loaded into it with ``strict=True``, so every key must match. An architecture that
-torchvision lacks (SE-ResNet, SE-ResNeXt) is measured against our own model run
-unfused: the same module with every cnnkernels op forced onto the "reference"
-backend, which composes plain torch ops (conv2d, batch_norm, relu, ...) for each
-fused op. Under torch.compile those reference ops stay opaque custom ops, so that
-compiled baseline fuses less than a torchvision twin would; the report says so.
+loaded into it with ``strict=True``, so every key must match. SE-ResNet and
+SE-ResNeXt, which torchvision lacks, are measured against torchvision's ResNet built
+with a plain-torch SE gate in each bottleneck (bench/plain_senet.py: timm's SEModule
+keys, so our weights load strict). Any other architecture torchvision lacks is measured
+against our own model run unfused: the same module with every cnnkernels op forced onto
+the "reference" backend, which composes plain torch ops (conv2d, batch_norm, relu, ...)
+for each fused op. Under torch.compile (and for OpenVINO, which cannot convert them)
+those reference ops stay opaque custom ops, so that baseline is weaker than a plain twin;
+the report says so.
 
 New models plug in by adding a line to TABLE (or calling register()); a zoo name not
 in TABLE falls back to the torchvision model of the same name when there is one, and
@@ -99,6 +102,16 @@ def _unfused_twin(name: str) -> BaselineBuilder:
     return build
 
 
+def _plain_senet(name: str) -> BaselineBuilder:
+    """torchvision's ResNet with our model's depth, groups and width and a plain-torch SE
+    gate in every bottleneck (cnnkernels/bench/plain_senet.py)."""
+    def build(ours_state: Mapping[str, torch.Tensor], num_classes: int) -> nn.Module:
+        from cnnkernels.bench import plain_senet
+
+        return plain_senet.like(models_module().create_model(name, num_classes=num_classes))
+    return build
+
+
 _UNFUSED_NOTE = ("no torchvision twin: its baseline is the same cnnkernels model run unfused "
                  "(every fused op forced onto the 'reference' backend, plain torch ops); under "
                  "torch.compile those ops stay opaque, so the compiled baseline fuses less than a "
@@ -124,8 +137,10 @@ TABLE: dict[str, Architecture] = {
     "googlenet": Architecture("googlenet", "torchvision.models.googlenet", _torchvision("googlenet", _googlenet_options)),
     "inception_v3": Architecture("inception_v3", "torchvision.models.inception_v3",
                                  _torchvision("inception_v3", _inception_options)),
-    **{name: _unfused(name) for name in (
-        "se_resnet50", "se_resnet101", "se_resnet152", "se_resnext50", "se_resnext50_32x4d", "se_resnext101_32x4d")},
+    **{name: Architecture(name, "torchvision ResNet with plain-torch SE gates (timm's SEModule)",
+                          _plain_senet(name))
+       for name in ("se_resnet50", "se_resnet101", "se_resnet152", "se_resnext50", "se_resnext50_32x4d",
+                    "se_resnext101_32x4d")},
 }
 
 

@@ -213,8 +213,8 @@ def test_table_resolves_zoo_names_to_their_twins():
     if "resnext50" not in zoo:
         pytest.skip("cnnkernels.models has no resnext50 yet")
     assert architectures.architecture("resnext50").baseline_label == "torchvision.models.resnext50_32x4d"
-    assert architectures.architecture("se_resnext50").baseline_backend == "reference"
-    assert "no torchvision twin" in architectures.architecture("se_resnext50").note
+    assert architectures.architecture("se_resnext50").baseline_backend is None
+    assert "plain-torch SE" in architectures.architecture("se_resnext50").baseline_label
     for name in ("resnet50", "densenet121", "vgg16", "googlenet"):
         assert architectures.architecture(name).baseline_label == f"torchvision.models.{name}"
 
