@@ -52,8 +52,8 @@ and prepacked at compile time; inference); openvino converts the baseline model 
 openvino.convert_model and runs it on OpenVINO's CPU plugin with the run's precision
 hint and threads (inference on cpu; "skipped" with the reason where openvino is not
 installed). se_resnext50 (and other SE nets) have no torchvision twin: their baseline is
-the same cnnkernels model run unfused (every fused op on the "reference" backend,
-plain torch ops), as the output says.
+torchvision's ResNet with a plain-torch SE gate in each bottleneck (timm's keys; our
+weights load strict), as the output says.
 
 Methodology: the first call is timed alone (compilation, cuDNN autotuning and other
 one-time work); then warm-up steps; then --iterations timed steps, each on the next
