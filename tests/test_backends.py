@@ -61,6 +61,14 @@ def test_info_reports_every_backend():
         assert f"  {backend} " in result.stdout
 
 
+def _run_without_extension(script: str) -> str:
+    """The stripped stdout of `python -c script`, no backend forced (the script hides cnnkernels._C)."""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "CNNKERNELS_BACKEND": ""})
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
 def test_import_without_extension_warns_and_reference_still_works(tmp_path):
     """A missing or broken _C: import works, warns once, schemas exist, reference runs."""
     script = (
@@ -76,10 +84,7 @@ def test_import_without_extension_warns_and_reference_still_works(tmp_path):
         "assert out.shape == (2, 5, 4, 4)\n"
         "print(cnnkernels.ops.explain('conv_bn_act', x, w, training=True)['backend'])\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            env={**os.environ, "CNNKERNELS_BACKEND": ""})
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "reference"
+    assert _run_without_extension(script) == "reference"
 
 
 def test_python_autograd_of_conv_bn_act_serves_without_extension():
@@ -100,10 +105,7 @@ def test_python_autograd_of_conv_bn_act_serves_without_extension():
         "expected = torch.autograd.grad(want, t, want.detach().cos())\n"
         "print(max((a - e).abs().max().item() for a, e in zip(grads, expected)))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            env={**os.environ, "CNNKERNELS_BACKEND": ""})
-    assert result.returncode == 0, result.stderr
-    assert float(result.stdout.strip()) < 1e-10
+    assert float(_run_without_extension(script)) < 1e-10
 
 
 def test_conv_bn_act_autograd_is_compiled_with_the_extension():

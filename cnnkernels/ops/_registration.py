@@ -8,6 +8,7 @@ dispatcher kernel for cpu and cuda that runs the implementation _backends.select
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ def native_reasons(family: str, native_op: str, device_type: str, x_index: int =
     dispatch_key, source = next((key, source.format(family)) for device, key, source in _NATIVE
                                 if device == device_type)
 
+    @functools.cache  # asked once: the extension is loaded (or not) at import
     def build_reasons() -> list[str]:
         if not _library.extension_loaded():
             return [f"cnnkernels._C is not loaded ({_library.LOAD_ERROR})"]
@@ -82,14 +84,10 @@ def native_reasons(family: str, native_op: str, device_type: str, x_index: int =
             return [f"cnnkernels._C was built without {dispatch_key} kernels of {family} ({source})"]
         return []
 
-    build = []  # asked at the first call, once: the extension is loaded (or not) at import
-
     def reasons(*args):
         x = args[x_index]
         found = [] if x.device.type == device_type else [f"needs {device_type} tensors, got {x.device.type}"]
-        if not build:
-            build.append(build_reasons())
-        return found + build[0]
+        return found + build_reasons()
     return reasons
 
 
