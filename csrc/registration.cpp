@@ -27,6 +27,8 @@ TORCH_LIBRARY(cnnkernels, m) {
 #define CNNKERNELS_OP(name, native_name, schema) \
   m.def(#name schema);                           \
   m.def(#native_name schema);
+#define CNNKERNELS_NATIVE_HELPER(name, schema) m.def(#name schema);
 #include "../cnnkernels/schemas.def"
+#undef CNNKERNELS_NATIVE_HELPER
 #undef CNNKERNELS_OP
 }

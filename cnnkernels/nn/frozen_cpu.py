@@ -116,8 +116,9 @@ def _pack(folded: tuple, conv: nn.Conv2d, dtype: torch.dtype, shape: torch.Size)
 
 
 def scale_shift(bn: nn.BatchNorm2d) -> dict:
-    """{dtype: (scale, shift)} of eval bn, [1, C, 1, 1] each, for act(x * scale + shift)
-    in float32 and bfloat16; freeze.py caches it per BatchNorm."""
+    """{dtype: (scale, shift)} of eval bn, [C] float32 each (the C++ pass's form), and
+    [1, C, 1, 1] in float32 and bfloat16 for the plain-torch form act(x * scale + shift);
+    freeze.py caches it per BatchNorm."""
     scale = bn.running_var.float().add(bn.eps).rsqrt()
     if bn.weight is not None:
         scale = scale * bn.weight.float()
@@ -125,14 +126,33 @@ def scale_shift(bn: nn.BatchNorm2d) -> dict:
     if bn.bias is not None:
         shift = shift + bn.bias.float()
     pair = (scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1))
-    return {torch.float32: pair, torch.bfloat16: tuple(t.to(torch.bfloat16) for t in pair)}
+    return {"vectors": (scale.contiguous(), shift.contiguous()), torch.float32: pair,
+            torch.bfloat16: tuple(t.to(torch.bfloat16) for t in pair)}
+
+
+_NATIVE_BN_ACT = None  # decided at the first call: whether the extension has the pass
+
+
+def _native_bn_act() -> bool:
+    global _NATIVE_BN_ACT
+    if _NATIVE_BN_ACT is None:
+        from cnnkernels import _library
+        _NATIVE_BN_ACT = _library.has_native_kernel("_scale_shift_act_into_native", "CPU")
+    return _NATIVE_BN_ACT
 
 
 def bn_act(scale_shift_of: dict, x: torch.Tensor, dtype: torch.dtype, activation: str,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """act(x * scale + shift) in `dtype` (scale_shift's pair for it), written into `out`
-    (x's shape, channels_last) when given: one addcmul reading x through its strides (a
-    channel-prefix view costs no copy), then the activation in place."""
+    (x's shape, channels_last) when given. x is read through its strides (a channel-prefix
+    view costs no copy). With the extension: one vectorised C++ pass, float32 arithmetic
+    and one rounding to `dtype`; without it: an addcmul in `dtype`, then the activation in
+    place."""
+    if x.dtype == dtype and _native_bn_act():
+        if out is None:
+            out = torch.empty(x.shape, dtype=dtype, memory_format=torch.channels_last)
+        torch.ops.cnnkernels._scale_shift_act_into_native(out, x, *scale_shift_of["vectors"], activation)
+        return out
     scale, shift = scale_shift_of[dtype]
     with torch.autocast("cpu", enabled=False):
         z = torch.addcmul(shift, x.to(dtype), scale, out=out)

@@ -16,6 +16,7 @@
 #include <string_view>
 
 #include "common/add_act_driver.h"
+#include "cpu/simd_clones.h"
 
 namespace cnnkernels {
 namespace {
@@ -77,7 +78,7 @@ typename Lane<T>::storage* mutable_lanes(at::Tensor& t) {
 }
 
 template <bool kRelu, typename scalar_t, typename S = typename Lane<scalar_t>::storage>
-void add_act_span(const S* x, const S* r, S* out, int64_t len) {
+CNNKERNELS_SIMD_CLONES void add_act_span(const S* x, const S* r, S* out, int64_t len) {
   using L = Lane<scalar_t>;
   using acc_t = typename L::acc;
 #pragma omp simd
@@ -89,7 +90,7 @@ void add_act_span(const S* x, const S* r, S* out, int64_t len) {
 }
 
 template <bool kRelu, typename scalar_t, typename S = typename Lane<scalar_t>::storage>
-void add_act_backward_span(const S* grad_out, const S* out, S* grad, int64_t len) {
+CNNKERNELS_SIMD_CLONES void add_act_backward_span(const S* grad_out, const S* out, S* grad, int64_t len) {
   using L = Lane<scalar_t>;
   if constexpr (kRelu) {
 #pragma omp simd

@@ -20,10 +20,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string_view>
 #include <vector>
 
 #include "common/bn_act_conv_driver.h"
 #include "cpu/bn_passes.h"
+#include "cpu/simd_clones.h"
 #include "cpu/simd_cast.h"
 
 namespace cnnkernels {
@@ -112,7 +114,7 @@ void batch_stats_cpu(const at::Tensor& x, at::Tensor& mean, at::Tensor& var) {
 
 // One span; scale/shift indexed per element (rows) or constant (planes) as kPerElement says.
 template <bool kPerElement, bool kRelu, typename scalar_t, typename acc_t>
-inline void scale_shift_act_span(const scalar_t* x, scalar_t* z, const acc_t* scale, const acc_t* shift,
+CNNKERNELS_SIMD_CLONES void scale_shift_act_span(const scalar_t* x, scalar_t* z, const acc_t* scale, const acc_t* shift,
                                  int64_t len) {
 #pragma omp simd
   for (int64_t j = 0; j < len; ++j) {
@@ -159,6 +161,26 @@ void scale_shift_act_cpu(const at::Tensor& x, const at::Tensor& scale, const at:
                          at::Tensor& z) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_act_conv_scale_shift_act",
                                   [&] { scale_shift_act_kernel<scalar_t>(x, scale, shift, relu, z); });
+}
+
+// The native helper _scale_shift_act_into_native (schemas.def): this op's forward pass on
+// its own, for the frozen inference path (cnnkernels.nn.frozen_cpu.bn_act). z: x's shape
+// and dtype, channels_last- or NCHW-contiguous; scale, shift: [C] in x's opmath dtype.
+void scale_shift_act_into(at::Tensor z, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                          std::string_view activation) {
+  const bool relu = check_activation(activation);
+  TORCH_CHECK(x.dim() == 4, "x must be a 4-D tensor [N, C, H, W], got ", x.sizes());
+  for (const auto* t : {&scale, &shift}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1), t == &scale ? "scale" : "shift", " must be a 1-D tensor of C = ",
+                x.size(1), " elements, got ", t->sizes());
+  }
+  TORCH_CHECK(at::has_internal_overlap(z) != at::MemOverlap::Yes,
+              "z must not have internally overlapping memory (such as an expanded tensor)");
+  const auto overlap = at::get_overlap_status(z, x);
+  TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial &&
+                  !(z.numel() > 0 && x.numel() > 0 && z.const_data_ptr() == x.const_data_ptr()),
+              "z must not overlap x in memory");
+  scale_shift_act_cpu(x, scale, shift, relu, z);
 }
 
 // ---------------------------------------------------------------- backward
@@ -260,7 +282,7 @@ struct GradCoefs {
 
 // One span: grad_x = g * g_scale - (x - mean) * x_scale + g_shift.
 template <bool kPerElement, bool kRelu, bool kX, typename scalar_t, typename acc_t>
-inline void backward_span(const scalar_t* grad_z, const scalar_t* x, GradCoefs<acc_t> k, scalar_t* grad_x,
+CNNKERNELS_SIMD_CLONES void backward_span(const scalar_t* grad_z, const scalar_t* x, GradCoefs<acc_t> k, scalar_t* grad_x,
                           int64_t len) {
 #pragma omp simd
   for (int64_t j = 0; j < len; ++j) {
@@ -337,4 +359,5 @@ TORCH_LIBRARY_IMPL(cnnkernels, CPU, m) {
   m.impl("_bn_act_conv_forward_native", with_kernels<&bn_act_conv_forward, &cpu_kernels>);
   m.impl("_bn_act_conv_into_native", with_kernels<&bn_act_conv_into, &cpu_kernels>);
   m.impl("_bn_act_conv_backward_native", with_kernels<&bn_act_conv_backward, &cpu_kernels>);
+  m.impl("_scale_shift_act_into_native", &scale_shift_act_into);
 }

@@ -22,6 +22,7 @@
 
 #include "common/conv_bn_act_driver.h"
 #include "cpu/bn_passes.h"
+#include "cpu/simd_clones.h"
 #include "cpu/simd_cast.h"
 
 namespace cnnkernels {
@@ -82,7 +83,7 @@ void batch_stats_cpu(const at::Tensor& y, at::Tensor& mean, at::Tensor& var) {
 // One span: out = act(y * scale + shift (+ res)); scale/shift indexed per element
 // (channels_last rows) or constant (NCHW planes) as kPerElement says.
 template <bool kPerElement, bool kRes, bool kRelu, typename scalar_t, typename acc_t>
-inline void scale_shift_act_span(const scalar_t* y, const scalar_t* res, scalar_t* out,
+CNNKERNELS_SIMD_CLONES void scale_shift_act_span(const scalar_t* y, const scalar_t* res, scalar_t* out,
                                  const acc_t* scale, const acc_t* shift, int64_t len) {
 #pragma omp simd
   for (int64_t j = 0; j < len; ++j) {
@@ -230,7 +231,7 @@ struct GradCoefs {
 
 // One span: grad_y = g*g_scale - (y - mean)*y_scale + shift, grad_pre = g.
 template <bool kPerElement, bool kRelu, bool kY, bool kGradY, bool kGradPre, typename scalar_t, typename acc_t>
-inline void backward_span(const scalar_t* grad_out, const scalar_t* out, const scalar_t* y,
+CNNKERNELS_SIMD_CLONES void backward_span(const scalar_t* grad_out, const scalar_t* out, const scalar_t* y,
                           GradCoefs<acc_t> k, scalar_t* grad_y, scalar_t* grad_pre, int64_t len) {
 #pragma omp simd
   for (int64_t j = 0; j < len; ++j) {

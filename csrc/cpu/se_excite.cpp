@@ -31,6 +31,7 @@
 #include "common/op_args.h"
 #include "common/se_excite_args.h"
 #include "cpu/simd_cast.h"
+#include "cpu/simd_clones.h"
 
 namespace cnnkernels {
 namespace {
@@ -120,6 +121,19 @@ const T* ptr_or_null(const at::Tensor& t) {
 
 // ---------------------------------------------------------------- forward
 
+// out = act(x * g (+ residual)) over one span; g per element or one value for the span.
+template <typename scalar_t, typename acc_t>
+CNNKERNELS_SIMD_CLONES void gate_span(const scalar_t* x, const scalar_t* res, const acc_t* g, bool per_element,
+                                      bool relu, scalar_t* out, int64_t len) {
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) {
+    acc_t v = to_acc<acc_t>(x[j]) * g[per_element ? j : 0];
+    if (res) v += to_acc<acc_t>(res[j]);
+    if (relu) v = v < acc_t(0) ? acc_t(0) : v;
+    out[j] = from_acc<scalar_t>(v);
+  }
+}
+
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                     const at::Tensor& b2, const at::Tensor& residual, bool relu, bool channels_last,
@@ -158,23 +172,19 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
     }
   });
 
-  auto span = [&](int64_t off, const acc_t* g, bool per_element, int64_t len) {
-    const bool has_res = rp != nullptr;
-#pragma omp simd
-    for (int64_t j = 0; j < len; ++j) {
-      acc_t v = to_acc<acc_t>(xp[off + j]) * g[per_element ? j : 0];
-      if (has_res) v += to_acc<acc_t>(rp[off + j]);
-      if (relu) v = v < acc_t(0) ? acc_t(0) : v;
-      op[off + j] = from_acc<scalar_t>(v);
-    }
-  };
   if (!channels_last) {
     at::parallel_for(0, n * c, grain(s), [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) span(p * s, gp + p, false, s);
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t off = p * s;
+        gate_span(xp + off, rp ? rp + off : nullptr, gp + p, false, relu, op + off, s);
+      }
     });
   } else {
     at::parallel_for(0, n * s, grain(c), [&](int64_t r0, int64_t r1) {
-      for (int64_t row = r0; row < r1; ++row) span(row * c, gp + (row / s) * c, true, c);
+      for (int64_t row = r0; row < r1; ++row) {
+        const int64_t off = row * c;
+        gate_span(xp + off, rp ? rp + off : nullptr, gp + (row / s) * c, true, relu, op + off, c);
+      }
     });
   }
 }
