@@ -18,6 +18,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from cnnkernels.nn import frozen_cpu
+from cnnkernels.nn.freeze import is_frozen
+from cnnkernels.nn.frozen_cpu import hooked as _hooked
 from cnnkernels.nn.functional import conv_bn_act_modules
 from cnnkernels.nn.squeeze_excite import SqueezeExcite
 from cnnkernels.nn.sync_batchnorm import SyncBatchNorm
@@ -61,13 +64,6 @@ def overwritable_shortcut(downsample: nn.Module | None, consume_input: bool) -> 
     block's input x itself when the caller consumes it (ResNet.forward_features, for the
     intermediates it owns)."""
     return is_conv_bn(downsample) or (consume_input and downsample is None)
-
-
-def _hooked(modules) -> bool:
-    """Whether a forward (pre-)hook could see a tensor passed between these modules."""
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def shortcut(downsample: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
@@ -226,8 +222,11 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        """x [N, 3, H, W] -> maxpool(relu(bn1(conv1(x)))) [N, 64, H/4, W/4], the conv fused."""
-        return self.maxpool(conv_bn_act_modules(self.conv1, self.bn1, x))
+        """x [N, 3, H, W] -> maxpool(relu(bn1(conv1(x)))) [N, 64, H/4, W/4], the conv fused;
+        frozen (cnnkernels.nn.freeze), the max-pool without indices (frozen_cpu.max_pool)."""
+        x = conv_bn_act_modules(self.conv1, self.bn1, x)
+        pooled = frozen_cpu.max_pool(self.maxpool, x) if is_frozen(self.bn1) else None
+        return self.maxpool(x) if pooled is None else pooled
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, 3, H, W] -> the last stage's feature map [N, 512 * expansion, H/32, W/32]."""

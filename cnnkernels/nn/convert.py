@@ -30,6 +30,8 @@ import torch
 from torch import nn
 
 from cnnkernels.nn.conv_bn_act import ConvBNAct
+from cnnkernels.nn import frozen_cpu
+from cnnkernels.nn.freeze import is_frozen
 from cnnkernels.nn.functional import assemble, conv_bn_act_modules
 
 
@@ -224,14 +226,17 @@ class FusedSequential(nn.Sequential):
         modules = list(self._modules.values())
         runs = {start: (length, activation) for start, length, activation in fused_runs(modules)}
         i = 0
+        frozen = False  # the last fused run's BatchNorm is frozen (cnnkernels.nn.freeze)
         while i < len(modules):
             if i in runs:
                 length, activation = runs[i]
                 x = conv_bn_act_modules(modules[i], modules[i + 1], x, activation=activation)
+                frozen = is_frozen(modules[i + 1])
                 i += length
-            else:
-                x = modules[i](x)
-                i += 1
+                continue
+            pooled = frozen_cpu.max_pool(modules[i], x) if frozen else None
+            x = modules[i](x) if pooled is None else pooled
+            i += 1
         return x
 
 

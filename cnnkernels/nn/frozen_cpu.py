@@ -36,7 +36,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-__all__ = ["frozen_conv_bn_act", "bn_act", "MAX_PACKED_SHAPES"]
+__all__ = ["frozen_conv_bn_act", "bn_act", "max_pool", "MAX_PACKED_SHAPES"]
 
 MAX_PACKED_SHAPES = 4
 _ONEDNN = getattr(torch.ops, "mkldnn", None)
@@ -157,6 +157,45 @@ def bn_act(scale_shift_of: dict, x: torch.Tensor, dtype: torch.dtype, activation
     with torch.autocast("cpu", enabled=False):
         z = torch.addcmul(shift, x.to(dtype), scale, out=out)
     return z.relu_() if activation == "relu" else z
+
+
+def hooked(modules) -> bool:
+    """Whether a forward (pre-)hook could see a tensor passed between these modules (a
+    path that skips their __call__ must not be taken then)."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+_NATIVE_MAX_POOL = None  # decided at the first call: whether the extension has the kernel
+
+
+def max_pool(pool: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """pool(x) for an nn.MaxPool2d without return_indices, computed without the int64
+    indices that ATen's CPU max pooling always makes (at batch 8 after a ResNet stem:
+    12.8 MB written per call for nothing): one C++ pass over channels_last x, giving the
+    same values as torch (NaN propagates, padding never wins). [N, C, H, W] ->
+    [N, C, H_out, W_out] channels_last. None where it does not apply (the extension or
+    its kernel missing, x not a channels_last 4-D floating CPU tensor, a gradient wanted,
+    under torch.compile, a hook on pool): the caller then calls pool(x)."""
+    global _NATIVE_MAX_POOL
+    if type(pool) is not nn.MaxPool2d or pool.return_indices:
+        return None
+    if x.device.type != "cpu" or x.dim() != 4 or not x.is_floating_point():
+        return None
+    if not x.is_contiguous(memory_format=torch.channels_last) or (x.requires_grad and torch.is_grad_enabled()):
+        return None
+    if torch.compiler.is_compiling() or hooked((pool,)):
+        return None
+    if _NATIVE_MAX_POOL is None:
+        from cnnkernels import _library
+        _NATIVE_MAX_POOL = _library.has_native_kernel("_max_pool2d_channels_last_native", "CPU")
+    if not _NATIVE_MAX_POOL:
+        return None
+    pair = nn.modules.utils._pair
+    stride = pool.stride if pool.stride is not None else pool.kernel_size
+    return torch.ops.cnnkernels._max_pool2d_channels_last_native(
+        x, pair(pool.kernel_size), pair(stride), pair(pool.padding), pair(pool.dilation), pool.ceil_mode)
 
 
 def applies(x: torch.Tensor, residual: torch.Tensor | None, views: bool = False) -> bool:

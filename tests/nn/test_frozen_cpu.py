@@ -243,3 +243,36 @@ def test_a_frozen_model_with_packed_weights_deep_copies_and_pickles():
         for other in (twin, loaded):
             assert packed_keys(other) == []
             assert torch.equal(other(x, residual), want) and packed_keys(other) == [(torch.float32, x.shape)]
+
+
+def _op_counts(net, x, names):
+    with torch.profiler.profile() as prof:
+        out = net(x)
+    return out, {name: sum(e.name == name for e in prof.events()) for name in names}
+
+
+@pytest.mark.parametrize("builder, pool_name", [("resnet18", "maxpool"), ("densenet121", "features.pool0")])
+def test_frozen_stem_max_pools_without_indices_unless_hooked(builder, pool_name):
+    """A frozen model's stem max-pool runs as the indices-free native pass, equal to torch's
+    (max only selects); a forward hook on the pool brings back the module call."""
+    from cnnkernels import _library, models
+    if not _library.has_native_kernel("_max_pool2d_channels_last_native", "CPU"):
+        skip_or_fail("cnnkernels._C with the CPU max-pool kernel is not loaded")
+    torch.manual_seed(0)
+    net = getattr(models, builder)(num_classes=10).eval()
+    randomize_batchnorm(net)
+    plain = copy.deepcopy(net).to(memory_format=torch.channels_last)
+    freeze(net.to(memory_format=torch.channels_last))
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    names = ("cnnkernels::_max_pool2d_channels_last_native", "aten::max_pool2d_with_indices")
+    with torch.inference_mode():
+        want = plain(x)
+        out, counts = _op_counts(net, x, names)
+        assert counts == {names[0]: 1, names[1]: 0}
+        assert rel_err(out.double(), want.double()) < 1e-5
+        seen = []
+        handle = net.get_submodule(pool_name).register_forward_hook(lambda m, args, output: seen.append(output))
+        out, counts = _op_counts(net, x, names)
+        handle.remove()
+        assert counts == {names[0]: 0, names[1]: 1} and len(seen) == 1
+        assert rel_err(out.double(), want.double()) < 1e-5
