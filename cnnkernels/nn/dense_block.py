@@ -147,11 +147,10 @@ class DenseBlock(nn.ModuleDict):
         dtype = _autocast.lower_precision(x)
         if dtype is not None:  # torch.autocast: x and the conv weights / biases in its dtype, BN's as they are
             (x,) = _autocast.cast(dtype, x)
-            params = [p if i % 4 < 2 else _autocast.cast(dtype, p)[0] for i, p in enumerate(params)]
         if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
-            return _DenseBlockFunction.apply(self, x, *params)
-        with torch.no_grad():
-            return _run_forward(self, x, params, keep=False)[0]
+            return _DenseBlockFunction.apply(self, x, *_autocast_conv_params(dtype, params))
+        with torch.no_grad():  # each layer's parameters cast when it runs (the frozen path needs no cast)
+            return _run_forward(self, x, params, keep=False, autocast_dtype=dtype)[0]
 
     def forward_functional(self, x: torch.Tensor) -> torch.Tensor:
         """The same block in plain autograd: every layer is the functional bn_act_conv op
@@ -192,6 +191,14 @@ _PARAMS_PER_LAYER = 8
 _STATS_PER_LAYER = 4  # save_mean, save_var of norm1 and of norm2
 
 
+def _autocast_conv_params(dtype: torch.dtype | None, params):
+    """params (groups of bn weight, bn bias, conv weight, conv bias) with the conv weights
+    and biases cast to autocast's dtype (None: as they are); BN's stay in their dtype."""
+    if dtype is None:
+        return params
+    return [p if i % 4 < 2 else _autocast.cast(dtype, p)[0] for i, p in enumerate(params)]
+
+
 def _conv_args(conv: nn.Conv2d) -> tuple:
     return list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
 
@@ -215,10 +222,11 @@ def _bn_act_conv_forward(norm: nn.BatchNorm2d, conv: nn.Conv2d, unit_params, x: 
     return out, save_mean, save_var, training
 
 
-def _run_forward(block: DenseBlock, x: torch.Tensor, params, keep: bool):
+def _run_forward(block: DenseBlock, x: torch.Tensor, params, keep: bool, autocast_dtype: torch.dtype | None = None):
     """The in-place forward. Returns (buf, records): per layer, with keep=True,
     (save_mean1, save_var1, save_mean2, save_var2, dropout mask or None, bottleneck or
-    None (kept only when not block.memory_efficient), training1, training2)."""
+    None (kept only when not block.memory_efficient), training1, training2).
+    autocast_dtype: cast a layer's conv parameters to it when the layer takes the plain step."""
     n, c, h, w = x.shape
     k = block.growth_rate
     buf = torch.empty((n, block.num_output_features, h, w), dtype=x.dtype, device=x.device,
@@ -234,8 +242,8 @@ def _run_forward(block: DenseBlock, x: torch.Tensor, params, keep: bool):
                 buf[:, c:c + k].copy_(new)
                 c += k
                 continue
-        unit1 = params[_PARAMS_PER_LAYER * i:_PARAMS_PER_LAYER * i + 4]
-        unit2 = params[_PARAMS_PER_LAYER * i + 4:_PARAMS_PER_LAYER * (i + 1)]
+        layer_params = _autocast_conv_params(autocast_dtype, params[_PARAMS_PER_LAYER * i:_PARAMS_PER_LAYER * (i + 1)])
+        unit1, unit2 = layer_params[:4], layer_params[4:]
         bottleneck, mean1, var1, training1 = _bn_act_conv_forward(norm1, conv1, unit1, buf[:, :c], None)
         new = buf[:, c:c + k]
         _, mean2, var2, training2 = _bn_act_conv_forward(norm2, conv2, unit2, bottleneck, new)

@@ -69,6 +69,11 @@ def test_frozen_dense_block_under_bfloat16_autocast():
     assert got.dtype == want.dtype == torch.bfloat16
     assert packed_units(block) == 2 * len(block)
     assert rel_err(got.double(), exact) < max(2 * rel_err(want.double(), exact), 2e-2)
+    # packed once: later calls cast no weight (only the float32 input, once)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as prof:
+        again = block(x)
+    assert sum(e.name == "aten::_to_copy" for e in prof.events()) == 1
+    assert torch.equal(again, got)
 
 
 def test_frozen_dense_block_follows_parameter_changes():
