@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnkernels.nn import DenseBlock, FusedSequential
-from cnnkernels.nn.freeze import is_frozen, run_frozen_cpu_bn_act_conv
+from cnnkernels.nn.freeze import frozen_linear, is_frozen, run_frozen_cpu_bn_act_conv
 from cnnkernels.nn.functional import bn_act_conv_modules
 
 from ._init import initialize, kaiming_fan_in, zero_bias
@@ -95,7 +95,7 @@ class DenseNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.features(x), inplace=True)
         out = torch.flatten(F.adaptive_avg_pool2d(out, (1, 1)), 1)
-        return self.classifier(out)
+        return frozen_linear(self.classifier, out)
 
 
 def _densenet(growth_rate: int, block_config: tuple[int, ...], num_init_features: int, weights, **kwargs) -> DenseNet:

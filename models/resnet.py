@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from cnnkernels.nn import frozen_cpu
-from cnnkernels.nn.freeze import is_frozen
+from cnnkernels.nn.freeze import frozen_linear, is_frozen
 from cnnkernels.nn.frozen_cpu import hooked as _hooked
 from cnnkernels.nn.functional import conv_bn_act_modules
 from cnnkernels.nn.squeeze_excite import SqueezeExcite
@@ -242,7 +242,7 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.forward_features(x))
-        return self.fc(torch.flatten(x, 1))
+        return frozen_linear(self.fc, torch.flatten(x, 1))
 
 
 def build_resnet(block: type[BasicBlock | Bottleneck], layers: list[int], weights=None, **kwargs) -> ResNet:

@@ -38,7 +38,7 @@ from torch import nn
 from cnnkernels.nn import frozen_cpu
 
 __all__ = ["freeze", "unfreeze", "is_frozen", "folded_eval_arguments", "run_frozen_cpu",
-           "run_frozen_cpu_bn_act_conv"]
+           "run_frozen_cpu_bn_act_conv", "frozen_linear"]
 
 # On each BatchNorm2d and Conv2d of a frozen model: {role: (key, cached value)}, empty
 # until the first call. Roles: "conv_bn" on a BatchNorm (the folded arguments of the conv
@@ -48,10 +48,11 @@ _ATTR = "_cnnkernels_freeze"
 
 
 def freeze(model: nn.Module) -> nn.Module:
-    """Marks every BatchNorm2d and Conv2d of model (the model itself included) frozen; returns model."""
+    """Marks every BatchNorm2d, Conv2d and Linear of model (the model itself included)
+    frozen; returns model."""
     _check_module(model)
     for module in model.modules():
-        if isinstance(module, (nn.BatchNorm2d, nn.Conv2d)):
+        if isinstance(module, (nn.BatchNorm2d, nn.Conv2d, nn.Linear)):
             setattr(module, _ATTR, {})
     return model
 
@@ -233,3 +234,23 @@ def _fold(weight, bias, bn) -> tuple:
     # Identity BatchNorm: gamma 1, mean 0, var 1, eps 0 -> scale exactly 1, shift exactly `shift`.
     return (folded, None, None, shift.to(weight.dtype), torch.zeros(c_out, dtype=weight.dtype, device=weight.device),
             torch.ones(c_out, dtype=weight.dtype, device=weight.device), 0.0)
+
+
+def frozen_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """linear(x) [N, in_features] -> [N, out_features]. For a frozen linear under CPU
+    bfloat16 autocast with no gradient wanted, its weight and bias are cast to bfloat16
+    once (kept, and cast again when they change) instead of on every call, which costs
+    about 0.4 ms per call for ResNet-50's 2048 x 1000 classifier: the same values as
+    autocast's per-call cast. Otherwise (or with a hook on linear) linear(x) as it is."""
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or not is_frozen(linear)
+            or not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16
+            or torch.compiler.is_compiling() or frozen_cpu.hooked((linear,))):
+        return linear(x)
+    weight, bias = linear.weight, linear.bias
+    cached = _memo(linear, "linear_bf16", (weight, bias), 0.0,
+                   lambda: tuple(None if t is None else t.to(torch.bfloat16) for t in (weight, bias)))
+    if cached is None or (x.requires_grad and torch.is_grad_enabled()):
+        return linear(x)
+    with torch.autocast("cpu", enabled=False):
+        return torch.nn.functional.linear(x.to(torch.bfloat16), *cached)
+

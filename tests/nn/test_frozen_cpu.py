@@ -8,7 +8,7 @@ from torch import nn
 
 from cnnkernels.nn import ConvBNAct, freeze, unfreeze
 from cnnkernels.nn import frozen_cpu
-from cnnkernels.nn.freeze import packed_weights, run_frozen_cpu
+from cnnkernels.nn.freeze import frozen_linear, packed_weights, run_frozen_cpu
 from helpers import randomize_batchnorm, rel_err, skip_or_fail
 
 CASES = {  # name: (ConvBNAct kwargs, input shape, residual)
@@ -276,3 +276,40 @@ def test_frozen_stem_max_pools_without_indices_unless_hooked(builder, pool_name)
         handle.remove()
         assert counts == {names[0]: 0, names[1]: 1} and len(seen) == 1
         assert rel_err(out.double(), want.double()) < 1e-5
+
+
+@pytest.mark.parametrize("builder", ["resnet18", "densenet121"])
+def test_frozen_classifier_casts_its_weight_once_under_bfloat16_autocast(builder):
+    """The frozen classifier keeps a bfloat16 copy of its weight (autocast's cast, made
+    once, made again after a change), and a hook on it brings back the module call."""
+    from cnnkernels import models
+    torch.manual_seed(0)
+    net = freeze(getattr(models, builder)(num_classes=10).eval())
+    head = net.fc if builder == "resnet18" else net.classifier
+    x = torch.randn(2, 3, 64, 64)
+    shape = [list(head.weight.shape)]
+
+    def weight_casts():
+        with torch.profiler.profile(record_shapes=True) as prof:
+            out = net(x)
+        return out, sum(e.name == "aten::_to_copy" and e.input_shapes[:1] == shape for e in prof.events())
+
+    features = torch.randn(2, head.in_features)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x)
+        _, casts = weight_casts()
+        assert casts == 0
+        first = frozen_linear(head, features)
+        assert torch.equal(first, head(features))  # bitwise autocast's own per-call cast
+        with torch.no_grad():
+            head.weight.mul_(2)
+        _, casts = weight_casts()
+        assert casts == 1  # cast again after the change, once
+        assert torch.equal(frozen_linear(head, features), head(features))
+        handle = head.register_forward_hook(lambda *args: None)
+        _, casts = weight_casts()
+        handle.remove()
+        assert casts == 1
+        unfreeze(net)
+        _, casts = weight_casts()
+        assert casts == 1
