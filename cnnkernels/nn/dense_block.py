@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from cnnkernels.nn import frozen_cpu
+from cnnkernels.nn import frozen_cpu, frozen_dense
 from cnnkernels.nn.freeze import is_frozen, run_frozen_cpu_bn_act_conv
 from cnnkernels.nn.functional import batch_norm_mode, bn_act_conv_modules
 from cnnkernels.nn.sync_batchnorm import sync_group
@@ -234,6 +234,9 @@ def _run_forward(block: DenseBlock, x: torch.Tensor, params, keep: bool, autocas
     buf[:, :c].copy_(x)
     records = []
     scratch = None if keep else _frozen_scratch(block, buf)
+    if scratch is not None and frozen_dense.run(block, buf, c, scratch, scratch.dtype):
+        return buf, records
+    all_frozen = scratch is not None
     for i, layer in enumerate(block.values()):
         (norm1, conv1), (norm2, conv2) = layer.units()
         if scratch is not None:
@@ -242,6 +245,7 @@ def _run_forward(block: DenseBlock, x: torch.Tensor, params, keep: bool, autocas
                 buf[:, c:c + k].copy_(new)
                 c += k
                 continue
+        all_frozen = False
         layer_params = _autocast_conv_params(autocast_dtype, params[_PARAMS_PER_LAYER * i:_PARAMS_PER_LAYER * (i + 1)])
         unit1, unit2 = layer_params[:4], layer_params[4:]
         bottleneck, mean1, var1, training1 = _bn_act_conv_forward(norm1, conv1, unit1, buf[:, :c], None)
@@ -258,6 +262,8 @@ def _run_forward(block: DenseBlock, x: torch.Tensor, params, keep: bool, autocas
                             training1, training2))
         del bottleneck
         c += k
+    if all_frozen:
+        frozen_dense.record(block, buf.shape, scratch.dtype)
     return buf, records
 
 

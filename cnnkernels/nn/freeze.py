@@ -45,6 +45,7 @@ __all__ = ["freeze", "unfreeze", "is_frozen", "folded_eval_arguments", "run_froz
 # before it and their frozen_cpu.PackedWeights), "conv" on a convolution with no
 # BatchNorm after it (its own weight and bias, packed).
 _ATTR = "_cnnkernels_freeze"
+_PLANS = "_cnnkernels_dense_plans"  # on a DenseBlock: its recorded plans (frozen_dense.py)
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -61,8 +62,8 @@ def unfreeze(model: nn.Module) -> nn.Module:
     """Undoes freeze(model): drops every cached folded or packed weight; returns model."""
     _check_module(model)
     for module in model.modules():
-        if hasattr(module, _ATTR):
-            delattr(module, _ATTR)
+        for attr in (_ATTR, _PLANS):
+            module.__dict__.pop(attr, None)
     return model
 
 

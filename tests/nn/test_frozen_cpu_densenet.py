@@ -2,12 +2,13 @@
 dense layers as relu(norm1(prefix)) -> conv1 with norm2 folded -> conv2, both packed, and
 transitions with the average pool moved before their 1x1 convolution."""
 import copy
+import pickle
 
 import pytest
 import torch
 from torch import nn
 
-from cnnkernels.nn import DenseBlock, freeze, frozen_cpu, unfreeze
+from cnnkernels.nn import DenseBlock, freeze, frozen_cpu, frozen_dense, unfreeze
 from cnnkernels.nn.freeze import packed_weights, run_frozen_cpu_bn_act_conv
 from helpers import randomize_batchnorm, rel_err, skip_or_fail
 
@@ -87,6 +88,68 @@ def test_frozen_dense_block_follows_parameter_changes():
         got = block(x)
     want = exact_block(block, x)
     assert rel_err(got.double(), want) < 1e-5 and rel_err(before.double(), want) > 1e-2
+
+
+def _planned_calls(block, x, monkeypatch):
+    """block(x) under no_grad, and whether the recorded plan (frozen_dense.run) ran it."""
+    ran = []
+    real = frozen_dense.run
+
+    def spy(*args):
+        ran.append(real(*args))
+        return ran[-1]
+
+    monkeypatch.setattr(frozen_dense, "run", spy)
+    with torch.no_grad():
+        out = block(x)
+    monkeypatch.setattr(frozen_dense, "run", real)
+    return out, ran == [True]
+
+
+def test_frozen_dense_block_replays_its_plan_and_drops_it_on_any_change(monkeypatch):
+    """The second frozen call replays the plan recorded by the first, bit for bit; an
+    in-place change, a replaced parameter, a module in training mode or unfreeze make it
+    stand aside (the per-layer path re-folds and records again)."""
+    block, x = block_and_input(seed=5)
+    freeze(block)
+    first, planned = _planned_calls(block, x, monkeypatch)
+    assert not planned
+    again, planned = _planned_calls(block, x, monkeypatch)
+    assert planned and torch.equal(again, first)
+    assert rel_err(again.double(), exact_block(block, x)) < 1e-5
+    _, planned = _planned_calls(block, x[:1].contiguous(memory_format=torch.channels_last), monkeypatch)
+    assert not planned  # another shape: a plan of its own
+
+    changes = [
+        lambda: block["denselayer2"].norm1.running_var.mul_(3.0),
+        lambda: block["denselayer3"].conv2.weight.mul_(-1.0),
+        lambda: setattr(block["denselayer1"].conv1, "weight",
+                        nn.Parameter(torch.randn_like(block["denselayer1"].conv1.weight))),
+        lambda: setattr(block["denselayer2"].norm2, "eps", 0.5),
+    ]
+    for change in changes:
+        with torch.no_grad():
+            change()
+        got, planned = _planned_calls(block, x, monkeypatch)
+        assert not planned
+        assert rel_err(got.double(), exact_block(block, x)) < 1e-5
+        again, planned = _planned_calls(block, x, monkeypatch)
+        assert planned and torch.equal(again, got)
+
+    block["denselayer3"].norm2.train()
+    with torch.no_grad():
+        block["denselayer3"].norm2.running_mean.zero_()  # what a training-mode call would update
+    _, planned = _planned_calls(block, x, monkeypatch)
+    assert not planned
+    block["denselayer3"].norm2.eval()
+    _planned_calls(block, x, monkeypatch)
+    twin = pickle.loads(pickle.dumps(copy.deepcopy(block)))
+    got, planned = _planned_calls(twin, x, monkeypatch)
+    assert not planned and rel_err(got.double(), exact_block(block, x)) < 1e-5
+    unfreeze(block)
+    assert not any(vars(m).get("_cnnkernels_dense_plans") for m in block.modules())
+    got, planned = _planned_calls(block, x, monkeypatch)
+    assert not planned and rel_err(got.double(), exact_block(block, x)) < 1e-5
 
 
 def test_dense_block_paths_not_taken():
