@@ -154,6 +154,8 @@ class Bottleneck(nn.Module):
             return conv_bn_act_modules(self.conv3, self.bn3, out, residual=identity, activation="relu",
                                        overwrite_residual=overwritable_shortcut(self.downsample, consume_input))
         out = conv_bn_act_modules(self.conv3, self.bn3, out, activation="none")
+        if is_frozen(self.bn3) and frozen_cpu.se_excite_into(self.se, out, identity, "relu"):
+            return out  # the gate applied in place: out is this block's own intermediate
         return self.se(out, residual=identity, activation="relu")
 
 

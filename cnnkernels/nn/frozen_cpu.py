@@ -36,7 +36,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-__all__ = ["frozen_conv_bn_act", "bn_act", "max_pool", "MAX_PACKED_SHAPES"]
+__all__ = ["frozen_conv_bn_act", "bn_act", "max_pool", "se_excite_into", "MAX_PACKED_SHAPES"]
 
 MAX_PACKED_SHAPES = 4
 _ONEDNN = getattr(torch.ops, "mkldnn", None)
@@ -196,6 +196,40 @@ def max_pool(pool: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     stride = pool.stride if pool.stride is not None else pool.kernel_size
     return torch.ops.cnnkernels._max_pool2d_channels_last_native(
         x, pair(pool.kernel_size), pair(stride), pair(pool.padding), pair(pool.dilation), pool.ceil_mode)
+
+
+_NATIVE_SE_INPLACE = None  # decided at the first call: whether the extension has the kernel
+
+
+def se_excite_into(se: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, activation: str) -> bool:
+    """se(x, residual, activation) (a SqueezeExcite: act(x * gate(x) + residual)) written
+    into x itself, for a caller that owns x (a block's own intermediate): no output tensor
+    is allocated. [N, C, H, W] channels_last. Returns whether it ran; False (x untouched)
+    where it does not apply: the extension's kernel missing, x not a channels_last 4-D
+    CPU tensor, a gradient wanted, autocast wanting another dtype than x's, a residual of
+    another shape or dtype, a hook on se, under torch.compile."""
+    global _NATIVE_SE_INPLACE
+    if x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
+        return False
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
+                                 or residual.device != x.device):
+        return False
+    fc1, fc2 = se.fc1, se.fc2
+    params = (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+    if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+        return False
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != x.dtype:
+        return False
+    if torch.compiler.is_compiling() or hooked((se,)):
+        return False
+    if _NATIVE_SE_INPLACE is None:
+        from cnnkernels import _library
+        _NATIVE_SE_INPLACE = _library.has_native_kernel("_se_excite_inplace_native", "CPU")
+    if not _NATIVE_SE_INPLACE:
+        return False
+    torch.ops.cnnkernels._se_excite_inplace_native(x, fc1.weight.flatten(1), fc1.bias, fc2.weight.flatten(1),
+                                                   fc2.bias, residual, activation)
+    return True
 
 
 def applies(x: torch.Tensor, residual: torch.Tensor | None, views: bool = False) -> bool:

@@ -14,6 +14,7 @@
 // (float, or double for double input); sums over a span go through blocks of kBlock
 // acc_t values into double.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -221,6 +222,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
   return {out, squeezed, hidden, gate};
 }
 
+// The native helper _se_excite_inplace_native (schemas.def): the forward written into x
+// itself (each element is read before it is written) for the frozen inference path, which
+// owns x: no output to allocate and page in. The gate's weights and biases may have any
+// floating dtype (they are used in x's opmath dtype, as in the op); nothing is saved.
+void se_excite_inplace(at::Tensor x, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+                       const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
+                       const std::optional<at::Tensor>& residual_in, std::string_view activation) {
+  const bool relu = check_activation(activation);
+  const SeExciteSizes sizes = check_se_excite_x(x);
+  const int64_t n = sizes.n, c = sizes.c;
+  const at::MemoryFormat fmt = output_memory_format(x);
+  TORCH_CHECK(x.is_contiguous(fmt), "x must be NCHW- or channels_last-contiguous to be written in place");
+  const at::ScalarType acc = at::toOpMathType(x.scalar_type());
+  auto gate_param = [&](const at::Tensor& t, std::vector<int64_t> shape, const char* name) {
+    check_defined(t, name);
+    check_floating(t, name);
+    check_same_device(x, "x", t, name);
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), name, " must have shape ", at::IntArrayRef(shape), ", got ",
+                t.sizes());
+    return t.to(acc).contiguous();
+  };
+  TORCH_CHECK(fc1_weight.dim() == 2, "fc1_weight must be a 2-D tensor, got shape ", fc1_weight.sizes());
+  const int64_t r = fc1_weight.size(0);
+  TORCH_CHECK(r >= 1, "fc1_weight must have at least one row");
+  const at::Tensor w1 = gate_param(fc1_weight, {r, c}, "fc1_weight"), w2 = gate_param(fc2_weight, {c, r}, "fc2_weight");
+  const bool has_b1 = fc1_bias.has_value() && fc1_bias->defined(), has_b2 = fc2_bias.has_value() && fc2_bias->defined();
+  const at::Tensor b1 = has_b1 ? gate_param(*fc1_bias, {r}, "fc1_bias") : at::Tensor();
+  const at::Tensor b2 = has_b2 ? gate_param(*fc2_bias, {c}, "fc2_bias") : at::Tensor();
+  const at::Tensor residual = like_x(residual_in, x, fmt, "residual");
+  if (residual.defined()) {
+    const auto overlap = at::get_overlap_status(x, residual);
+    TORCH_CHECK(overlap != at::MemOverlapStatus::Partial, "residual must not partly overlap x in memory");
+  }
+  const auto acc_opts = x.options().dtype(acc);
+  at::Tensor squeezed = at::empty({n, c}, acc_opts), hidden = at::empty({n, r}, acc_opts),
+             gate = at::empty({n, c}, acc_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "se_excite_inplace_cpu", [&] {
+    forward_kernel<scalar_t>(x, w1, b1, w2, b2, residual, relu, fmt == at::MemoryFormat::ChannelsLast, x, squeezed,
+                             hidden, gate);
+  });
+}
+
 // ---------------------------------------------------------------- backward
 
 template <typename scalar_t>
@@ -356,4 +399,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 TORCH_LIBRARY_IMPL(cnnkernels, CPU, m) {
   m.impl("_se_excite_forward_native", &cnnkernels::forward_cpu);
   m.impl("_se_excite_backward_native", &cnnkernels::backward_cpu);
+  m.impl("_se_excite_inplace_native", &cnnkernels::se_excite_inplace);
 }

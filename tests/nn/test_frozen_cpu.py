@@ -313,3 +313,31 @@ def test_frozen_classifier_casts_its_weight_once_under_bfloat16_autocast(builder
         unfreeze(net)
         _, casts = weight_casts()
         assert casts == 1
+
+
+def test_frozen_se_blocks_gate_their_own_output_in_place_unless_hooked():
+    """A frozen SE-ResNet's gates run in place on each block's own conv3 output (no output
+    tensor allocated), equal to the op's result; a hook on a block's se module brings the
+    module call back for that block."""
+    from cnnkernels import _library, models
+    if not _library.has_native_kernel("_se_excite_inplace_native", "CPU"):
+        skip_or_fail("cnnkernels._C with the in-place SE kernel is not loaded")
+    torch.manual_seed(0)
+    net = models.se_resnet50(num_classes=10).eval()
+    randomize_batchnorm(net)
+    plain = copy.deepcopy(net).to(memory_format=torch.channels_last)
+    freeze(net.to(memory_format=torch.channels_last))
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    blocks = [b for stage in (net.layer1, net.layer2, net.layer3, net.layer4) for b in stage]
+    names = ("cnnkernels::_se_excite_inplace_native", "cnnkernels::_se_excite_forward_native")
+    with torch.inference_mode():
+        want = plain(x)
+        out, counts = _op_counts(net, x, names)
+        assert counts == {names[0]: len(blocks), names[1]: 0}
+        assert rel_err(out.double(), want.double()) < 1e-5
+        seen = []
+        handle = blocks[3].se.register_forward_hook(lambda m, args, output: seen.append(output))
+        out, counts = _op_counts(net, x, names)
+        handle.remove()
+        assert counts == {names[0]: len(blocks) - 1, names[1]: 1} and len(seen) == 1
+        assert rel_err(out.double(), want.double()) < 1e-5
