@@ -31,6 +31,7 @@ about half speed on AVX-512, hence the key on the shape.
 """
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 
 import torch
@@ -130,15 +131,11 @@ def scale_shift(bn: nn.BatchNorm2d) -> dict:
             torch.bfloat16: tuple(t.to(torch.bfloat16) for t in pair)}
 
 
-_NATIVE_BN_ACT = None  # decided at the first call: whether the extension has the pass
-
-
-def _native_bn_act() -> bool:
-    global _NATIVE_BN_ACT
-    if _NATIVE_BN_ACT is None:
-        from cnnkernels import _library
-        _NATIVE_BN_ACT = _library.has_native_kernel("_scale_shift_act_into_native", "CPU")
-    return _NATIVE_BN_ACT
+@functools.cache
+def native(op_name: str) -> bool:
+    """Whether the extension registered a CPU kernel of the native helper op_name."""
+    from cnnkernels import _library
+    return _library.has_native_kernel(op_name, "CPU")
 
 
 def bn_act(scale_shift_of: dict, x: torch.Tensor, dtype: torch.dtype, activation: str,
@@ -148,7 +145,7 @@ def bn_act(scale_shift_of: dict, x: torch.Tensor, dtype: torch.dtype, activation
     view costs no copy). With the extension: one vectorised C++ pass, float32 arithmetic
     and one rounding to `dtype`; without it: an addcmul in `dtype`, then the activation in
     place."""
-    if x.dtype == dtype and _native_bn_act():
+    if x.dtype == dtype and native("_scale_shift_act_into_native"):
         if out is None:
             out = torch.empty(x.shape, dtype=dtype, memory_format=torch.channels_last)
         torch.ops.cnnkernels._scale_shift_act_into_native(out, x, *scale_shift_of["vectors"], activation)
@@ -167,7 +164,16 @@ def hooked(modules) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
-_NATIVE_MAX_POOL = None  # decided at the first call: whether the extension has the kernel
+def _inference_ready(x: torch.Tensor, module: nn.Module, params=()) -> bool:
+    """x a channels_last 4-D floating CPU tensor, no gradient wanted of x or params, no
+    hook on module (its __call__ is skipped), torch.compile not tracing."""
+    if x.device.type != "cpu" or x.dim() != 4 or not x.is_floating_point():
+        return False
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+        return False
+    return not (torch.compiler.is_compiling() or hooked((module,)))
 
 
 def max_pool(pool: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -178,27 +184,14 @@ def max_pool(pool: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     [N, C, H_out, W_out] channels_last. None where it does not apply (the extension or
     its kernel missing, x not a channels_last 4-D floating CPU tensor, a gradient wanted,
     under torch.compile, a hook on pool): the caller then calls pool(x)."""
-    global _NATIVE_MAX_POOL
-    if type(pool) is not nn.MaxPool2d or pool.return_indices:
+    if type(pool) is not nn.MaxPool2d or pool.return_indices or not _inference_ready(x, pool):
         return None
-    if x.device.type != "cpu" or x.dim() != 4 or not x.is_floating_point():
-        return None
-    if not x.is_contiguous(memory_format=torch.channels_last) or (x.requires_grad and torch.is_grad_enabled()):
-        return None
-    if torch.compiler.is_compiling() or hooked((pool,)):
-        return None
-    if _NATIVE_MAX_POOL is None:
-        from cnnkernels import _library
-        _NATIVE_MAX_POOL = _library.has_native_kernel("_max_pool2d_channels_last_native", "CPU")
-    if not _NATIVE_MAX_POOL:
+    if not native("_max_pool2d_channels_last_native"):
         return None
     pair = nn.modules.utils._pair
     stride = pool.stride if pool.stride is not None else pool.kernel_size
     return torch.ops.cnnkernels._max_pool2d_channels_last_native(
         x, pair(pool.kernel_size), pair(stride), pair(pool.padding), pair(pool.dilation), pool.ceil_mode)
-
-
-_NATIVE_SE_INPLACE = None  # decided at the first call: whether the extension has the kernel
 
 
 def se_excite_into(se: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, activation: str) -> bool:
@@ -208,24 +201,15 @@ def se_excite_into(se: nn.Module, x: torch.Tensor, residual: torch.Tensor | None
     where it does not apply: the extension's kernel missing, x not a channels_last 4-D
     CPU tensor, a gradient wanted, autocast wanting another dtype than x's, a residual of
     another shape or dtype, a hook on se, under torch.compile."""
-    global _NATIVE_SE_INPLACE
-    if x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
-        return False
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
                                  or residual.device != x.device):
         return False
     fc1, fc2 = se.fc1, se.fc2
-    params = (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
-    if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+    if not _inference_ready(x, se, (fc1.weight, fc1.bias, fc2.weight, fc2.bias)):
         return False
     if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != x.dtype:
         return False
-    if torch.compiler.is_compiling() or hooked((se,)):
-        return False
-    if _NATIVE_SE_INPLACE is None:
-        from cnnkernels import _library
-        _NATIVE_SE_INPLACE = _library.has_native_kernel("_se_excite_inplace_native", "CPU")
-    if not _NATIVE_SE_INPLACE:
+    if not native("_se_excite_inplace_native"):
         return False
     torch.ops.cnnkernels._se_excite_inplace_native(x, fc1.weight.flatten(1), fc1.bias, fc2.weight.flatten(1),
                                                    fc2.bias, residual, activation)

@@ -104,7 +104,7 @@ def run(block: nn.Module, buf: torch.Tensor, c: int, scratch: torch.Tensor, dtyp
         return False
     n, _, h, w = buf.shape
     k = block.growth_rate
-    native = buf.dtype == dtype and frozen_cpu._native_bn_act()
+    native = buf.dtype == dtype and frozen_cpu.native("_scale_shift_act_into_native")
     ssa = torch.ops.cnnkernels._scale_shift_act_into_native if native else None
     conv = torch.ops.mkldnn._convolution_pointwise
     for scale_shift, (w1, b1), args1, (w2, b2), args2 in plan[1]:

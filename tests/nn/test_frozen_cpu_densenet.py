@@ -232,3 +232,16 @@ def test_frozen_densenet_in_channels_last_matches_torchvision():
                 got, want = net(x), ref(x)
             assert got.dtype == want.dtype
             assert rel_err(got.double(), exact) < max(2 * rel_err(want.double(), exact), 2e-2)
+
+
+def test_frozen_dense_block_without_the_native_passes(monkeypatch):
+    """Where the extension lacks the C++ scale-shift pass, relu(norm1(prefix)) is an addcmul
+    and an in-place ReLU: same results to rounding, per layer and replayed."""
+    monkeypatch.setattr(frozen_cpu, "native", lambda op_name: False)
+    block, x = block_and_input(seed=6)
+    freeze(block)
+    exact = exact_block(block, x)
+    with torch.no_grad():
+        first, again = block(x), block(x)
+    assert torch.equal(first, again)
+    assert rel_err(first.double(), exact) < 1e-5
