@@ -28,7 +28,9 @@ prepacked oneDNN path of cnnkernels/nn/frozen_cpu.py (weights reordered once per
 shape and dtype, one convolution call per pair); its results agree with the plain path
 to float32 / bfloat16 rounding, not bitwise. The same path runs DenseNet's
 pre-activation units (run_frozen_cpu_bn_act_conv): each dense layer's norm2 is folded
-into conv1, and a transition pools before its 1x1 convolution.
+into conv1, and a transition pools before its 1x1 convolution; a dense block then replays
+its layers from a recorded plan (frozen_dense.py). A frozen nn.Linear keeps a bfloat16
+copy of its weight for CPU bfloat16 autocast (frozen_linear).
 """
 from __future__ import annotations
 
