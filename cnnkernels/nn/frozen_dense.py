@@ -26,7 +26,7 @@ from torch import nn
 
 from cnnkernels.nn import frozen_cpu
 from cnnkernels.nn.freeze import _ATTR as _FROZEN
-from cnnkernels.nn.freeze import _PLANS
+from cnnkernels.nn.freeze import _PLANS, _key
 
 __all__ = ["run", "record"]
 
@@ -47,15 +47,13 @@ def _state(block: nn.Module) -> tuple | None:
     """What the plan's validity depends on (module docstring); None when a tensor cannot be
     keyed (an inference tensor has no version counter)."""
     state = []
-    try:
-        for layer in block._modules.values():
-            for name in _UNITS:
-                m = layer._modules[name]
-                state.append((id(m), m.training, _FROZEN in m.__dict__, getattr(m, "eps", None)))
-                state.extend(None if t is None else (t.data_ptr(), t._version) for t in m._parameters.values())
-                state.extend(None if t is None else (t.data_ptr(), t._version) for t in m._buffers.values())
-    except RuntimeError:
-        return None
+    for layer in block._modules.values():
+        for name in _UNITS:
+            m = layer._modules[name]
+            key = _key([*m._parameters.values(), *m._buffers.values()], getattr(m, "eps", None))
+            if key is None:
+                return None
+            state.append((id(m), m.training, _FROZEN in m.__dict__, *key))
     return tuple(state)
 
 

@@ -197,14 +197,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     check_same_shape(out, out_sizes, "out", "the output");
     check_same_dtype(x, "x", out, "out");
     check_same_device(x, "x", out, "out");
-    TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes,
-                "out must not have internally overlapping memory (such as an expanded tensor)");
-    // Overlap is decidable for dense tensors; views (a prefix x and a slice out of one
-    // buffer) are only checked for starting at the same element.
-    const auto overlap = at::get_overlap_status(out, x);
-    TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial &&
-                    !(out.numel() > 0 && x.numel() > 0 && out.const_data_ptr() == x.const_data_ptr()),
-                "out must not overlap x in memory");
+    check_written_apart(out, "out", x, "x");
   }
   const c10::OptionalDeviceGuard guard(x.device());
   const auto sopts = x.options().dtype(stats_dtype(x.scalar_type()));

@@ -2,6 +2,7 @@
 // messages name the offending argument. ATen/c10 headers only (also compiled by nvcc).
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
@@ -75,6 +76,19 @@ inline void check_pair(at::IntArrayRef v, int64_t min_value, const char* name) {
   TORCH_CHECK(v.size() == 2, name, " must have 2 values (height, width), got ", v);
   TORCH_CHECK(v[0] >= min_value && v[1] >= min_value, name, " values must be >= ", min_value,
               ", got ", v);
+}
+
+// An output written by a kernel that reads `in` meanwhile: no internal overlap, and not
+// overlapping `in`. Overlap is decidable for dense tensors; views (a prefix input and a
+// slice output of one buffer) are only checked for starting at the same element.
+inline void check_written_apart(const at::Tensor& out, const char* out_name, const at::Tensor& in,
+                                const char* in_name) {
+  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, out_name,
+              " must not have internally overlapping memory (such as an expanded tensor)");
+  const auto overlap = at::get_overlap_status(out, in);
+  TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial &&
+                  !(out.numel() > 0 && in.numel() > 0 && out.const_data_ptr() == in.const_data_ptr()),
+              out_name, " must not overlap ", in_name, " in memory");
 }
 
 // Returns true for "relu", false for "none"; anything else is an error.

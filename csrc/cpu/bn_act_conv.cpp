@@ -194,12 +194,7 @@ void scale_shift_act_into(at::Tensor z, const at::Tensor& x, const at::Tensor& s
     TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1), t == &scale ? "scale" : "shift", " must be a 1-D tensor of C = ",
                 x.size(1), " elements, got ", t->sizes());
   }
-  TORCH_CHECK(at::has_internal_overlap(z) != at::MemOverlap::Yes,
-              "z must not have internally overlapping memory (such as an expanded tensor)");
-  const auto overlap = at::get_overlap_status(z, x);
-  TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial &&
-                  !(z.numel() > 0 && x.numel() > 0 && z.const_data_ptr() == x.const_data_ptr()),
-              "z must not overlap x in memory");
+  check_written_apart(z, "z", x, "x");
   scale_shift_act_cpu(x, scale, shift, relu, z);
 }
 

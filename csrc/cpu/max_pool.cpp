@@ -10,6 +10,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/Pool.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -24,14 +25,6 @@ namespace cnnkernels {
 namespace {
 
 constexpr int64_t kGrain = 32768;  // elements per parallel_for index range, at least
-
-// torch's pooling_output_shape (ATen/native/Pool.h).
-int64_t pooled_size(int64_t in, int64_t k, int64_t pad, int64_t stride, int64_t dilation, bool ceil_mode) {
-  const int64_t span = in + 2 * pad - dilation * (k - 1) - 1 + (ceil_mode ? stride - 1 : 0);
-  int64_t out = span / stride + 1;  // span >= 0 is checked by the caller
-  if (ceil_mode && (out - 1) * stride >= in + pad) --out;
-  return out;
-}
 
 // acc[c] = max(acc[c], row[c]), NaN winning as in torch's max pooling.
 template <typename scalar_t, typename acc_t>
@@ -66,7 +59,8 @@ at::Tensor max_pool2d_channels_last(const at::Tensor& x, at::IntArrayRef kernel_
     TORCH_CHECK(in + 2 * padding[d] >= dilation[d] * (kernel_size[d] - 1) + 1, "the padded input (", x.sizes(),
                 ", padding ", padding, ") is smaller than the dilated kernel (", kernel_size, ", dilation ", dilation,
                 ")");
-    out_hw[d] = pooled_size(in, kernel_size[d], padding[d], stride[d], dilation[d], ceil_mode);
+    out_hw[d] = at::native::pooling_output_shape<int64_t>(in, kernel_size[d], padding[d], stride[d], dilation[d],
+                                                          ceil_mode);
   }
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), oh = out_hw[0], ow = out_hw[1];
   at::Tensor out = at::empty({n, c, oh, ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));

@@ -190,13 +190,29 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
   }
 }
 
+// Runs forward_kernel into out (x itself allowed) with w1, b1, w2, b2 in x's opmath
+// dtype; returns (squeezed, hidden, gate).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(const at::Tensor& x, const at::Tensor& w1,
+                                                           const at::Tensor& b1, const at::Tensor& w2,
+                                                           const at::Tensor& b2, const at::Tensor& residual, bool relu,
+                                                           at::MemoryFormat fmt, at::Tensor& out) {
+  const auto acc_opts = x.options().dtype(at::toOpMathType(x.scalar_type()));
+  at::Tensor squeezed = at::empty({x.size(0), x.size(1)}, acc_opts), hidden = at::empty({x.size(0), w1.size(0)}, acc_opts),
+             gate = at::empty({x.size(0), x.size(1)}, acc_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "se_excite_forward_cpu", [&] {
+    forward_kernel<scalar_t>(x, w1, b1, w2, b2, residual, relu, fmt == at::MemoryFormat::ChannelsLast, out,
+                             squeezed, hidden, gate);
+  });
+  return {squeezed, hidden, gate};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& x_in, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
     const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
     const std::optional<at::Tensor>& residual_in, std::string_view activation) {
   const bool relu = check_activation(activation);
   const SeExciteSizes sizes = check_se_excite_x(x_in);
-  const int64_t n = sizes.n, c = sizes.c;
+  const int64_t c = sizes.c;
   check_fc_weight(fc1_weight, fc1_weight.dim() == 2 ? fc1_weight.size(0) : -1, c, x_in, "fc1_weight");
   const int64_t r = fc1_weight.size(0);
   TORCH_CHECK(r >= 1, "fc1_weight must have at least one row");
@@ -212,13 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
   };
   const at::Tensor w1 = to_acc(fc1_weight), w2 = to_acc(fc2_weight), b1 = to_acc(fc1_bias), b2 = to_acc(fc2_bias);
   at::Tensor out = at::empty_like(x, x.options(), fmt);
-  const auto acc_opts = x.options().dtype(acc);
-  at::Tensor squeezed = at::empty({n, c}, acc_opts), hidden = at::empty({n, r}, acc_opts),
-             gate = at::empty({n, c}, acc_opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "se_excite_forward_cpu", [&] {
-    forward_kernel<scalar_t>(x, w1, b1, w2, b2, residual, relu, fmt == at::MemoryFormat::ChannelsLast, out,
-                             squeezed, hidden, gate);
-  });
+  auto [squeezed, hidden, gate] = run_forward(x, w1, b1, w2, b2, residual, relu, fmt, out);
   return {out, squeezed, hidden, gate};
 }
 
@@ -231,7 +241,7 @@ void se_excite_inplace(at::Tensor x, const at::Tensor& fc1_weight, const std::op
                        const std::optional<at::Tensor>& residual_in, std::string_view activation) {
   const bool relu = check_activation(activation);
   const SeExciteSizes sizes = check_se_excite_x(x);
-  const int64_t n = sizes.n, c = sizes.c;
+  const int64_t c = sizes.c;
   const at::MemoryFormat fmt = output_memory_format(x);
   TORCH_CHECK(x.is_contiguous(fmt), "x must be NCHW- or channels_last-contiguous to be written in place");
   const at::ScalarType acc = at::toOpMathType(x.scalar_type());
@@ -255,13 +265,7 @@ void se_excite_inplace(at::Tensor x, const at::Tensor& fc1_weight, const std::op
     const auto overlap = at::get_overlap_status(x, residual);
     TORCH_CHECK(overlap != at::MemOverlapStatus::Partial, "residual must not partly overlap x in memory");
   }
-  const auto acc_opts = x.options().dtype(acc);
-  at::Tensor squeezed = at::empty({n, c}, acc_opts), hidden = at::empty({n, r}, acc_opts),
-             gate = at::empty({n, c}, acc_opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "se_excite_inplace_cpu", [&] {
-    forward_kernel<scalar_t>(x, w1, b1, w2, b2, residual, relu, fmt == at::MemoryFormat::ChannelsLast, x, squeezed,
-                             hidden, gate);
-  });
+  run_forward(x, w1, b1, w2, b2, residual, relu, fmt, x);
 }
 
 // ---------------------------------------------------------------- backward
