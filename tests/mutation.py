@@ -4,10 +4,16 @@
     .venv/bin/python tests/mutation.py relu eps   # the mutants whose names contain these words
 
 Each mutant replaces one exact piece of source text (the Python ops, the Triton kernels,
-the CUDA kernels that tests/cuda_emulation builds and runs on the host, the models),
-runs the tests that should notice, and restores the file whatever happens. A mutant is
-"killed" when those tests fail. C++ CPU kernels are left out: each would need a rebuild
-of the extension (minutes). Not part of `make test` (one pytest run per mutant).
+the CUDA kernels that tests/cuda_emulation builds and runs on the host, the models, the
+C++ CPU kernels), runs the tests that should notice, and restores the file whatever
+happens. A mutant is "killed" when those tests fail.
+
+A C++ mutant (csrc/cpu, csrc/autograd) rebuilds the extension in place first
+(`setup.py build_ext --inplace`: ninja recompiles the sources that include the changed
+file and relinks, about a minute), so the tree must have been built that way once;
+afterwards the source is put back and built again. Not part of `make test` (one pytest run
+per mutant, two compiles per C++ one): `make mutation` runs this and mutmut
+(tests/mutmut_run.py) in a scratch clone.
 """
 from __future__ import annotations
 
@@ -28,6 +34,10 @@ class Mutant:
     old: str
     new: str
     tests: tuple[str, ...]
+
+    @property
+    def rebuilds(self) -> bool:
+        return self.path.startswith(("csrc/cpu/", "csrc/autograd/", "csrc/registration"))
 
 
 MUTANTS = [
@@ -73,34 +83,99 @@ MUTANTS = [
     Mutant("add_act backward: mask on x instead of out", "cnnkernels/ops/add_act.py",
            "(out,) = ctx.saved_tensors", "(out,) = ctx.saved_tensors\n        out = out - 1",
            ("tests/ops/test_add_act.py", "-k", "reference")),
+    Mutant("C++ add_act: relu lets -1e-4 through", "csrc/cpu/add_act.cpp",
+           "if constexpr (kRelu) v = v < acc_t(0) ? acc_t(0) : v;", "if constexpr (kRelu) v = v < acc_t(-1e-4) ? acc_t(0) : v;",
+           ("tests/ops/test_add_act.py", "tests/ops/test_invariants.py", "-k", "cpu")),
+    Mutant("C++ add_act backward: relu mask dropped", "csrc/cpu/add_act.cpp",
+           "grad[i] = L::positive(out[i]) ? g : S(0);", "grad[i] = g;",
+           ("tests/ops/test_add_act.py", "-k", "cpu")),
+    Mutant("C++ conv_bn_act epilogue: residual added after the relu", "csrc/cpu/conv_bn_act.cpp",
+           "    if constexpr (kRes) v += to_acc<acc_t>(res[j]);\n    if constexpr (kRelu) v = v < acc_t(0) ? acc_t(0) : v;\n",
+           "    if constexpr (kRelu) v = v < acc_t(0) ? acc_t(0) : v;\n    if constexpr (kRes) v += to_acc<acc_t>(res[j]);\n",
+           ("tests/ops/test_conv_bn_act.py", "tests/ops/test_invariants.py", "-k", "cpu")),
+    Mutant("C++ conv_bn_act backward: the y term of grad_y dropped", "csrc/cpu/conv_bn_act.cpp",
+           "if constexpr (kY) v -= (to_acc<acc_t>(y[j]) - k.mean[ch]) * k.y_scale[ch];",
+           "if constexpr (false) v -= (to_acc<acc_t>(y[j]) - k.mean[ch]) * k.y_scale[ch];",
+           ("tests/ops/test_conv_bn_act.py", "-k", "cpu")),
+    Mutant("C++ bn_act_conv prologue: shift dropped", "csrc/cpu/bn_act_conv.cpp",
+           "return to_acc<acc_t>(x) * scale + shift;", "return to_acc<acc_t>(x) * scale;",
+           ("tests/ops/test_bn_act_conv.py", "tests/ops/test_invariants.py", "-k", "cpu")),
+    Mutant("C++ bn_act_conv backward: relu mask lets -1e-4 through", "csrc/cpu/bn_act_conv.cpp",
+           "pre_activation<acc_t>(x, scale, shift) > acc_t(0) ? g : acc_t(0);",
+           "pre_activation<acc_t>(x, scale, shift) > acc_t(-1e-4) ? g : acc_t(0);",
+           ("tests/ops/test_bn_act_conv.py", "tests/ops/test_invariants.py", "-k", "cpu")),
+    Mutant("C++ batch statistics: mean not shifted back by the reference sample", "csrc/cpu/bn_passes.h",
+           "mp[ch] = static_cast<acc_t>(ref + m);", "mp[ch] = static_cast<acc_t>(m);",
+           ("tests/ops/test_conv_bn_act.py", "-k", "cpu")),
+    Mutant("C++ channel sums: the second sum adds the first", "csrc/cpu/bn_passes.h",
+           "part[c + ch] += second[ch];", "part[c + ch] += first[ch];",
+           ("tests/ops/test_conv_bn_act.py", "tests/ops/test_bn_act_conv.py", "-k", "cpu")),
+    Mutant("C++ SE gate: sigmoid of -v", "csrc/cpu/se_excite.cpp",
+           "gi[ch] = acc_t(1) / (acc_t(1) + std::exp(-v));", "gi[ch] = acc_t(1) / (acc_t(1) + std::exp(v));",
+           ("tests/ops/test_se_excite.py", "-k", "cpu")),
+    Mutant("C++ max pool: windows start at 0 instead of -inf", "csrc/cpu/max_pool.cpp",
+           "std::fill(acc.begin(), acc.end(), -std::numeric_limits<acc_t>::infinity());",
+           "std::fill(acc.begin(), acc.end(), acc_t(0));",
+           ("tests/ops/test_max_pool_native.py",)),
+    Mutant("C++ scale-shift pass: relu lets -1e-4 through", "csrc/cpu/bn_act_conv.cpp",
+           "if constexpr (kRelu) v = v > acc_t(0) ? v : acc_t(0);", "if constexpr (kRelu) v = v > acc_t(-1e-4) ? v : acc_t(0);",
+           ("tests/ops/test_scale_shift_act_native.py", "tests/nn/test_frozen_cpu_densenet.py")),
+    Mutant("C++ autograd: only the first input gets a gradient", "csrc/autograd/conv_bn_act.cpp",
+           "mask[i] = edges[i] >= 0 && ctx->needs_input_grad(edges[i]);",
+           "mask[i] = i == 0 && edges[i] >= 0 && ctx->needs_input_grad(edges[i]);",
+           ("tests/ops/test_conv_bn_act.py", "-k", "cpu")),
 ]
 
 
-def run(mutant: Mutant) -> tuple[str, float]:
+TIMEOUT_S = 1800
+"""A mutant whose tests run this long (a hang) counts as killed: the suite noticed."""
+
+
+def build_in_place() -> bool:
+    result = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT,
+                            capture_output=True, text=True)
+    return result.returncode == 0
+
+
+def run(mutant: Mutant) -> tuple[str, float, str]:
+    """(status, seconds, pytest's last line) of one mutant."""
     path = ROOT / mutant.path
     original = path.read_text()
     if original.count(mutant.old) != 1:
-        return "not applied (source text changed)", 0.0
+        return "not applied (source text changed)", 0.0, ""
     path.write_text(original.replace(mutant.old, mutant.new))
     start = time.time()
     try:
+        if mutant.rebuilds and not build_in_place():
+            return "not built (the mutant does not compile)", time.time() - start, ""
         env = {**os.environ, "CNNKERNELS_REQUIRE_EXTENSION": "1"}
-        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                                 *mutant.tests], cwd=ROOT, capture_output=True, text=True, env=env)
+        try:
+            result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                                     *mutant.tests], cwd=ROOT, capture_output=True, text=True, env=env,
+                                    timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return "killed", time.time() - start, f"timed out after {TIMEOUT_S} s"
     finally:
         path.write_text(original)
-    return ("killed" if result.returncode != 0 else "SURVIVED"), time.time() - start
+        if mutant.rebuilds and not build_in_place():
+            raise RuntimeError(f"the restored {mutant.path} no longer builds: the tree is left mutated")
+    last = (result.stdout.strip().splitlines() or [""])[-1]
+    return ("killed" if result.returncode != 0 else "SURVIVED"), time.time() - start, last
 
 
 def main(words: list[str]) -> int:
     chosen = [m for m in MUTANTS if not words or any(w in m.name for w in words)]
+    if any(m.rebuilds for m in chosen) and not list(ROOT.glob("build/temp.*/csrc")):
+        print("C++ mutants rebuild in place: build the tree once with "
+              "`python setup.py build_ext --inplace` (CNNKERNELS_SKIP_CUDA_BUILD=1 keeps nvcc out)")
+        return 2
     rows = []
     for mutant in chosen:
-        status, seconds = run(mutant)
+        status, seconds, last = run(mutant)
         rows.append((mutant.name, status, seconds))
-        print(f"{status:9s} {seconds:6.1f}s  {mutant.name}", flush=True)
+        print(f"{status:9s} {seconds:6.1f}s  {mutant.name}  [{last}]", flush=True)
     killed = sum(status == "killed" for _, status, _ in rows)
-    applied = sum(not status.startswith("not applied") for _, status, _ in rows)
+    applied = sum(not status.startswith("not ") for _, status, _ in rows)
     print(f"\nmutation score: {killed}/{applied} killed")
     return 0 if killed == applied else 1
 

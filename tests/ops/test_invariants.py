@@ -70,11 +70,9 @@ def test_conv_bn_act_relu_after_the_residual_is_exact(backend, training):
     _check_relu(out.double(), pre)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bn_act_conv_prologue_relu_is_exact(backend):
-    """A 1x1 identity convolution shows the activated input itself; half of x is chosen to
-    put bn(x) just below or above zero."""
-    device = _device(backend)
+def _bn_act_conv_near_zero_args(device):
+    """x, gamma, beta, running mean/var (eval) of 8 channels with half of x chosen to put
+    bn(x) just below or above zero, and bn(x) itself in float64."""
     gen = torch.Generator().manual_seed(1)
     x, g, b = torch.randn(2, 8, 5, 5, generator=gen), torch.rand(8, generator=gen) + 0.5, torch.randn(8, generator=gen)
     mean, var = torch.randn(8, generator=gen), torch.rand(8, generator=gen) + 0.5
@@ -82,13 +80,54 @@ def test_bn_act_conv_prologue_relu_is_exact(backend):
     mean64, var64, g64, b64 = per_channel
     near = mean64 + (_near_zero(x.shape, gen) - b64) * (var64 + 1e-5).sqrt() / g64
     x = torch.where(torch.rand(x.shape, generator=gen) < 0.5, near.float(), x)
-    eye = torch.eye(8).reshape(8, 8, 1, 1)
-    x, g, b, mean, var, eye = (t.to(device) for t in (x, g, b, mean, var, eye))
-    pre = (x.double() - mean.double()[:, None, None]) / (var.double()[:, None, None] + 1e-5).sqrt() \
-        * g.double()[:, None, None] + b.double()[:, None, None]
+    pre = (x.double() - mean64) / (var64 + 1e-5).sqrt() * g64 + b64
+    return [t.to(device) for t in (x, g, b, mean, var)] + [pre.to(device)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bn_act_conv_prologue_relu_is_exact(backend):
+    """A 1x1 identity convolution shows the activated input itself."""
+    x, g, b, mean, var, pre = _bn_act_conv_near_zero_args(_device(backend))
+    eye = torch.eye(8, device=x.device).reshape(8, 8, 1, 1)
     with torch.no_grad(), cnnkernels.use_backend(backend):
         out = ops.bn_act_conv(x, eye, None, g, b, mean, var, training=False, activation="relu")
     _check_relu(out.double(), pre)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bn_act_conv_eval_gradient_is_exactly_zero_below_the_relu(backend):
+    """In eval the input gradient is grad_z * gamma / sqrt(var + eps) where bn(x) > 0 and
+    exactly 0 where it is negative, however close to zero."""
+    x, g, b, mean, var, pre = _bn_act_conv_near_zero_args(_device(backend))
+    x.requires_grad_(True)
+    w = torch.randn(6, 8, 3, 3, generator=torch.Generator().manual_seed(4)).to(x.device)
+    with cnnkernels.use_backend(backend):
+        out = ops.bn_act_conv(x, w, None, g, b, mean, var, padding=1, training=False, activation="relu")
+        (grad_x,) = torch.autograd.grad(out, x, torch.randn_like(out))
+    assert (grad_x[pre < -MARGIN] == 0).all(), "gradient flows through the ReLU below zero"
+    assert (grad_x[pre > MARGIN] != 0).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_add_act_relu_is_exact_forward_and_backward(backend):
+    """Half the residual puts x + residual just below or above zero: the output is exactly 0
+    below, and both gradients are exactly grad_out above and 0 below."""
+    device = _device(backend)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 8, 5, 5, generator=gen)
+    res = torch.randn(x.shape, generator=gen) * 2
+    res = torch.where(torch.rand(x.shape, generator=gen) < 0.5, (_near_zero(x.shape, gen) - x.double()).float(), res)
+    pre = x.double() + res.double()
+    x, res, pre = (t.to(device).requires_grad_(t.dtype == torch.float32) for t in (x, res, pre))
+    grad_out = torch.rand(x.shape, generator=gen).to(device) + 0.5
+    with cnnkernels.use_backend(backend):
+        out = ops.add_act(x, res, activation="relu")
+        grads = torch.autograd.grad(out, (x, res), grad_out)
+    assert (pre.abs() < 1e-3).any()
+    _check_relu(out.detach().double(), pre)
+    for grad in grads:
+        assert (grad[pre < -MARGIN] == 0).all(), "gradient flows through the ReLU below zero"
+        assert torch.equal(grad[pre > MARGIN], grad_out[pre > MARGIN])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -64,3 +64,22 @@ def test_per_channel_coefficients_are_not_shuffled():
     shift = torch.tensor([0.5, -3.0, 0.0, -10.0])
     z = run(x, scale, shift, "relu", channels_last=True)
     assert z[:, :, 1, 2].tolist() == [[1.5, 0.0, 3.0, 0.0]] * 2
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_relu_is_exact_next_to_zero(channels_last):
+    """x chosen to put x * scale + shift 1e-5 to 1e-3 below or above zero: exactly 0 below,
+    positive above (a ReLU that lets values just below zero through fails here)."""
+    x, scale, shift = inputs(torch.float32, channels_last, prefix=False, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    magnitude = 10 ** (torch.rand(x.shape, generator=gen, dtype=torch.float64) * 2 - 5)
+    near = torch.where(torch.rand(x.shape, generator=gen) < 0.5, -magnitude, magnitude)
+    s64, b64 = scale.double().view(1, -1, 1, 1), shift.double().view(1, -1, 1, 1)
+    x = ((near - b64) / s64).float().contiguous(memory_format=torch.channels_last if channels_last
+                                                 else torch.contiguous_format)
+    exact = x.double() * s64 + b64
+    z = run(x, scale, shift, "relu", channels_last)
+    assert (exact < -1e-5).any() and (exact > 1e-5).any()
+    assert (z >= 0).all()
+    assert (z[exact < -1e-5] == 0).all(), "ReLU output not exactly 0 just below zero"
+    assert (z[exact > 1e-5] > 0).all()
