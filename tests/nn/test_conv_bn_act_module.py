@@ -52,3 +52,37 @@ def test_without_running_stats_uses_batch_statistics_in_eval():
 def test_from_modules_rejects_string_padding():
     with pytest.raises(ValueError, match="integer zero padding"):
         ConvBNAct.from_modules(nn.Conv2d(4, 4, 3, padding="same"), nn.BatchNorm2d(4))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_track_running_stats_switched_off_after_construction(training, momentum):
+    """Switching bn.track_running_stats off on a module that has its buffers (a common way to
+    stop the statistics moving) acts as in torch: training uses batch statistics and leaves
+    the buffers and the batch count alone; eval still normalises by the buffers."""
+    torch.manual_seed(1)
+    fused = ConvBNAct(4, 6, 3, padding=1, momentum=momentum)
+    twin = unfused(fused)
+    for module in (fused, twin):
+        module.train(training)
+        bn = module.bn
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+        bn.track_running_stats = False
+    twin.load_state_dict(fused.state_dict())
+    x = torch.randn(3, 4, 7, 7) * 2 + 1
+    assert rel_err(fused(x), twin(x)) < 1e-5
+    for key, value in twin.bn.state_dict().items():
+        assert torch.equal(fused.bn.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_eval_leaves_statistics_and_batch_count_alone(momentum):
+    fused = ConvBNAct(4, 6, 3, padding=1, momentum=momentum)
+    fused.train()
+    fused(torch.randn(2, 4, 5, 5))
+    before = {k: v.clone() for k, v in fused.bn.state_dict().items()}
+    fused.eval()
+    fused(torch.randn(2, 4, 5, 5))
+    for key, value in fused.bn.state_dict().items():
+        assert torch.equal(before[key], value), key
+    assert fused.bn.num_batches_tracked.item() == 1
