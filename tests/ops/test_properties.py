@@ -1,7 +1,8 @@
 """Property-based tests (hypothesis): every op on every backend that claims the input,
-over random shapes, strides (contiguous, channels_last, sliced views), groups, stride /
-padding / dilation, dtypes, with and without bias / residual / running statistics, batch
-1 and odd channel counts, forward and backward against the float64 reference.
+over random shapes, strides (contiguous, channels_last, sliced views), groups, kernel sizes
+and stride / padding / dilation (square or per axis), dtypes, with and without bias /
+residual / running statistics, batch 1 and odd channel counts, forward and backward
+against the float64 reference.
 
 Examples are drawn deterministically (derandomize) and bounded so that `make test` keeps
 its time; `pytest --hypothesis-profile thorough tests/ops/test_properties.py` draws many
@@ -77,24 +78,36 @@ def _compare(call, tensors: dict, backend: str, dtype: torch.dtype):
         assert err < 10 * bound, f"grad {name}: error {err:.3g} of max(|grad|, |grad_out|)"
 
 
+def _per_axis(draw, values):
+    """(height, width) values: the same on both axes half the time, independent otherwise."""
+    first = draw(values)
+    return (first, first) if draw(st.booleans()) else (first, draw(values))
+
+
+def _as_argument(pair):
+    """A pair of equal values as an int, as users write it; else the pair."""
+    return pair[0] if pair[0] == pair[1] else pair
+
+
 @st.composite
 def conv_cases(draw, bn_over: str):
     groups = draw(st.sampled_from([1, 1, 2, 3]))
     c_in, c_out = groups * draw(st.integers(1, 4)), groups * draw(st.integers(1, 4))
-    k, stride, dilation = draw(st.sampled_from([1, 2, 3])), draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2]))
-    padding = draw(st.integers(0, 2))
-    span = dilation * (k - 1) + 1
-    h, w = draw(st.integers(max(1, span - 2 * padding), 9)), draw(st.integers(max(1, span - 2 * padding), 9))
+    k, stride = _per_axis(draw, st.sampled_from([1, 2, 3])), _per_axis(draw, st.sampled_from([1, 2]))
+    dilation, padding = _per_axis(draw, st.sampled_from([1, 2])), _per_axis(draw, st.integers(0, 2))
+    span = [d * (kk - 1) + 1 for d, kk in zip(dilation, k)]
+    h, w = (draw(st.integers(max(1, sp - 2 * p), 9)) for sp, p in zip(span, padding))
     n = draw(st.integers(1, 3))
-    h_out, w_out = (h + 2 * padding - span) // stride + 1, (w + 2 * padding - span) // stride + 1
+    h_out, w_out = ((size + 2 * p - sp) // st_ + 1 for size, p, sp, st_ in zip((h, w), padding, span, stride))
     training = draw(st.booleans())
     bn_positions = n * (h_out * w_out if bn_over == "output" else h * w)
     assume(h_out >= 1 and w_out >= 1 and (not training or bn_positions > 1))
-    return dict(n=n, c_in=c_in, c_out=c_out, k=k, h=h, w=w, groups=groups, stride=stride, padding=padding,
-                dilation=dilation, training=training, bias=draw(st.booleans()), layout=draw(st.sampled_from(
-                    ["contiguous", "channels_last", "sliced"])), running=draw(st.booleans()) or not training,
-                relu=draw(st.booleans()), residual=draw(st.booleans()), h_out=h_out, w_out=w_out,
-                dtype=draw(st.sampled_from([torch.float32, torch.float64])), seed=draw(st.integers(0, 2 ** 16)))
+    return dict(n=n, c_in=c_in, c_out=c_out, k=k, h=h, w=w, groups=groups, stride=_as_argument(stride),
+                padding=_as_argument(padding), dilation=_as_argument(dilation), training=training,
+                bias=draw(st.booleans()), layout=draw(st.sampled_from(["contiguous", "channels_last", "sliced"])),
+                running=draw(st.booleans()) or not training, relu=draw(st.booleans()), residual=draw(st.booleans()),
+                h_out=h_out, w_out=w_out, dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+                seed=draw(st.integers(0, 2 ** 16)))
 
 
 def _conv_tensors(case, bn_channels):
@@ -103,7 +116,7 @@ def _conv_tensors(case, bn_channels):
     def rand(*shape, grad=True):
         return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_(grad)
     x = _layout(rand(case["n"], case["c_in"], case["h"], case["w"], grad=False), case["layout"]).requires_grad_()
-    tensors = dict(x=x, weight=rand(case["c_out"], case["c_in"] // case["groups"], case["k"], case["k"]),
+    tensors = dict(x=x, weight=rand(case["c_out"], case["c_in"] // case["groups"], *case["k"]),
                    bias=rand(case["c_out"]) if case["bias"] else None,
                    bn_weight=(torch.rand(bn_channels, generator=gen, dtype=torch.float64) + 0.5).requires_grad_(),
                    bn_bias=rand(bn_channels))
