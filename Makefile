@@ -11,7 +11,7 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: all venv install test bench bench-ops gpu-check clean
+.PHONY: all venv install test bench bench-ops gpu-check mutation clean
 
 all: test
 
@@ -46,5 +46,16 @@ GPU_CHECK_ARGS ?=
 gpu-check:
 	$(PYTHON) benches/gpu_check.py --out "$(OUT)" $(if $(DRY_RUN),--dry-run) $(GPU_CHECK_ARGS)
 
+# Planted faults (issue 14's test strength): both tools write mutants into the sources, so they
+# run in a scratch clone of HEAD, built in place; hours on 2 cores. MUTATE: words choosing
+# mutants / files (empty: all).
+MUTATION_DIR ?= /tmp/cnnkernels-mutation
+MUTATE ?=
+mutation: venv
+	$(PY) -m pip install -q -r requirements-mutation.txt
+	rm -rf "$(MUTATION_DIR)" && git clone -q . "$(MUTATION_DIR)"
+	cd "$(MUTATION_DIR)" && $(abspath $(PY)) setup.py -q build_ext --inplace && \
+	  { $(abspath $(PY)) tests/mutation.py $(MUTATE); $(abspath $(PY)) tests/mutmut_run.py $(MUTATE); }
+
 clean:
-	rm -rf build *.egg-info cnnkernels/_C*.so .pytest_cache .benchmarks
+	rm -rf build *.egg-info cnnkernels/_C*.so .pytest_cache .benchmarks .mutmut-cache mutmut-survivors.txt
