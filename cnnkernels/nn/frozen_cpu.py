@@ -37,6 +37,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from cnnkernels.ops._checks import effective_dilation
+
 __all__ = ["frozen_conv_bn_act", "bn_act", "max_pool", "se_excite_into", "MAX_PACKED_SHAPES"]
 
 MAX_PACKED_SHAPES = 4
@@ -112,7 +114,8 @@ def _pack(folded: tuple, conv: nn.Conv2d, dtype: torch.dtype, shape: torch.Size)
     with torch.no_grad():
         dense = weight.to(dtype).contiguous(memory_format=torch.channels_last)
         packed = torch.ops.mkldnn._reorder_convolution_weight(
-            dense, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(shape))
+            dense, list(conv.padding), list(conv.stride), effective_dilation(conv.kernel_size, conv.dilation),
+            conv.groups, list(shape))
         return packed, None if shift is None else shift.to(dtype)
 
 
@@ -247,11 +250,12 @@ def frozen_conv_bn_act(conv: nn.Conv2d, folded: tuple, packed: PackedWeights, x:
         if list(residual.shape) != [x.shape[0], conv.out_channels, *out_hw]:
             return None
     weight, bias = packed.get(folded, conv, dtype, x.shape)
+    dilation = effective_dilation(conv.kernel_size, conv.dilation)
     if x.dtype != dtype:
         x = x.to(dtype)
     post = "relu" if activation == "relu" else "none"
     if residual is None:
-        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, conv.padding, conv.stride, conv.dilation,
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, conv.padding, conv.stride, dilation,
                                                        conv.groups, post, [], None)
     unary = None if post == "none" else post
     writable = residual.dtype == dtype and residual.is_contiguous(memory_format=torch.channels_last)
@@ -262,10 +266,10 @@ def frozen_conv_bn_act(conv: nn.Conv2d, folded: tuple, packed: PackedWeights, x:
         overwrite_residual = True
     if overwrite_residual and writable:
         return torch.ops.mkldnn._convolution_pointwise_.binary(
-            residual, x, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups, "add", None, unary,
+            residual, x, weight, bias, conv.padding, conv.stride, dilation, conv.groups, "add", None, unary,
             [], None)
     if residual.dtype != dtype:
         residual = residual.to(dtype)
     return torch.ops.mkldnn._convolution_pointwise.binary(
-        x, residual, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups, "add", None, unary, [],
+        x, residual, weight, bias, conv.padding, conv.stride, dilation, conv.groups, "add", None, unary, [],
         None)

@@ -16,6 +16,14 @@ def pair(value, name: str) -> tuple[int, int]:
     raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
 
 
+def effective_dilation(kernel_size, dilation) -> list[int]:
+    """dilation with 1 on each axis where the kernel is 1 wide: the same convolution (a
+    single tap has nothing to space), and it keeps oneDNN's brgemm convolution (torch 2.14)
+    off a path that crashes the process (1-wide dilated kernels, channels_last, bias,
+    groups, stride 2)."""
+    return [1 if k == 1 else d for k, d in zip(kernel_size, dilation)]
+
+
 def check_tensor(t, name: str, ndim: int | None = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

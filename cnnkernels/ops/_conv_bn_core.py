@@ -15,7 +15,8 @@ def check_conv_bn(x, weight, bias, bn_weight, bn_bias, running_mean, running_var
                   groups, training, eps, activation, *, bn_over: str) -> tuple[list, list, list, list]:
     """Checks a fused convolution + BatchNorm call; bn_over is "output" (BN over the
     convolution's C_out channels, conv_bn_act) or "input" (over x's C_in channels,
-    bn_act_conv). Returns (stride, padding, dilation, output shape) as lists."""
+    bn_act_conv). Returns (stride, padding, dilation, output shape) as lists, dilation as
+    _checks.effective_dilation gives it."""
     stride = _checks.pair(stride, "stride")
     padding = _checks.pair(padding, "padding")
     dilation = _checks.pair(dilation, "dilation")
@@ -58,7 +59,7 @@ def check_conv_bn(x, weight, bias, bn_weight, bn_bias, running_mean, running_var
     if training and normalised[0] * normalised[2] * normalised[3] < 2:
         raise ValueError(f"training needs more than 1 value per channel, got "
                          f"{'output' if bn_over == 'output' else 'x of'} shape {tuple(normalised)}")
-    return list(stride), list(padding), list(dilation), out_shape
+    return list(stride), list(padding), _checks.effective_dilation(weight.shape[2:], dilation), out_shape
 
 
 def check_momentum(momentum) -> None:

@@ -192,6 +192,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   const bool relu = check_activation(activation);
   const at::Tensor bias = opt(bias_opt), bn_weight = opt(bn_weight_opt), bn_bias = opt(bn_bias_opt);
   const auto out_sizes = check_args(x, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps);
+  const auto effective = effective_dilation(weight, dilation);
+  dilation = effective;
   if (into) {
     check_defined(out, "out");
     check_same_shape(out, out_sizes, "out", "the output");
@@ -265,6 +267,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn
                    bn_bias = opt(bn_bias_opt);
   const auto out_sizes = d::check_args(x, weight, bias, bn_weight, bn_bias, stride, padding,
                                        dilation, groups, eps);
+  const auto effective = effective_dilation(weight, dilation);
+  dilation = effective;
   const int64_t c = x.size(1);
   check_defined(grad_out, "grad_out");
   check_same_shape(grad_out, out_sizes, "grad_out", "the output");

@@ -135,6 +135,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_act_fo
                    bn_bias = opt(bn_bias_opt), running_mean = opt(running_mean_opt),
                    running_var = opt(running_var_opt), residual = opt(residual_opt);
   const auto out_sizes = check_conv(x, weight, bias, stride, padding, dilation, groups);
+  const auto effective = effective_dilation(weight, dilation);
+  dilation = effective;
   const int64_t c_out = out_sizes[1];
   check_per_channel(bn_weight_opt, c_out, "bn_weight", x, "x");
   check_per_channel(bn_bias_opt, c_out, "bn_bias", x, "x");
@@ -239,6 +241,8 @@ conv_bn_act_backward(const ConvBnActKernels& kernels, const at::Tensor& grad_out
   const bool relu = check_activation(activation);
   const at::Tensor bias = opt(bias_opt), bn_weight = opt(bn_weight_opt);
   const auto out_sizes = check_conv(x, weight, bias, stride, padding, dilation, groups);
+  const auto effective = effective_dilation(weight, dilation);
+  dilation = effective;
   const int64_t c_out = out_sizes[1];
   check_defined(grad_out, "grad_out");
   check_same_shape(grad_out, out_sizes, "grad_out", "the output");

@@ -8,6 +8,7 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
+#include <array>
 #include <cstdint>
 #include <vector>
 
@@ -53,6 +54,14 @@ inline std::vector<int64_t> conv_output_sizes(const at::Tensor& x, const at::Ten
     sizes[2 + d] = (in - extent) / stride[d] + 1;
   }
   return sizes;
+}
+
+// dilation with 1 on each axis where the kernel is 1 wide: the same convolution (a single tap
+// has nothing to space), and it keeps oneDNN's brgemm convolution (torch 2.14) off a path
+// that crashes the process (1-wide dilated kernels, channels_last, bias, groups, stride 2).
+// Checked operands only.
+inline std::array<int64_t, 2> effective_dilation(const at::Tensor& weight, at::IntArrayRef dilation) {
+  return {weight.size(2) == 1 ? 1 : dilation[0], weight.size(3) == 1 ? 1 : dilation[1]};
 }
 
 // check_conv_operands, then the output shape.
