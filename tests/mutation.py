@@ -2,6 +2,7 @@
 
     .venv/bin/python tests/mutation.py            # every mutant, a summary table at the end
     .venv/bin/python tests/mutation.py relu eps   # the mutants whose names contain these words
+    .venv/bin/python tests/mutation.py --no-build # leave out the C++ mutants (no rebuilds)
 
 Each mutant replaces one exact piece of source text (the Python ops, the Triton kernels,
 the CUDA kernels that tests/cuda_emulation builds and runs on the host, the models, the
@@ -164,7 +165,9 @@ def run(mutant: Mutant) -> tuple[str, float, str]:
 
 
 def main(words: list[str]) -> int:
-    chosen = [m for m in MUTANTS if not words or any(w in m.name for w in words)]
+    no_build = "--no-build" in words
+    words = [w for w in words if w != "--no-build"]
+    chosen = [m for m in MUTANTS if (not words or any(w in m.name for w in words)) and not (no_build and m.rebuilds)]
     if any(m.rebuilds for m in chosen) and not list(ROOT.glob("build/temp.*/csrc")):
         print("C++ mutants rebuild in place: build the tree once with "
               "`python setup.py build_ext --inplace` (CNNKERNELS_SKIP_CUDA_BUILD=1 keeps nvcc out)")
