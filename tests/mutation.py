@@ -7,7 +7,9 @@
 Each mutant replaces one exact piece of source text (the Python ops, the Triton kernels,
 the CUDA kernels that tests/cuda_emulation builds and runs on the host, the models, the
 C++ CPU kernels), runs the tests that should notice, and restores the file whatever
-happens. A mutant is "killed" when those tests fail.
+happens. A mutant is "killed" when those tests fail. Every process those tests start
+imports cnnkernels from this tree (import_from_this_tree), also in a scratch clone run with
+another checkout's venv.
 
 A C++ mutant (csrc/cpu, csrc/autograd) rebuilds the extension in place first
 (`setup.py build_ext --inplace`: ninja recompiles the sources that include the changed
@@ -75,8 +77,8 @@ MUTANTS = [
            "gt[ch] = acc_t(1) / (acc_t(1) + exp_value(-v));", "gt[ch] = acc_t(1) / (acc_t(1) + exp_value(v));",
            ("tests/cuda_emulation/test_se_excite_kernels.py",)),
     Mutant("ResNet basic block: no final relu", "models/resnet.py",
-           'conv_bn_act_modules(self.conv2, self.bn2, out, residual=identity, activation="relu")',
-           'conv_bn_act_modules(self.conv2, self.bn2, out, residual=identity, activation="none")',
+           'conv_bn_act_modules(self.conv2, self.bn2, out, residual=identity, activation="relu",',
+           'conv_bn_act_modules(self.conv2, self.bn2, out, residual=identity, activation="none",',
            ("tests/models/test_resnet_family.py", "-k", "resnet18")),
     Mutant("pre-act ResNet: residual sum dropped", "models/preact_resnet.py",
            'return add_act(self._units(out), identity, activation="none")', "return self._units(out)",
@@ -132,6 +134,30 @@ TIMEOUT_S = 1800
 """A mutant whose tests run this long (a hang) counts as killed: the suite noticed."""
 
 
+def import_from_this_tree() -> None:
+    """Make every process the mutants' tests start (pytest, and the workers it spawns) import
+    cnnkernels from ROOT. In a scratch clone run with the main checkout's venv, the editable
+    install would hand them the main checkout's sources instead: a spawned worker finds no
+    cnnkernels on its path, and cnnkernels.models (package-dir "models") is mapped by the
+    install whatever the path says, so mutants there would run against unmutated code."""
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    if _models_location() != ROOT / "models" / "__init__.py":
+        link = ROOT / "cnnkernels" / "models"
+        if not link.exists():
+            link.symlink_to(pathlib.Path("..") / "models", target_is_directory=True)
+    found = _models_location()
+    if found.resolve() != (ROOT / "models" / "__init__.py").resolve():
+        raise SystemExit(f"cnnkernels.models imports from {found}, not from this tree ({ROOT}): the mutants "
+                         "would run against other sources")
+
+
+def _models_location() -> pathlib.Path:
+    code = "import cnnkernels.models as m; print(m.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "tests", capture_output=True, text=True,
+                         check=True).stdout
+    return pathlib.Path(out.strip())
+
+
 def build_in_place() -> bool:
     result = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT,
                             capture_output=True, text=True)
@@ -172,6 +198,7 @@ def main(words: list[str]) -> int:
         print("C++ mutants rebuild in place: build the tree once with "
               "`python setup.py build_ext --inplace` (CNNKERNELS_SKIP_CUDA_BUILD=1 keeps nvcc out)")
         return 2
+    import_from_this_tree()
     rows = []
     for mutant in chosen:
         status, seconds, last = run(mutant)

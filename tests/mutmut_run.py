@@ -22,6 +22,8 @@ import sqlite3
 import subprocess
 import sys
 
+from mutation import import_from_this_tree
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MUTMUT = [sys.executable, "-m", "mutmut"]
 
@@ -62,6 +64,7 @@ def statuses() -> dict[str, dict[str, list[int]]]:
 
 def main(words: list[str]) -> int:
     chosen = {p: t for p, t in TARGETS.items() if not words or any(w in p for w in words)}
+    import_from_this_tree()
     os.environ["PYTHONDONTWRITEBYTECODE"] = "1"  # two mutants of one size within a second share a stale .pyc
     for cache in ROOT.glob("cnnkernels/**/__pycache__"):
         shutil.rmtree(cache)
