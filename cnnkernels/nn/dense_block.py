@@ -287,10 +287,11 @@ def _frozen_layer(layer: DenseLayer, prefix: torch.Tensor, scratch: torch.Tensor
     None where the path does not apply (the caller runs the layer's plain step)."""
     if layer.training and layer.drop_rate > 0:
         return None
-    bottleneck = run_frozen_cpu_bn_act_conv(layer.norm1, layer.conv1, prefix, then_bn=layer.norm2, scratch=scratch)
+    bottleneck = run_frozen_cpu_bn_act_conv(layer.norm1, layer.conv1, prefix, then_bn=layer.norm2, scratch=scratch,
+                                            rounded=False)
     if bottleneck is None:
         return None
-    return run_frozen_cpu_bn_act_conv(None, layer.conv2, bottleneck)
+    return run_frozen_cpu_bn_act_conv(None, layer.conv2, bottleneck, rounded=False, dtype=bottleneck.dtype)
 
 
 class _DenseBlockFunction(torch.autograd.Function):

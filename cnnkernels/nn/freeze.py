@@ -146,13 +146,14 @@ def run_frozen_cpu(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, residua
     if cached is None:
         return None
     return frozen_cpu.frozen_conv_bn_act(conv, cached[0], cached[1], x, residual, activation, dtype,
-                                         overwrite_residual)
+                                         overwrite_residual, frozen_cpu.result_dtype(x))
 
 
 def run_frozen_cpu_bn_act_conv(bn: nn.BatchNorm2d | None, conv: nn.Conv2d, x: torch.Tensor,
                                activation: str = "relu", then_bn: nn.BatchNorm2d | None = None,
                                pool: nn.AvgPool2d | None = None,
-                               scratch: torch.Tensor | None = None) -> torch.Tensor | None:
+                               scratch: torch.Tensor | None = None, rounded: bool = True,
+                               dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """The pre-activation unit conv(act(bn(x))) of a frozen model on frozen_cpu's path:
     act(bn(x)) as one addcmul and an in-place activation (bn None: x as it is, no
     activation applied), then the
@@ -163,15 +164,21 @@ def run_frozen_cpu_bn_act_conv(bn: nn.BatchNorm2d | None, conv: nn.Conv2d, x: to
     1x1 stride-1 convolution (averaging commutes with a per-pixel affine map) at a quarter
     of the convolution's work; results agree to rounding. scratch: a flat tensor of at
     least x.numel() elements of the compute dtype to hold act(bn(x)) (spares allocating
-    it per call). [N, C_in, H, W] (channels_last, or a channel-prefix view of a
-    channels_last tensor) -> [N, C_out, H', W'] channels_last; None where the conditions
+    it per call). rounded: the result in the dtype the op yields (frozen_cpu.result_dtype);
+    False leaves it in the compute dtype (a DenseNet layer's bottleneck and new features,
+    read by the next convolution or copied into the block's buffer). dtype: the compute
+    dtype, where the caller has it (conv2 of a DenseNet layer takes conv1's unrounded
+    result); None: frozen_cpu.compute_dtype's. [N, C_in, H, W]
+    (channels_last, or a channel-prefix view of a channels_last tensor) -> [N, C_out, H',
+    W'] channels_last; None where the conditions
     of frozen_cpu do not hold (bn and then_bn eval and frozen, C_in channels, no gradient
     wanted) and the caller's plain path runs."""
     if not _packable(conv, activation) or not frozen_cpu.applies(x, None, views=bn is not None):
         return None
     if x.shape[1] != conv.in_channels or (pool is not None and not _pool_commutes(pool, conv)):
         return None
-    dtype = frozen_cpu.compute_dtype(x, conv.weight)
+    if dtype is None:
+        dtype = frozen_cpu.compute_dtype(x, conv.weight)
     if dtype is None:
         return None
     if bn is not None:
@@ -198,8 +205,8 @@ def run_frozen_cpu_bn_act_conv(bn: nn.BatchNorm2d | None, conv: nn.Conv2d, x: to
         z = x.to(dtype)
     if pool is not None:
         z = pool(z)
-    return frozen_cpu.frozen_conv_bn_act(conv, cached[0], cached[1], z, None,
-                                         "none" if then_bn is None else "relu", dtype)
+    return frozen_cpu.frozen_conv_bn_act(conv, cached[0], cached[1], z, None, "none" if then_bn is None else "relu",
+                                         dtype, out_dtype=frozen_cpu.result_dtype(x) if rounded else None)
 
 
 def _eval_stats(bn: nn.BatchNorm2d) -> bool:

@@ -17,8 +17,10 @@ op's errors for bad arguments):
 - torch was built with oneDNN and it is enabled; not under torch.compile tracing;
 - x is a 4-D CPU tensor, channels_last-contiguous, float32 or bfloat16; no gradient is
   wanted (torch.no_grad, inference_mode, or no parameter requiring grad);
-- the convolution runs in float32 (x and the weight float32, autocast off) or in bfloat16
-  (CPU autocast to bfloat16, or x and the weight bfloat16) where oneDNN runs bfloat16;
+- the convolution runs in float32 (x and the weight float32, autocast off) or on
+  bfloat16 data (CPU autocast to bfloat16, or x and the weight bfloat16): in bfloat16
+  where oneDNN has bfloat16 convolutions (AVX-512, AVX512-BF16, AMX), in float32 with the
+  result rounded to bfloat16 elsewhere (compute_dtype);
 - a residual, if any, is a CPU tensor of the output's shape.
 
 The prepacked weights follow the module like the folded ones (freeze.py): they are
@@ -39,7 +41,7 @@ from torch import nn
 
 from cnnkernels.ops._checks import effective_dilation
 
-__all__ = ["frozen_conv_bn_act", "bn_act", "max_pool", "se_excite_into", "MAX_PACKED_SHAPES"]
+__all__ = ["compute_dtype", "result_dtype", "frozen_conv_bn_act", "bn_act", "max_pool", "se_excite_into", "MAX_PACKED_SHAPES"]
 
 MAX_PACKED_SHAPES = 4
 _ONEDNN = getattr(torch.ops, "mkldnn", None)
@@ -69,19 +71,36 @@ def _support() -> tuple[bool, bool]:
 
 
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
-    """The dtype the convolution runs in on the frozen path, None where that path does not apply."""
+    """The dtype the convolution runs in on the frozen path, None where that path does not apply.
+
+    bfloat16 work (autocast to bfloat16, or x and the weight bfloat16) runs in bfloat16 where
+    oneDNN has bfloat16 convolutions, and in float32 on a CPU without them (AVX2 only): there
+    torch's bfloat16 convolutions run about 6x slower than float32 ones (torchvision resnet50,
+    batch 8, 2 threads, AMD EPYC with AVX2: 4.67 s against 0.72 s per forward). The caller
+    rounds the result to bfloat16 (result_dtype), so callers see autocast's dtypes; the values
+    are a bfloat16 convolution's with float32 accumulation, minus the rounding of the folded
+    weight to bfloat16."""
     usable, bf16 = _support()
     if not usable:
         return None
     if torch.is_autocast_enabled("cpu"):
         if torch.get_autocast_dtype("cpu") != torch.bfloat16 or x.dtype not in (torch.float32, torch.bfloat16):
             return None
-        return torch.bfloat16 if bf16 and weight.dtype in (torch.float32, torch.bfloat16) else None
+        if weight.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        return torch.bfloat16 if bf16 else torch.float32
     if x.dtype != weight.dtype:
         return None
     if x.dtype == torch.float32:
         return torch.float32
-    return torch.bfloat16 if x.dtype == torch.bfloat16 and bf16 else None
+    if x.dtype == torch.bfloat16:
+        return torch.bfloat16 if bf16 else torch.float32
+    return None
+
+
+def result_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of a conv op's result on input x: autocast's where CPU autocast is on, else x's."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
 
 
 class PackedWeights:
@@ -234,11 +253,12 @@ def applies(x: torch.Tensor, residual: torch.Tensor | None, views: bool = False)
 
 def frozen_conv_bn_act(conv: nn.Conv2d, folded: tuple, packed: PackedWeights, x: torch.Tensor,
                        residual: torch.Tensor | None, activation: str, dtype: torch.dtype,
-                       overwrite_residual: bool = False) -> torch.Tensor | None:
+                       overwrite_residual: bool = False,
+                       out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """act(conv(x) folded with BN (+ residual)) in one oneDNN call; [N, C_in, H, W] ->
-    [N, C_out, H_out, W_out] channels_last in `dtype`. None where x's channels are not the
-    conv's or the residual's shape is not the output's (the caller's plain path then names
-    the error). overwrite_residual: the
+    [N, C_out, H_out, W_out] channels_last, computed in `dtype`, returned in out_dtype
+    (None: `dtype`). None where x's channels are not the conv's or the residual's shape is
+    not the output's (the caller's plain path then names the error). overwrite_residual: the
     caller's promise that nothing reads the residual afterwards; the result is then written
     into it (oneDNN's in-place sum form, as torch.compile's frozen graphs do) when its dtype
     and layout allow, which spares allocating (and on Linux page-faulting in) a fresh output."""
@@ -255,8 +275,15 @@ def frozen_conv_bn_act(conv: nn.Conv2d, folded: tuple, packed: PackedWeights, x:
         x = x.to(dtype)
     post = "relu" if activation == "relu" else "none"
     if residual is None:
-        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, conv.padding, conv.stride, dilation,
-                                                       conv.groups, post, [], None)
+        out = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, conv.padding, conv.stride, dilation,
+                                                      conv.groups, post, [], None)
+    else:
+        out = _with_residual(x, weight, bias, conv, dilation, residual, post, dtype, overwrite_residual)
+    return out if out_dtype in (None, out.dtype) else out.to(out_dtype)
+
+
+def _with_residual(x, weight, bias, conv: nn.Conv2d, dilation: list, residual: torch.Tensor, post: str,
+                   dtype: torch.dtype, overwrite_residual: bool) -> torch.Tensor:
     unary = None if post == "none" else post
     writable = residual.dtype == dtype and residual.is_contiguous(memory_format=torch.channels_last)
     if not (overwrite_residual and writable) and dtype == torch.bfloat16 and conv.groups > 1:

@@ -46,11 +46,6 @@ def packed_keys(module):
     return packed_keys_of(module.bn)
 
 
-def bf16_or_skip():
-    if not frozen_cpu._support()[1]:
-        skip_or_fail("oneDNN runs no bfloat16 on this CPU")
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_packed_path_matches_the_unfrozen_op_in_float32(case):
     module, x, residual = make(case)
@@ -65,8 +60,7 @@ def test_packed_path_matches_the_unfrozen_op_in_float32(case):
 
 
 @pytest.mark.parametrize("case", ["3x3_residual", "grouped_residual"])
-def test_bfloat16_autocast_packs_a_bfloat16_copy_and_matches_autocast(case):
-    bf16_or_skip()
+def test_bfloat16_autocast_packs_a_copy_and_matches_autocast(case, bf16_compute):
     module, x, residual = make(case)
     twin = copy.deepcopy(module)
     freeze(module)
@@ -74,24 +68,23 @@ def test_bfloat16_autocast_packs_a_bfloat16_copy_and_matches_autocast(case):
         got, want = module(x, residual), twin(x, residual)
     with torch.no_grad():
         exact = twin.double()(x.double(), None if residual is None else residual.double())
-    assert got.dtype == want.dtype == torch.bfloat16
-    assert packed_keys(module) == [(torch.bfloat16, x.shape)]
+    assert got.dtype == want.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
+    assert packed_keys(module) == [(bf16_compute, x.shape)]
     assert rel_err(got.double(), exact) < max(2 * rel_err(want.double(), exact), 1e-2)
-    with torch.no_grad():  # float32 afterwards: a float32 copy is packed next to the bfloat16 one
+    with torch.no_grad():  # float32 afterwards: a float32 copy is packed next to a bfloat16 one
         module(x, residual)
-    assert sorted(map(str, packed_keys(module))) == sorted(map(str, [(torch.bfloat16, x.shape),
-                                                                     (torch.float32, x.shape)]))
+    assert sorted(map(str, packed_keys(module))) == sorted(map(str, {(bf16_compute, x.shape),
+                                                                     (torch.float32, x.shape)}))
 
 
-def test_bfloat16_model_runs_packed():
-    bf16_or_skip()
+def test_bfloat16_model_runs_packed(bf16_compute):
     module, x, residual = make("3x3_residual", dtype=torch.bfloat16)
     twin = copy.deepcopy(module).float()
     freeze(module)
     with torch.no_grad():
         got = module(x, residual)
         want = twin(x.float(), residual.float())
-    assert got.dtype == torch.bfloat16 and packed_keys(module) == [(torch.bfloat16, x.shape)]
+    assert got.dtype == torch.bfloat16 and packed_keys(module) == [(bf16_compute, x.shape)]
     assert rel_err(got.float(), want) < 2e-2
 
 
@@ -162,7 +155,7 @@ def test_paths_that_are_not_taken():
         module(x[:, :-1], residual)
 
 
-def test_frozen_resnet_in_channels_last_matches_torchvision_in_float32_and_bfloat16():
+def test_frozen_resnet_in_channels_last_matches_torchvision_in_float32_and_bfloat16(bf16_compute):
     torchvision = pytest.importorskip("torchvision")
     from cnnkernels import models
     torch.manual_seed(0)
@@ -177,11 +170,16 @@ def test_frozen_resnet_in_channels_last_matches_torchvision_in_float32_and_bfloa
         assert rel_err(net(x).double(), exact) < 1e-5
         packed = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d) and packed_keys_of(m)]
         assert len(packed) == sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
-        if frozen_cpu._support()[1]:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                got, want = net(x), ref(x)
-            assert got.dtype == want.dtype
-            assert rel_err(got.double(), exact) < max(2 * rel_err(want.double(), exact), 2e-2)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as prof:
+            got = net(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want = ref(x)
+        assert got.dtype == want.dtype
+        assert rel_err(got.double(), exact) < max(2 * rel_err(want.double(), exact), 2e-2)
+        packed_calls = sum(e.name in ("mkldnn::_convolution_pointwise", "mkldnn::_convolution_pointwise_")
+                           for e in prof.events())
+        assert packed_calls == len(packed)
+        assert {key[0] for m in packed for key in packed_keys_of(m)} == {torch.float32, bf16_compute}
 
 
 def _in_place_convolutions(net, x):

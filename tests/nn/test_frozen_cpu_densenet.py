@@ -58,9 +58,7 @@ def test_frozen_dense_block_matches_the_exact_block_and_packs_every_layer():
     assert torch.equal(got[:, :12], x)
 
 
-def test_frozen_dense_block_under_bfloat16_autocast():
-    if not frozen_cpu._support()[1]:
-        skip_or_fail("oneDNN runs no bfloat16 on this CPU")
+def test_frozen_dense_block_under_bfloat16_autocast(bf16_compute):
     block, x = block_and_input(seed=1)
     twin = copy.deepcopy(block)
     freeze(block)
@@ -70,10 +68,14 @@ def test_frozen_dense_block_under_bfloat16_autocast():
     assert got.dtype == want.dtype == torch.bfloat16
     assert packed_units(block) == 2 * len(block)
     assert rel_err(got.double(), exact) < max(2 * rel_err(want.double(), exact), 2e-2)
-    # packed once: later calls cast no weight (only the float32 input, once)
+    assert {key[0] for layer in block.values() for m in (layer.norm2, layer.conv2)
+            for key in packed_weights(m).by_shape} == {bf16_compute}
+    # packed once: later calls cast no weight, only the float32 input to bfloat16 (and,
+    # emulated, each layer's bfloat16 prefix to float32 for its float32 convolution)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as prof:
         again = block(x)
-    assert sum(e.name == "aten::_to_copy" for e in prof.events()) == 1
+    widened = 0 if bf16_compute == torch.bfloat16 else len(block)
+    assert sum(e.name == "aten::_to_copy" for e in prof.events()) == 1 + widened
     assert torch.equal(again, got)
 
 
@@ -227,11 +229,10 @@ def test_frozen_densenet_in_channels_last_matches_torchvision():
         transition = net.features.transition1
         assert packed_weights(transition.conv).by_shape
         assert next(iter(packed_weights(transition.conv).by_shape))[1][2] == 8  # pooled 16x16 -> 8x8
-        if frozen_cpu._support()[1]:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                got, want = net(x), ref(x)
-            assert got.dtype == want.dtype
-            assert rel_err(got.double(), exact) < max(2 * rel_err(want.double(), exact), 2e-2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, want = net(x), ref(x)
+        assert got.dtype == want.dtype
+        assert rel_err(got.double(), exact) < max(2 * rel_err(want.double(), exact), 2e-2)
 
 
 def test_frozen_dense_block_without_the_native_passes(monkeypatch):
