@@ -14,6 +14,7 @@ survivor's diff to mutmut-survivors.txt.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import shlex
@@ -63,6 +64,9 @@ def statuses() -> dict[str, dict[str, list[int]]]:
 
 
 def main(words: list[str]) -> int:
+    if importlib.util.find_spec("mutmut") is None:
+        print(f"mutmut is not installed: {sys.executable} -m pip install -r requirements-mutation.txt")
+        return 2
     chosen = {p: t for p, t in TARGETS.items() if not words or any(w in p for w in words)}
     import_from_this_tree()
     os.environ["PYTHONDONTWRITEBYTECODE"] = "1"  # two mutants of one size within a second share a stale .pyc
