@@ -1,10 +1,13 @@
-"""One rank of the SyncBatchNorm checks (tests/nn/test_sync_batchnorm.py starts two, gloo).
+"""One rank of the SyncBatchNorm checks (tests/nn/test_sync_batchnorm.py starts two on gloo
+and CPU tensors, tests/gpu/test_sync_batchnorm_nccl.py two on nccl, one GPU each).
 
-    python sync_bn_worker.py RANK WORLD_SIZE STORE_FILE RESULT_FILE
+    python sync_bn_worker.py RANK WORLD_SIZE STORE_FILE RESULT_FILE [gloo|nccl]
 
 Every rank builds the same models and data from fixed seeds, runs its share of the batch
 through the synchronised fused models and compares, in float64, with one process running
-the whole batch; it writes {check: max abs difference} as JSON to RESULT_FILE.RANK.
+the whole batch; it writes {check: max abs difference} as JSON to RESULT_FILE.RANK. On
+nccl it also runs torchvision's ResNet-18 converted by torch.nn.SyncBatchNorm (GPU only)
+beside ours.
 """
 import json
 import sys
@@ -21,7 +24,12 @@ from cnnkernels import models
 
 torch.set_default_dtype(torch.float64)
 RANK, WORLD, STORE, RESULT = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-dist.init_process_group("gloo", init_method=f"file://{STORE}", rank=RANK, world_size=WORLD)
+BACKEND = sys.argv[5] if len(sys.argv) > 5 else "gloo"
+DEVICE = torch.device("cuda", RANK) if BACKEND == "nccl" else torch.device("cpu")
+if DEVICE.type == "cuda":
+    torch.cuda.set_device(DEVICE)
+    torch.backends.cudnn.deterministic = True
+dist.init_process_group(BACKEND, init_method=f"file://{STORE}", rank=RANK, world_size=WORLD)
 results = {}
 
 
@@ -42,14 +50,15 @@ def ranks_agree(name, tensors):
 
 def data(n, classes, size=32, seed=1):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, size, size, generator=gen), torch.randint(0, classes, (n,), generator=gen)
+    x, y = torch.randn(n, 3, size, size, generator=gen), torch.randint(0, classes, (n,), generator=gen)
+    return x.to(DEVICE), y.to(DEVICE)
 
 
 def ddp_training(name, build, steps=3, per_rank=4, classes=5):
     """(a) DDP + SyncBatchNorm training against one process on the whole batch."""
     torch.manual_seed(0)
-    single = build(classes)
-    synced = cnnkernels.nn.convert_sync_batchnorm(build(classes))
+    single = build(classes).to(DEVICE)
+    synced = cnnkernels.nn.convert_sync_batchnorm(build(classes)).to(DEVICE)
     synced.load_state_dict(single.state_dict())
     ddp = DistributedDataParallel(synced)
     x, y = data(per_rank * WORLD, classes)
@@ -72,8 +81,8 @@ def against_torchvision(per_rank=4, classes=5):
     """(b) outputs, DDP-averaged gradients and running statistics of a fused ResNet-18
     against torchvision's on the whole batch in one process."""
     torch.manual_seed(0)
-    ours = cnnkernels.nn.convert_sync_batchnorm(models.resnet18(num_classes=classes))
-    tv = torchvision.models.resnet18(num_classes=classes)
+    ours = cnnkernels.nn.convert_sync_batchnorm(models.resnet18(num_classes=classes)).to(DEVICE)
+    tv = torchvision.models.resnet18(num_classes=classes).to(DEVICE)
     tv.load_state_dict(ours.state_dict())
     ddp = DistributedDataParallel(ours)
     x, y = data(per_rank * WORLD, classes, seed=2)
@@ -91,6 +100,33 @@ def against_torchvision(per_rank=4, classes=5):
         record("resnet18 vs torchvision: running statistics", diff(b.double(), buffers_tv[key].double()))
 
 
+def against_torch_sync_batchnorm(steps=2, per_rank=4, classes=5):
+    """(b) on GPUs: ours and torchvision's ResNet-18 with torch.nn.SyncBatchNorm, both under
+    DDP on the same local batches: outputs, averaged gradients and running statistics."""
+    torch.manual_seed(0)
+    ours = cnnkernels.nn.convert_sync_batchnorm(models.resnet18(num_classes=classes)).to(DEVICE)
+    tv = torchvision.models.resnet18(num_classes=classes)
+    tv.load_state_dict(ours.state_dict())
+    tv = nn.SyncBatchNorm.convert_sync_batchnorm(tv).to(DEVICE)
+    pairs = [(DistributedDataParallel(m), m) for m in (ours, tv)]
+    x, y = data(per_rank * WORLD, classes, seed=4)
+    mine = slice(RANK * per_rank, (RANK + 1) * per_rank)
+    for _ in range(steps):
+        outs = []
+        for ddp, model in pairs:
+            model.zero_grad()
+            out = ddp(x[mine])
+            F.cross_entropy(out, y[mine]).backward()
+            outs.append(out)
+        record("resnet18 vs torch.nn.SyncBatchNorm: outputs", diff(*outs))
+        grads_tv = dict(tv.named_parameters())
+        for key, p in ours.named_parameters():
+            record("resnet18 vs torch.nn.SyncBatchNorm: gradients", diff(p.grad, grads_tv[key].grad))
+    buffers_tv = dict(tv.named_buffers())
+    for key, b in ours.named_buffers():
+        record("resnet18 vs torch.nn.SyncBatchNorm: running statistics", diff(b.double(), buffers_tv[key].double()))
+
+
 def uneven(name, sizes):
     """(c) local batches of different sizes, or empty: outputs, input gradients, summed
     parameter gradients and running statistics against torch's modules on the whole batch."""
@@ -105,10 +141,11 @@ def uneven(name, sizes):
         module.load_state_dict({**{f"conv.{k}": v for k, v in conv.state_dict().items()},
                                 **{f"bn.{k}": v for k, v in bn.state_dict().items()}})
     fused[2].load_state_dict(plain[6].state_dict())
-    fused = cnnkernels.nn.convert_sync_batchnorm(fused)
+    fused = cnnkernels.nn.convert_sync_batchnorm(fused).to(DEVICE)
+    plain = plain.to(DEVICE)
     n = sum(sizes)
     gen = torch.Generator().manual_seed(3)
-    x, weights = torch.randn(n, 3, 6, 6, generator=gen), torch.randn(n, 4, 6, 6, generator=gen)
+    x, weights = torch.randn(n, 3, 6, 6, generator=gen).to(DEVICE), torch.randn(n, 4, 6, 6, generator=gen).to(DEVICE)
     start = sum(sizes[:RANK])
     mine = slice(start, start + sizes[RANK])
     x_full, x_mine = x.clone().requires_grad_(), x[mine].clone().requires_grad_()
@@ -138,6 +175,8 @@ ddp_training("densenet", small_densenet)
 against_torchvision()
 uneven("batches 3 and 1", (3, 1))
 uneven("an empty batch", (4, 0))
+if DEVICE.type == "cuda":
+    against_torch_sync_batchnorm()
 with open(f"{RESULT}.{RANK}", "w") as f:
     json.dump(results, f)
 dist.destroy_process_group()

@@ -1,12 +1,6 @@
 """cnnkernels.nn.convert_sync_batchnorm: two processes on gloo (tests/nn/sync_bn_worker.py)
 train and run the fused models with synchronised BatchNorm; every figure, in float64,
 must match one process running the whole batch (our fused models, and torchvision's)."""
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch import nn
@@ -14,38 +8,19 @@ from torch import nn
 import cnnkernels
 from cnnkernels import models
 from helpers import skip_or_fail
-
-WORKER = pathlib.Path(__file__).with_name("sync_bn_worker.py")
-CHECKS = [
-    "resnet18: parameters and buffers against one process", "resnet18: parameters and buffers across ranks",
-    "densenet: parameters and buffers against one process", "densenet: parameters and buffers across ranks",
-    "resnet18 vs torchvision: outputs", "resnet18 vs torchvision: gradients",
-    "resnet18 vs torchvision: running statistics",
-    *(f"{case}: {what}" for case in ("batches 3 and 1", "an empty batch")
-      for what in ("outputs", "input gradients", "parameter gradients summed over ranks", "running statistics")),
-]
+from sync_bn_ranks import CHECKS, assert_checks_pass, run_ranks
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     if not torch.distributed.is_available():
         skip_or_fail("torch.distributed is not available in this build (needed for the gloo processes)")
-    folder = tmp_path_factory.mktemp("sync_bn")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(rank), "2", str(folder / "store"),
-                               str(folder / "result")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env=env) for rank in range(2)]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
-    return [json.loads((folder / f"result.{rank}").read_text()) for rank in range(2)]
+    return run_ranks(tmp_path_factory.mktemp("sync_bn"))
 
 
 @pytest.mark.parametrize("check", CHECKS)
 def test_two_ranks_match_one_process_on_the_whole_batch(two_ranks, check):
-    for rank, results in enumerate(two_ranks):
-        assert check in results, f"rank {rank} did not run {check!r}"
-        assert results[check] < 1e-9, f"rank {rank}: {check}: max difference {results[check]:.3g}"
+    assert_checks_pass(two_ranks, check)
 
 
 def test_convert_replaces_every_batch_norm_and_keeps_the_state():
