@@ -92,12 +92,18 @@ def against_torchvision(per_rank=4, classes=5):
     out = ddp(x[mine])
     F.cross_entropy(out, y[mine]).backward()
     record("resnet18 vs torchvision: outputs", diff(out, out_tv[mine]))
-    grads_tv = dict(tv.named_parameters())
+    compare_models("resnet18 vs torchvision", ours, tv)
+
+
+def compare_models(name, ours, theirs, buffers=True):
+    """Records the largest differences of the parameters' gradients (and the buffers) of two twins."""
+    grads = dict(theirs.named_parameters())
     for key, p in ours.named_parameters():
-        record("resnet18 vs torchvision: gradients", diff(p.grad, grads_tv[key].grad))
-    buffers_tv = dict(tv.named_buffers())
-    for key, b in ours.named_buffers():
-        record("resnet18 vs torchvision: running statistics", diff(b.double(), buffers_tv[key].double()))
+        record(f"{name}: gradients", diff(p.grad, grads[key].grad))
+    if buffers:
+        theirs_buffers = dict(theirs.named_buffers())
+        for key, b in ours.named_buffers():
+            record(f"{name}: running statistics", diff(b.double(), theirs_buffers[key].double()))
 
 
 def against_torch_sync_batchnorm(steps=2, per_rank=4, classes=5):
@@ -119,12 +125,8 @@ def against_torch_sync_batchnorm(steps=2, per_rank=4, classes=5):
             F.cross_entropy(out, y[mine]).backward()
             outs.append(out)
         record("resnet18 vs torch.nn.SyncBatchNorm: outputs", diff(*outs))
-        grads_tv = dict(tv.named_parameters())
-        for key, p in ours.named_parameters():
-            record("resnet18 vs torch.nn.SyncBatchNorm: gradients", diff(p.grad, grads_tv[key].grad))
-    buffers_tv = dict(tv.named_buffers())
-    for key, b in ours.named_buffers():
-        record("resnet18 vs torch.nn.SyncBatchNorm: running statistics", diff(b.double(), buffers_tv[key].double()))
+        compare_models("resnet18 vs torch.nn.SyncBatchNorm", ours, tv, buffers=False)
+    compare_models("resnet18 vs torch.nn.SyncBatchNorm", ours, tv)
 
 
 def uneven(name, sizes):
