@@ -86,3 +86,20 @@ def test_eval_leaves_statistics_and_batch_count_alone(momentum):
     for key, value in fused.bn.state_dict().items():
         assert torch.equal(before[key], value), key
     assert fused.bn.num_batches_tracked.item() == 1
+
+
+def test_cumulative_average_without_a_batch_count_acts_as_torch():
+    """momentum None with num_batches_tracked removed (None): torch's training forward then
+    averages with factor 0.0, so the running statistics stay as they are."""
+    torch.manual_seed(2)
+    fused = ConvBNAct(4, 6, 3, padding=1, momentum=None)
+    twin = unfused(fused)
+    twin.load_state_dict(fused.state_dict())
+    for module in (fused, twin):
+        module.bn.running_mean.uniform_(-1, 1)
+        module.bn.num_batches_tracked = None
+    twin.bn.running_mean.copy_(fused.bn.running_mean)
+    x = torch.randn(3, 4, 7, 7) * 2 + 1
+    assert rel_err(fused(x), twin(x)) < 1e-5
+    assert torch.equal(fused.bn.running_mean, twin.bn.running_mean)
+    assert torch.equal(fused.bn.running_var, twin.bn.running_var)
