@@ -114,6 +114,22 @@ def test_fused_add_act_and_squeeze_excite_ops_are_costed():
     assert summary(se_net, (3, 32, 32)).total_params == sum(p.numel() for p in se_net.parameters())
 
 
+@pytest.mark.parametrize("activation, kind, unfused_passes", [("relu", "add+relu", 5), ("none", "add", 3)])
+def test_a_standalone_add_act_is_costed(activation, kind, unfused_passes):
+    """Read x and residual, write the sum (and read it, write the ReLU) unfused; read two,
+    write one fused; no flops counted for element-wise work."""
+    import cnnkernels
+
+    class Add(nn.Module):
+        def forward(self, x):
+            return cnnkernels.ops.add_act(x, x * 2, activation=activation)
+
+    (row,) = summary(Add(), (8, 6, 6)).rows
+    y = 8 * 6 * 6 * 4
+    assert (row.kind, row.flops, row.params) == (kind, 0, 0)
+    assert (row.bytes_unfused, row.bytes_fused) == (unfused_passes * y, 3 * y)
+
+
 def test_batch_size_scales_memory_flops_and_activation_bytes():
     model = models.create_model("alexnet", num_classes=10)
     one, two = summary(model, (3, 64, 64)), summary(model, (3, 64, 64), batch_size=2)

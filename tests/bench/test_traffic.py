@@ -117,6 +117,9 @@ def test_extra_info_and_describe_name_the_passes():
     assert info["traffic_fused_passes"] == ["add_act: x, residual -> out",
                                             "add_act backward: grad_out, out -> grad_sum"]
     assert "relu backward: grad_out, out -> grad_sum" in t.describe()
+    assert t.op == "add_act" and t.describe().startswith("add_act train: unfused")
+    assert info["traffic_unfused_passes"] == ["add: x, residual -> sum", "relu: sum -> out",
+                                              "relu backward: grad_out, out -> grad_sum"]
 
 
 @pytest.mark.parametrize("kwargs, message", [({"mode": "training"}, "mode must be one of"),

@@ -105,6 +105,20 @@ def test_reference_matches_torch_autograd():
         assert all(torch.equal(grad, g) for g in expected_grads)
 
 
+@pytest.mark.parametrize("wanted", [(True, False), (False, True), (True, True)], ids=["x", "residual", "both"])
+@pytest.mark.parametrize("activation", ["relu", "none"])
+def test_gradients_go_to_exactly_the_inputs_that_want_them(activation, wanted):
+    gen = torch.Generator().manual_seed(5)
+    x, residual, grad_out = (torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    inputs = [t.clone().requires_grad_(w) for t, w in zip((x, residual), wanted)]
+    ops.add_act(*inputs, activation=activation).backward(grad_out)
+    total = x + residual
+    expected = grad_out * (total > 0) if activation == "relu" else grad_out
+    for t, w in zip(inputs, wanted):
+        assert (t.grad is not None) == w
+        assert t.grad is None or torch.equal(t.grad, expected)
+
+
 @pytest.mark.parametrize("activation", ["relu", "none"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_op_directly(backend, activation):
