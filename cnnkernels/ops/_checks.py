@@ -45,7 +45,7 @@ def check_device(t, name: str, x: torch.Tensor, x_name: str = "x") -> None:
         raise ValueError(f"{name} is on {t.device} but {x_name} is on {x.device}; they must be on one device")
 
 
-def check_per_channel(t, name: str, channels: int, x: torch.Tensor, what: str = "output channel") -> None:
+def check_per_channel(t, name: str, channels: int, x: torch.Tensor, what: str) -> None:
     """A 1-D per-channel parameter: float32 or x's dtype, on x's device, `channels` long
     (one per `what`)."""
     if t is None:
