@@ -41,7 +41,8 @@ from torch import nn
 
 from cnnkernels.ops._checks import effective_dilation
 
-__all__ = ["compute_dtype", "result_dtype", "frozen_conv_bn_act", "bn_act", "max_pool", "se_excite_into", "MAX_PACKED_SHAPES"]
+__all__ = ["compute_dtype", "result_dtype", "frozen_conv_bn_act", "bn_act", "max_pool", "se_excite_into",
+           "MAX_PACKED_SHAPES"]
 
 MAX_PACKED_SHAPES = 4
 _ONEDNN = getattr(torch.ops, "mkldnn", None)
