@@ -66,6 +66,13 @@ A step is a forward pass under no_grad (inference) or zero_grad + forward +
 cross-entropy + backward + SGD step (train); bfloat16/float16 mean torch.autocast with
 float32 weights.
 
+CPU memory reuse: on cpu, --cpu-malloc retain (the default) keeps freed memory in the
+process for reuse from the start of the run (cnnkernels.nn.cpu_memory, what
+cnnkernels.nn.freeze does for CPU models), so that no variant page-faults in fresh pages
+for its activations on every step (OpenVINO plans its own pool and takes none either way);
+--cpu-malloc unchanged leaves malloc as it is configured for every variant. The setting is
+process-wide, so all torch variants of a run get the same one; the header says which.
+
 Peak memory: on CUDA, torch.cuda.max_memory_allocated() over the timed loop after
 reset_peak_memory_stats() (every live tensor: weights, gradients, optimizer state,
 inputs, activations, workspaces). On CPU, which has no allocator statistics: the bytes
@@ -118,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "are cold compilations")
     parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path("bench-results"),
                         help="folder for the JSON and PNG files (default: %(default)s)")
+    parser.add_argument("--cpu-malloc", choices=("retain", "unchanged"), default="retain",
+                        help="on cpu: keep freed memory for reuse in every variant (retain, the default) or leave "
+                             "malloc as it is configured (unchanged)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--list-models", action="store_true", help="list the known models and their baselines, exit")
     return parser
@@ -184,9 +194,22 @@ def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace):
         extra["compile_cache"] = f"cold: fresh caches in {cache}"
     else:
         extra["compile_cache"] = "inductor's on-disk caches as configured (a warm cache shortens first calls)"
+    if device_type == "cpu":
+        extra["cpu_malloc"] = _cpu_malloc(args.cpu_malloc)
     return harness.Settings(models=args.models, configs=configs, variants=variants, iterations=iterations,
                             warmup=warmup, backend=args.backend, seed=args.seed,
                             cudnn_benchmark=not args.no_cudnn_benchmark, extra=extra)
+
+
+def _cpu_malloc(choice: str) -> str:
+    """Applies --cpu-malloc for the whole run; returns the line the header prints."""
+    from cnnkernels.nn import cpu_memory
+
+    if choice == "unchanged":
+        return "malloc as configured (no reuse setting made)"
+    if cpu_memory.retain_freed_cpu_memory():
+        return "freed memory retained for reuse, every variant (cnnkernels.nn.cpu_memory)"
+    return "malloc as configured (not glibc's, or the user's allocator settings stand)"
 
 
 def _check_choices(parser, flag: str, values: list[str], choices: list[str]) -> None:

@@ -213,7 +213,7 @@ def prepare(arch: Architecture, variant: Variant, config: Config, state: dict[st
     model.train(training)
     if variant.freeze:
         from cnnkernels.nn import freeze
-        freeze(model)
+        freeze(model, retain_freed_memory=False)  # the run's --cpu-malloc decides, for every variant
     optimizer = torch.optim.SGD(model.parameters(), lr=SGD_LR, momentum=SGD_MOMENTUM) if training else None
     runner = model
     if variant.compile_mode is not None:

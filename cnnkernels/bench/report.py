@@ -58,6 +58,8 @@ def format_table(document: dict) -> str:
     if env.get("device") == "cpu" and env.get("cpu_flags"):
         present = [flag for flag, on in env["cpu_flags"].items() if on]
         lines.append(f"CPU flags: {' '.join(present) or 'none of ' + ', '.join(env['cpu_flags'])}")
+    if document["settings"].get("cpu_malloc"):
+        lines.append(f"CPU memory: {document['settings']['cpu_malloc']}")
     busy = busy_warning(env)
     if busy:
         lines.append(busy)

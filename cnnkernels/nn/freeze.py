@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cnnkernels.nn import frozen_cpu
+from cnnkernels.nn import cpu_memory, frozen_cpu
 
 __all__ = ["freeze", "unfreeze", "is_frozen", "folded_eval_arguments", "run_frozen_cpu",
            "run_frozen_cpu_bn_act_conv", "frozen_linear"]
@@ -50,10 +50,22 @@ _ATTR = "_cnnkernels_freeze"
 _PLANS = "_cnnkernels_dense_plans"  # on a DenseBlock: its recorded plans (frozen_dense.py)
 
 
-def freeze(model: nn.Module) -> nn.Module:
+def freeze(model: nn.Module, retain_freed_memory: bool = True) -> nn.Module:
     """Marks every BatchNorm2d, Conv2d and Linear of model (the model itself included)
-    frozen; returns model."""
+    frozen; returns model.
+
+    retain_freed_memory: for a model with CPU parameters or buffers, also keep freed CPU
+    memory in the process for reuse (cnnkernels.nn.cpu_memory.retain_freed_cpu_memory, a
+    process-wide glibc malloc setting): the activations of each call then reuse the last
+    call's pages instead of page-faulting in fresh ones (frozen ResNet-50, batch 8, 2
+    threads, AVX2: 13,000 faults and about 4% of each forward; DenseNet-121 about 12%).
+    The process's resident memory then stays at its peak. False leaves malloc as it is;
+    so does a user's own allocator choice (LD_PRELOAD, MALLOC_* variables)."""
     _check_module(model)
+    if not isinstance(retain_freed_memory, bool):
+        raise TypeError(f"retain_freed_memory must be a bool, got {retain_freed_memory!r}")
+    if retain_freed_memory and any(t.device.type == "cpu" for t in _tensors(model)):
+        cpu_memory.retain_freed_cpu_memory()
     for module in model.modules():
         if isinstance(module, (nn.BatchNorm2d, nn.Conv2d, nn.Linear)):
             setattr(module, _ATTR, {})
@@ -67,6 +79,11 @@ def unfreeze(model: nn.Module) -> nn.Module:
         for attr in (_ATTR, _PLANS):
             module.__dict__.pop(attr, None)
     return model
+
+
+def _tensors(model: nn.Module):
+    yield from model.parameters()
+    yield from model.buffers()
 
 
 def _check_module(model) -> None:

@@ -22,7 +22,27 @@ def run_main(argv, capsys):
     return status, out, err
 
 
-def test_tiny_end_to_end(tiny, tmp_path, capsys):
+@pytest.fixture(autouse=True)
+def retained(monkeypatch):
+    """Records --cpu-malloc's calls instead of changing this test process's malloc."""
+    from cnnkernels.nn import cpu_memory
+
+    calls = []
+    monkeypatch.setattr(cpu_memory, "retain_freed_cpu_memory", lambda: calls.append(True) or True)
+    return calls
+
+
+@pytest.mark.parametrize("flag, applied, line", [
+    ([], [True], "freed memory retained for reuse"),
+    (["--cpu-malloc", "unchanged"], [], "malloc as configured (no reuse setting made)")])
+def test_cpu_malloc_choice(tiny, retained, flag, applied, line):
+    settings = cli.resolve(cli.build_parser(), cli.build_parser().parse_args(["--models", "tiny", "--device", "cpu"]
+                                                                             + flag))
+    assert retained == applied
+    assert settings.extra["cpu_malloc"].startswith(line)
+
+
+def test_tiny_end_to_end(tiny, tmp_path, capsys, retained):
     status, out, err = run_main(["--models", "tiny", "--device", "cpu", "--image-size", "16", "--batch-size", "2",
                                  "--iterations", "2", "--warmup", "0", "--variants", "eager,cnnkernels",
                                  "--mode", "inference,train", "--num-classes", "10", "--threads", "1",
@@ -36,6 +56,9 @@ def test_tiny_end_to_end(tiny, tmp_path, capsys):
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     document = json.loads(json_path.read_text())
     assert document["environment"]["threads"] == 1
+    assert retained == [True]
+    retained_line = "freed memory retained for reuse, every variant"
+    assert document["settings"]["cpu_malloc"].startswith(retained_line) and f"CPU memory: {retained_line}" in out
     assert [(r["mode"], r["variant"], r["status"]) for r in document["results"]] == [
         ("inference", "eager", "ok"), ("inference", "cnnkernels", "ok"),
         ("train", "eager", "ok"), ("train", "cnnkernels", "ok")]
@@ -57,7 +80,7 @@ def test_help_documents_flags_defaults_and_methods(capsys):
     assert status == 0
     for text in ("--models", "--batch-size", "--dtype", "--memory-format", "--mode", "--device", "--threads",
                  "--iterations", "--output", "resnet50", "batch 256", "max_memory_allocated", "profile_memory",
-                 "CUDA events", "rotating inputs", "12-13 minutes"):
+                 "CUDA events", "rotating inputs", "12-13 minutes", "--cpu-malloc", "page-faults"):
         assert text in out, text
 
 
@@ -72,6 +95,7 @@ def test_help_documents_flags_defaults_and_methods(capsys):
     (["--batch-size", "1", "--mode", "train"], "--mode train needs --batch-size >= 2"),
     (["--device", "tpu"], "--device 'tpu'"),
     (["--batch-size", "eight"], "--batch-size: invalid int value: 'eight'"),
+    (["--cpu-malloc", "jemalloc"], "--cpu-malloc: invalid choice: 'jemalloc'"),
 ])
 def test_bad_flags_give_clear_errors(tiny, argv, message, capsys):
     status, _, err = run_main(["--models", "tiny"] + argv if argv[0] != "--models" else argv, capsys)
