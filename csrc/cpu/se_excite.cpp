@@ -26,6 +26,7 @@
 #include <optional>
 #include <string_view>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
@@ -270,24 +271,96 @@ void se_excite_inplace(at::Tensor x, const at::Tensor& fc1_weight, const std::op
 
 // ---------------------------------------------------------------- backward
 
-template <typename scalar_t>
+// The backward's per-span work, one SIMD-cloned function each (simd_clones.h), with the
+// ReLU mask and the wanted outputs as template arguments so that each loop vectorises.
+// g = grad_out, masked by out > 0 when kRelu.
+template <bool kRelu, typename scalar_t, typename acc_t>
+inline acc_t masked_grad(const scalar_t* grad_out, const scalar_t* out, int64_t j) {
+  const acc_t g = to_acc<acc_t>(grad_out[j]);
+  if constexpr (kRelu) return to_acc<acc_t>(out[j]) > acc_t(0) ? g : acc_t(0);
+  return g;
+}
+
+// NHWC row of C channels: sums[ch] += g * x.
+template <bool kRelu, typename scalar_t, typename acc_t>
+CNNKERNELS_SIMD_CLONES void gate_grad_row(const scalar_t* grad_out, const scalar_t* out, const scalar_t* x,
+                                          acc_t* sums, int64_t c) {
+#pragma omp simd
+  for (int64_t j = 0; j < c; ++j) sums[j] += masked_grad<kRelu, scalar_t, acc_t>(grad_out, out, j) * to_acc<acc_t>(x[j]);
+}
+
+// A piece of one NCHW plane: the sum of g * x.
+template <bool kRelu, typename scalar_t, typename acc_t>
+CNNKERNELS_SIMD_CLONES acc_t gate_grad_span(const scalar_t* grad_out, const scalar_t* out, const scalar_t* x,
+                                            int64_t len) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < len; ++j) sum += masked_grad<kRelu, scalar_t, acc_t>(grad_out, out, j) * to_acc<acc_t>(x[j]);
+  return sum;
+}
+
+// One span: grad_x = g * gate + d_sq, grad_res = g; gate and d_sq indexed per element (NHWC
+// rows) or one value for the span (NCHW planes).
+template <bool kRelu, bool kPerElement, bool kGradX, bool kGradRes, typename scalar_t, typename acc_t>
+CNNKERNELS_SIMD_CLONES void input_grad_span(const scalar_t* grad_out, const scalar_t* out, const acc_t* gate,
+                                            const acc_t* d_sq, scalar_t* grad_x, scalar_t* grad_res, int64_t len) {
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) {
+    const acc_t g = masked_grad<kRelu, scalar_t, acc_t>(grad_out, out, j);
+    const int64_t k = kPerElement ? j : 0;
+    if constexpr (kGradX) grad_x[j] = from_acc<scalar_t>(g * gate[k] + d_sq[k]);
+    if constexpr (kGradRes) grad_res[j] = from_acc<scalar_t>(g);
+  }
+}
+
+template <typename F>
+void with_bool(bool b, F&& f) {
+  if (b) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// Per-channel sums of g * x over one sample (its first element at offset 0 of each pointer).
+template <bool kRelu, typename scalar_t, typename acc_t>
+void sample_gate_grad(bool channels_last, int64_t c, int64_t s, const scalar_t* grad_out, const scalar_t* out,
+                      const scalar_t* x, double* result, acc_t* block) {
+  if (!channels_last) {
+    for (int64_t ch = 0; ch < c; ++ch) {
+      double total = 0;
+      for (int64_t j0 = ch * s; j0 < (ch + 1) * s; j0 += kBlock) {
+        const int64_t len = std::min(kBlock, (ch + 1) * s - j0);
+        total += gate_grad_span<kRelu, scalar_t, acc_t>(grad_out + j0, kRelu ? out + j0 : nullptr, x + j0, len);
+      }
+      result[ch] = total;
+    }
+    return;
+  }
+  std::fill(result, result + c, 0.0);
+  for (int64_t r0 = 0; r0 < s; r0 += kBlock) {  // kBlock values of each channel per acc_t partial
+    std::fill(block, block + c, acc_t(0));
+    for (int64_t r = r0; r < std::min(s, r0 + kBlock); ++r) {
+      const int64_t o = r * c;
+      gate_grad_row<kRelu, scalar_t, acc_t>(grad_out + o, kRelu ? out + o : nullptr, x + o, block, c);
+    }
+    for (int64_t ch = 0; ch < c; ++ch) result[ch] += block[ch];
+  }
+}
+
+template <bool kRelu, typename scalar_t>
 void backward_kernel(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& x, const at::Tensor& w1,
-                     const at::Tensor& w2, const at::Tensor& hidden, const at::Tensor& gate, bool relu,
-                     bool channels_last, bool need_fc, at::Tensor& d_z2, at::Tensor& d_z1, at::Tensor& grad_x,
-                     at::Tensor& grad_res) {
+                     const at::Tensor& w2, const at::Tensor& hidden, const at::Tensor& gate, bool channels_last,
+                     bool need_fc, at::Tensor& d_z2, at::Tensor& d_z1, at::Tensor& grad_x, at::Tensor& grad_res) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = x.size(0), c = x.size(1), s = x.size(2) * x.size(3), r = w1.size(0);
   const scalar_t* gop = grad_out.const_data_ptr<scalar_t>();
-  const scalar_t* outp = relu ? out.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* outp = kRelu ? out.const_data_ptr<scalar_t>() : nullptr;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const acc_t* w1p = w1.const_data_ptr<acc_t>();
   const acc_t* w2p = w2.const_data_ptr<acc_t>();
   const acc_t* hp = hidden.const_data_ptr<acc_t>();
   const acc_t* gp = gate.const_data_ptr<acc_t>();
-  auto masked = [=](int64_t o) {
-    const acc_t g = to_acc<acc_t>(gop[o]);
-    return (relu && !(to_acc<acc_t>(outp[o]) > acc_t(0))) ? acc_t(0) : g;
-  };
   const bool want_x = grad_x.defined();
   // d_squeezed / S per (n, c), only for grad_x.
   std::vector<acc_t> d_sq(want_x ? n * c : 0);
@@ -297,12 +370,11 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& out, const at
     acc_t* dz1p = d_z1.mutable_data_ptr<acc_t>();
     at::parallel_for(0, n, grain(c * s), [&](int64_t n0, int64_t n1) {
       std::vector<double> sums(c);
-      std::vector<acc_t> dh(r);
+      std::vector<acc_t> block(c), dh(r);
       for (int64_t i = n0; i < n1; ++i) {
         const int64_t base = i * c * s;
-        sample_channel_sums<acc_t>(
-            channels_last, c, s,
-            [&](int64_t o) { return masked(base + o) * to_acc<acc_t>(xp[base + o]); }, sums.data());
+        sample_gate_grad<kRelu, scalar_t, acc_t>(channels_last, c, s, gop + base, kRelu ? outp + base : nullptr,
+                                                 xp + base, sums.data(), block.data());
         const acc_t* gi = gp + i * c;
         acc_t* dz2 = dz2p + i * c;
         for (int64_t ch = 0; ch < c; ++ch) dz2[ch] = static_cast<acc_t>(sums[ch]) * gi[ch] * (acc_t(1) - gi[ch]);
@@ -337,24 +409,25 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& out, const at
   scalar_t* gxp = want_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* grp = grad_res.defined() ? grad_res.mutable_data_ptr<scalar_t>() : nullptr;
   const acc_t* dsqp = d_sq.data();
-  auto span = [&](int64_t off, int64_t coef, bool per_element, int64_t len) {
-#pragma omp simd
-    for (int64_t j = 0; j < len; ++j) {
-      const acc_t g = masked(off + j);
-      const int64_t k = coef + (per_element ? j : 0);
-      if (gxp) gxp[off + j] = from_acc<scalar_t>(g * gp[k] + dsqp[k]);
-      if (grp) grp[off + j] = from_acc<scalar_t>(g);
-    }
-  };
-  if (!channels_last) {
-    at::parallel_for(0, n * c, grain(s), [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) span(p * s, p, false, s);
+  with_bool(want_x, [&](auto gx) {
+    with_bool(grp != nullptr, [&](auto gr) {
+      constexpr bool kGradX = decltype(gx)::value, kGradRes = decltype(gr)::value;
+      auto span = [&](auto per_element, int64_t off, int64_t coef, int64_t len) {
+        input_grad_span<kRelu, decltype(per_element)::value, kGradX, kGradRes>(
+            gop + off, kRelu ? outp + off : nullptr, gp + coef, kGradX ? dsqp + coef : nullptr,
+            kGradX ? gxp + off : nullptr, kGradRes ? grp + off : nullptr, len);
+      };
+      if (!channels_last) {
+        at::parallel_for(0, n * c, grain(s), [&](int64_t p0, int64_t p1) {
+          for (int64_t p = p0; p < p1; ++p) span(std::false_type{}, p * s, p, s);
+        });
+      } else {
+        at::parallel_for(0, n * s, grain(c), [&](int64_t r0, int64_t r1) {
+          for (int64_t row = r0; row < r1; ++row) span(std::true_type{}, row * c, (row / s) * c, c);
+        });
+      }
     });
-  } else {
-    at::parallel_for(0, n * s, grain(c), [&](int64_t r0, int64_t r1) {
-      for (int64_t row = r0; row < r1; ++row) span(row * c, (row / s) * c, true, c);
-    });
-  }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
@@ -384,8 +457,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_x = mask[0] ? at::empty_like(x, x.options(), fmt) : at::Tensor();
   at::Tensor grad_res = mask[5] ? at::empty_like(x, x.options(), fmt) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "se_excite_backward_cpu", [&] {
-    backward_kernel<scalar_t>(grad_out, out, x, w1, w2, hidden, gate, relu, fmt == at::MemoryFormat::ChannelsLast,
-                              need_fc, d_z2, d_z1, grad_x, grad_res);
+    with_bool(relu, [&](auto do_relu) {
+      backward_kernel<decltype(do_relu)::value, scalar_t>(grad_out, out, x, w1, w2, hidden, gate,
+                                                          fmt == at::MemoryFormat::ChannelsLast, need_fc, d_z2, d_z1,
+                                                          grad_x, grad_res);
+    });
   });
   const at::Tensor empty = x.new_empty({0});
   auto cast = [&](bool wanted, auto make) { return wanted ? make().to(x.scalar_type()).contiguous() : empty; };
