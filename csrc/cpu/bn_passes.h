@@ -38,6 +38,15 @@ void with_bool(bool b, F&& f) {
   else f(Bool<false>{});
 }
 
+// The gradient reaching an activation's input: grad_out[j], zeroed where a ReLU's output
+// out[j] is not positive when kRelu (out is not read otherwise).
+template <bool kRelu, typename scalar_t, typename acc_t>
+inline acc_t masked_grad(const scalar_t* grad_out, const scalar_t* out, int64_t j) {
+  const acc_t g = to_acc<acc_t>(grad_out[j]);
+  if constexpr (kRelu) return to_acc<acc_t>(out[j]) > acc_t(0) ? g : acc_t(0);
+  return g;
+}
+
 // Grain of a parallel_for whose every index covers `per_index` elements.
 inline int64_t grain(int64_t per_index) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, per_index)); }
 

@@ -28,7 +28,7 @@
 namespace cnnkernels {
 namespace {
 
-using namespace cpu_bn;  // kBlock, Bool, with_bool, grain, ptr_or_null, reduce_rows, ...
+using namespace cpu_bn;  // kBlock, Bool, with_bool, grain, ptr_or_null, masked_grad, reduce_rows, ...
 
 // The span structure of an activation tensor; check() asserts that another activation
 // tensor of the same pass has the same shape and layout (the driver's convention).
@@ -139,13 +139,6 @@ void scale_shift_act_cpu(const at::Tensor& y, const at::Tensor& scale, const at:
 }
 
 // ---------------------------------------------------------------- backward
-
-template <bool kRelu, typename scalar_t, typename acc_t>
-inline acc_t masked_grad(const scalar_t* grad_out, const scalar_t* out, int64_t j) {
-  const acc_t g = to_acc<acc_t>(grad_out[j]);
-  if constexpr (kRelu) return to_acc<acc_t>(out[j]) > acc_t(0) ? g : acc_t(0);
-  return g;
-}
 
 template <typename scalar_t>
 void backward_reduce_kernel(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& y,

@@ -26,22 +26,25 @@
 #include <optional>
 #include <string_view>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
 #include "common/op_args.h"
 #include "common/se_excite_args.h"
+#include "cpu/bn_passes.h"
 #include "cpu/simd_cast.h"
 #include "cpu/simd_clones.h"
 
 namespace cnnkernels {
 namespace {
 
-constexpr int64_t kBlock = 256;    // elements per acc_t partial sum before it goes to double
-constexpr int64_t kGrain = 32768;  // elements per parallel task, at least
+using cpu_bn::Bool;
+using cpu_bn::grain;
+using cpu_bn::kBlock;  // elements per acc_t partial sum before it goes to double
+using cpu_bn::masked_grad;
+using cpu_bn::ptr_or_null;
+using cpu_bn::with_bool;
 
-inline int64_t grain(int64_t per_index) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, per_index)); }
 // A 2-D fc weight [rows, cols] with x's dtype and device.
 void check_fc_weight(const at::Tensor& w, int64_t rows, int64_t cols, const at::Tensor& x, const char* name) {
   check_defined(w, name);
@@ -114,11 +117,6 @@ void sample_channel_sums(bool channels_last, int64_t c, int64_t s, const F& f, d
     }
     for (int64_t ch = 0; ch < c; ++ch) result[ch] += bp[ch];
   }
-}
-
-template <typename T>
-const T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
 // ---------------------------------------------------------------- forward
@@ -273,13 +271,7 @@ void se_excite_inplace(at::Tensor x, const at::Tensor& fc1_weight, const std::op
 
 // The backward's per-span work, one SIMD-cloned function each (simd_clones.h), with the
 // ReLU mask and the wanted outputs as template arguments so that each loop vectorises.
-// g = grad_out, masked by out > 0 when kRelu.
-template <bool kRelu, typename scalar_t, typename acc_t>
-inline acc_t masked_grad(const scalar_t* grad_out, const scalar_t* out, int64_t j) {
-  const acc_t g = to_acc<acc_t>(grad_out[j]);
-  if constexpr (kRelu) return to_acc<acc_t>(out[j]) > acc_t(0) ? g : acc_t(0);
-  return g;
-}
+// g = grad_out, masked by out > 0 when kRelu (cpu_bn::masked_grad).
 
 // NHWC row of C channels: sums[ch] += g * x.
 template <bool kRelu, typename scalar_t, typename acc_t>
@@ -310,15 +302,6 @@ CNNKERNELS_SIMD_CLONES void input_grad_span(const scalar_t* grad_out, const scal
     const int64_t k = kPerElement ? j : 0;
     if constexpr (kGradX) grad_x[j] = from_acc<scalar_t>(g * gate[k] + d_sq[k]);
     if constexpr (kGradRes) grad_res[j] = from_acc<scalar_t>(g);
-  }
-}
-
-template <typename F>
-void with_bool(bool b, F&& f) {
-  if (b) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
   }
 }
 
@@ -419,11 +402,11 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& out, const at
       };
       if (!channels_last) {
         at::parallel_for(0, n * c, grain(s), [&](int64_t p0, int64_t p1) {
-          for (int64_t p = p0; p < p1; ++p) span(std::false_type{}, p * s, p, s);
+          for (int64_t p = p0; p < p1; ++p) span(Bool<false>{}, p * s, p, s);
         });
       } else {
         at::parallel_for(0, n * s, grain(c), [&](int64_t r0, int64_t r1) {
-          for (int64_t row = r0; row < r1; ++row) span(std::true_type{}, row * c, (row / s) * c, c);
+          for (int64_t row = r0; row < r1; ++row) span(Bool<true>{}, row * c, (row / s) * c, c);
         });
       }
     });
