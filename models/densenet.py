@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnkernels.nn import DenseBlock, FusedSequential
+from cnnkernels.nn import DenseBlock, FusedSequential, frozen_plan
 from cnnkernels.nn.freeze import frozen_linear, is_frozen, run_frozen_cpu_bn_act_conv
 from cnnkernels.nn.functional import bn_act_conv_modules
 
@@ -69,6 +69,8 @@ class DenseNet(nn.Module):
     At 224x224 the blocks run at 56, 28, 14 and 7.
     """
 
+    replays_frozen_forward = True  # cnnkernels.nn.freeze enables frozen_plan.run for it
+
     def __init__(self, growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16),
                  num_init_features: int = 64, bn_size: int = 4, drop_rate: float = 0,
                  num_classes: int = 1000, memory_efficient: bool = False) -> None:
@@ -93,6 +95,11 @@ class DenseNet(nn.Module):
         initialize(self, conv=kaiming_fan_in, linear=zero_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Frozen (cnnkernels.nn.freeze) on the CPU, replayed from a recorded plan from the
+        third call of an input signature on (cnnkernels/nn/frozen_plan.py)."""
+        return frozen_plan.run(self, x, self._forward)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.features(x), inplace=True)
         out = torch.flatten(F.adaptive_avg_pool2d(out, (1, 1)), 1)
         return frozen_linear(self.classifier, out)

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cnnkernels.nn import frozen_cpu
+from cnnkernels.nn import frozen_cpu, frozen_plan
 from cnnkernels.nn.freeze import frozen_linear, is_frozen
 from cnnkernels.nn.frozen_cpu import hooked as _hooked
 from cnnkernels.nn.functional import conv_bn_act_modules
@@ -170,6 +170,8 @@ class ResNet(nn.Module):
     (timm's name) is passed to every block, e.g. {"se": True} for SE-ResNet.
     """
 
+    replays_frozen_forward = True  # cnnkernels.nn.freeze enables frozen_plan.run for it
+
     def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int], num_classes: int = 1000,
                  zero_init_residual: bool = False, groups: int = 1, width_per_group: int = 64,
                  replace_stride_with_dilation: list[bool] | None = None,
@@ -243,6 +245,11 @@ class ResNet(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Frozen (cnnkernels.nn.freeze) on the CPU, replayed from a recorded plan from the
+        third call of an input signature on (cnnkernels/nn/frozen_plan.py)."""
+        return frozen_plan.run(self, x, self._forward)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.forward_features(x))
         return frozen_linear(self.fc, torch.flatten(x, 1))
 

@@ -30,14 +30,16 @@ to float32 / bfloat16 rounding, not bitwise. The same path runs DenseNet's
 pre-activation units (run_frozen_cpu_bn_act_conv): each dense layer's norm2 is folded
 into conv1, and a transition pools before its 1x1 convolution; a dense block then replays
 its layers from a recorded plan (frozen_dense.py). A frozen nn.Linear keeps a bfloat16
-copy of its weight for CPU bfloat16 autocast (frozen_linear).
+copy of its weight for CPU bfloat16 autocast (frozen_linear). A model class declaring
+`replays_frozen_forward` (the cnnkernels ResNet and DenseNet) gets a plan store: its forward
+then records its CPU calls once per input signature and replays them (frozen_plan.py).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from cnnkernels.nn import cpu_memory, frozen_cpu
+from cnnkernels.nn import cpu_memory, frozen_cpu, frozen_plan
 
 __all__ = ["freeze", "unfreeze", "is_frozen", "folded_eval_arguments", "run_frozen_cpu",
            "run_frozen_cpu_bn_act_conv", "frozen_linear"]
@@ -52,7 +54,8 @@ _PLANS = "_cnnkernels_dense_plans"  # on a DenseBlock: its recorded plans (froze
 
 def freeze(model: nn.Module, retain_freed_memory: bool = True) -> nn.Module:
     """Marks every BatchNorm2d, Conv2d and Linear of model (the model itself included)
-    frozen; returns model.
+    frozen, and gives every module whose class declares replays_frozen_forward an empty
+    plan store (frozen_plan.py); returns model.
 
     retain_freed_memory: for a model with CPU parameters or buffers, also keep freed CPU
     memory in the process for reuse (cnnkernels.nn.cpu_memory.retain_freed_cpu_memory, a
@@ -69,6 +72,8 @@ def freeze(model: nn.Module, retain_freed_memory: bool = True) -> nn.Module:
     for module in model.modules():
         if isinstance(module, (nn.BatchNorm2d, nn.Conv2d, nn.Linear)):
             setattr(module, _ATTR, {})
+        if getattr(type(module), frozen_plan.REPLAYS_ATTR, False):
+            frozen_plan.enable(module)
     return model
 
 
@@ -76,7 +81,7 @@ def unfreeze(model: nn.Module) -> nn.Module:
     """Undoes freeze(model): drops every cached folded or packed weight; returns model."""
     _check_module(model)
     for module in model.modules():
-        for attr in (_ATTR, _PLANS):
+        for attr in (_ATTR, _PLANS, frozen_plan.PLANS_ATTR):
             module.__dict__.pop(attr, None)
     return model
 
