@@ -7,7 +7,10 @@ per layer, what the calls read from those caches: norm1's scale and shift, conv1
 norm2 folded (packed for the prefix's shape), conv2 packed, and their convolution
 arguments. run() replays them: per layer one scale-shift-ReLU pass into the scratch, two
 oneDNN convolutions and the copy of the new features into the block's buffer, the same
-calls the per-layer path makes, so the results are the same bit for bit.
+calls the per-layer path makes, so the results are the same bit for bit. With the
+extension, where the buffer is in the compute dtype, the block's layers run in one call of
+_dense_block_frozen_native (csrc/cpu/dense_block_frozen.cpp), which makes those calls
+from C++: nine Python op calls per layer (four of them views) become one per block.
 
 A plan is kept per (dtype, buffer shape), at most frozen_cpu.MAX_PACKED_SHAPES of them,
 and used only while the block's state is the state it was recorded in: the identity,
@@ -88,9 +91,26 @@ def record(block: nn.Module, buf_shape: torch.Size, dtype: torch.dtype) -> None:
         layers.append((scale_shift[1], first, _conv_args(conv1), second, _conv_args(conv2)))
         c += block.growth_rate
     plans = block.__dict__.setdefault(_PLANS, _Plans())
-    plans[(dtype, tuple(buf_shape))] = (state, layers)
+    plans[(dtype, tuple(buf_shape))] = (state, layers, _native_arguments(layers))
     while len(plans) > frozen_cpu.MAX_PACKED_SHAPES:
         plans.popitem(last=False)
+
+
+def _native_arguments(layers: list) -> tuple | None:
+    """The arguments after (buf, c0, scratch) of _dense_block_frozen_native for these
+    layers; None where their convolutions' arguments differ (the op takes one set each)."""
+    conv1, conv2 = ({_flat(layer[i]) for layer in layers} for i in (2, 4))
+    if len(conv1) != 1 or len(conv2) != 1:
+        return None
+    return ([layer[0]["vectors"][0] for layer in layers], [layer[0]["vectors"][1] for layer in layers],
+            [layer[1][0] for layer in layers], [layer[1][1] for layer in layers],
+            [layer[3][0] for layer in layers], [layer[3][1] for layer in layers], list(conv1.pop()),
+            list(conv2.pop()))
+
+
+def _flat(conv_args: tuple) -> tuple:
+    padding, stride, dilation, groups = conv_args
+    return (*padding, *stride, *dilation, groups)
 
 
 def run(block: nn.Module, buf: torch.Tensor, c: int, scratch: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -100,6 +120,10 @@ def run(block: nn.Module, buf: torch.Tensor, c: int, scratch: torch.Tensor, dtyp
     plan = None if plans is None else plans.get((dtype, tuple(buf.shape)))
     if plan is None or plan[0] != _state(block):
         return False
+    native_arguments = plan[2]
+    if native_arguments is not None and buf.dtype == dtype and frozen_cpu.native("_dense_block_frozen_native"):
+        torch.ops.cnnkernels._dense_block_frozen_native(buf, c, scratch, *native_arguments)
+        return True
     n, _, h, w = buf.shape
     k = block.growth_rate
     native = buf.dtype == dtype and frozen_cpu.native("_scale_shift_act_into_native")

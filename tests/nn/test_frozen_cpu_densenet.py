@@ -246,3 +246,33 @@ def test_frozen_dense_block_without_the_native_passes(monkeypatch):
         first, again = block(x), block(x)
     assert torch.equal(first, again)
     assert rel_err(first.double(), exact) < 1e-5
+
+
+NATIVE_BLOCK = "_dense_block_frozen_native"
+
+
+def _native_block_calls(block, x):
+    with torch.profiler.profile() as prof:
+        out = block(x)
+    return out, sum(e.name == f"cnnkernels::{NATIVE_BLOCK}" for e in prof.events())
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_replayed_block_runs_as_one_native_call_bitwise_the_per_layer_replay(autocast, bf16_compute,
+                                                                              monkeypatch):
+    """The plan's replay runs the whole block in one _dense_block_frozen_native call where
+    the buffer is in the compute dtype (float32, or bfloat16 where oneDNN has bfloat16
+    convolutions): the same kernels as the per-layer replay in Python, bit for bit."""
+    if not frozen_cpu.native(NATIVE_BLOCK):
+        skip_or_fail(f"cnnkernels._C with the CPU kernel {NATIVE_BLOCK} is not loaded")
+    block, x = block_and_input(seed=7)
+    freeze(block)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        first, calls_first = _native_block_calls(block, x)
+        native, calls_native = _native_block_calls(block, x)
+        real = frozen_cpu.native
+        monkeypatch.setattr(frozen_cpu, "native", lambda name: name != NATIVE_BLOCK and real(name))
+        per_layer, calls_per_layer = _native_block_calls(block, x)
+    in_compute_dtype = not autocast or bf16_compute == torch.bfloat16
+    assert (calls_first, calls_native, calls_per_layer) == (0, int(in_compute_dtype), 0)
+    assert torch.equal(native, per_layer) and torch.equal(native, first)
