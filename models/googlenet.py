@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnkernels.nn import ConvBNAct
+from cnnkernels.nn import ConvBNAct, frozen_plan
 
 from ._init import imagenet_to_unit_range, initialize, trunc_normal
 from ._registry import register_model, with_weights
@@ -88,6 +88,8 @@ class GoogLeNet(nn.Module):
     224x224 gives 1024x7x7 before the global pool; inputs down to about 32x32 work.
     """
 
+    replays_frozen_forward = True  # cnnkernels.nn.freeze enables frozen_plan.run for it
+
     def __init__(self, num_classes: int = 1000, aux_logits: bool = True, transform_input: bool = False,
                  init_weights: bool = True, dropout: float = 0.2, dropout_aux: float = 0.7) -> None:
         super().__init__()
@@ -127,6 +129,11 @@ class GoogLeNet(nn.Module):
         return imagenet_to_unit_range(x) if self.transform_input else x
 
     def forward(self, x: torch.Tensor):
+        """Frozen (cnnkernels.nn.freeze) on the CPU, replayed from a recorded plan from the
+        third call of an input signature on (cnnkernels/nn/frozen_plan.py)."""
+        return frozen_plan.run(self, x, self._forward)
+
+    def _forward(self, x: torch.Tensor):
         x = self._transform_input(x)
         x = self.maxpool1(self.conv1(x))
         x = self.maxpool2(self.conv3(self.conv2(x)))

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnkernels.nn import ConvBNAct
+from cnnkernels.nn import ConvBNAct, frozen_plan
 
 from ._init import imagenet_to_unit_range, initialize, kaiming_fan_out, normal, trunc_normal
 from ._registry import register_model, with_weights
@@ -84,6 +84,8 @@ class BNInception(nn.Module):
     after 3c, 1024x7x7 after 5b. forward(x [N, 3, H, W]) -> [N, num_classes]; H, W >= 32.
     """
 
+    replays_frozen_forward = True  # cnnkernels.nn.freeze enables frozen_plan.run for it
+
     def __init__(self, num_classes: int = 1000, dropout: float = 0.0, init_weights: bool = True) -> None:
         super().__init__()
         self.conv1 = ConvBNAct(3, 64, 7, stride=2, padding=3)
@@ -103,6 +105,11 @@ class BNInception(nn.Module):
             initialize(self, conv=kaiming_fan_out, linear=normal(0.01))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Frozen (cnnkernels.nn.freeze) on the CPU, replayed from a recorded plan from the
+        third call of an input signature on (cnnkernels/nn/frozen_plan.py)."""
+        return frozen_plan.run(self, x, self._forward)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool1(self.conv1(x))
         x = self.maxpool2(self.conv3(self.conv2(x)))
         for name in BN_INCEPTION_BLOCKS:
@@ -276,6 +283,8 @@ class Inception3(nn.Module):
     design size (2048x8x8 before the pool); H, W >= 75 work without the aux head.
     """
 
+    replays_frozen_forward = True  # cnnkernels.nn.freeze enables frozen_plan.run for it
+
     def __init__(self, num_classes: int = 1000, aux_logits: bool = True, transform_input: bool = False,
                  init_weights: bool = True, dropout: float = 0.5) -> None:
         super().__init__()
@@ -312,6 +321,11 @@ class Inception3(nn.Module):
         return imagenet_to_unit_range(x) if self.transform_input else x
 
     def forward(self, x: torch.Tensor):
+        """Frozen (cnnkernels.nn.freeze) on the CPU, replayed from a recorded plan from the
+        third call of an input signature on (cnnkernels/nn/frozen_plan.py)."""
+        return frozen_plan.run(self, x, self._forward)
+
+    def _forward(self, x: torch.Tensor):
         x = self._transform_input(x)
         x = self.maxpool1(self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))))
         x = self.maxpool2(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)))

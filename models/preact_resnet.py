@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnkernels.nn import frozen_plan
 from cnnkernels.nn.functional import bn_act_conv_modules, conv_bn_act_modules
 from cnnkernels.ops import add_act
 
@@ -133,6 +134,8 @@ class PreActResNet(nn.Module):
     gamma 1 / beta 0, nn.Linear's default.
     """
 
+    replays_frozen_forward = True  # cnnkernels.nn.freeze enables frozen_plan.run for it
+
     def __init__(self, block: type[PreActBasicBlock | PreActBottleneck], layers: list[int], num_classes: int = 1000,
                  norm_layer: Callable[..., nn.Module] | None = None) -> None:
         super().__init__()
@@ -168,6 +171,11 @@ class PreActResNet(nn.Module):
         return F.relu(self.final_bn(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Frozen (cnnkernels.nn.freeze) on the CPU, replayed from a recorded plan from the
+        third call of an input signature on (cnnkernels/nn/frozen_plan.py)."""
+        return frozen_plan.run(self, x, self._forward)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.forward_features(x))
         return self.fc(torch.flatten(x, 1))
 

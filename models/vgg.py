@@ -14,7 +14,7 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
-from cnnkernels.nn import FusedSequential
+from cnnkernels.nn import FusedSequential, frozen_plan
 
 from ._init import initialize, kaiming_fan_out_zero_bias, normal
 from ._registry import register_model, with_weights
@@ -58,6 +58,8 @@ class VGG(nn.Module):
     N(0, 0.01) linear layers, zero biases, unit BatchNorm).
     """
 
+    replays_frozen_forward = True  # cnnkernels.nn.freeze enables frozen_plan.run for it
+
     def __init__(self, features: nn.Module, num_classes: int = 1000, init_weights: bool = True,
                  dropout: float = 0.5) -> None:
         super().__init__()
@@ -76,6 +78,11 @@ class VGG(nn.Module):
             initialize(self, conv=kaiming_fan_out_zero_bias, linear=normal(0.01))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Frozen (cnnkernels.nn.freeze) on the CPU, replayed from a recorded plan from the
+        third call of an input signature on (cnnkernels/nn/frozen_plan.py)."""
+        return frozen_plan.run(self, x, self._forward)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
         x = self.avgpool(x)
         x = torch.flatten(x, 1)

@@ -180,6 +180,13 @@ class _Recorder(TorchDispatchMode):
     """Records the ops of one call: per op its function, its arguments as templates
     (("slot", i), ("const", value) or ("list", type, [templates])) and its output slots."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps a mode's __torch_dispatch__ in torch._dynamo.disable unless this says
+        # no; the first such call imports torch._dynamo (2.5 s). run() never records under
+        # torch.compile, so there is nothing to disable.
+        return False
+
     def __init__(self, x: torch.Tensor):
         super().__init__()
         self.slots = {id(x): 0}
