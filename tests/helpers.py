@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import os
 from dataclasses import dataclass, field
 
@@ -294,3 +295,11 @@ def global_state() -> dict:
         "forced backend": (_backends.forced_backend(), os.environ.get("CNNKERNELS_BACKEND")),
         "autocast": (torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda")),
     }
+
+
+def copies(module: "torch.nn.Module") -> tuple:
+    """(a deep copy of module, module through torch.save and torch.load)."""
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return copy.deepcopy(module), torch.load(buffer, weights_only=False)

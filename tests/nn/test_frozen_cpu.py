@@ -9,7 +9,7 @@ from torch import nn
 from cnnkernels.nn import ConvBNAct, freeze, unfreeze
 from cnnkernels.nn import frozen_cpu
 from cnnkernels.nn.freeze import frozen_linear, packed_weights, run_frozen_cpu
-from helpers import randomize_batchnorm, rel_err, skip_or_fail
+from helpers import copies, randomize_batchnorm, rel_err, skip_or_fail
 
 CASES = {  # name: (ConvBNAct kwargs, input shape, residual)
     "3x3_residual": (dict(in_channels=8, out_channels=8, kernel_size=3, padding=1), (2, 8, 9, 9), True),
@@ -227,18 +227,12 @@ def packed_keys_of(module):
 
 
 def test_a_frozen_model_with_packed_weights_deep_copies_and_pickles():
-    import io
     module, x, residual = make("3x3_residual")
     freeze(module)
     with torch.no_grad():
         want = module(x, residual)
         assert packed_keys(module)
-        twin = copy.deepcopy(module)
-        buffer = io.BytesIO()
-        torch.save(module, buffer)
-        buffer.seek(0)
-        loaded = torch.load(buffer, weights_only=False)
-        for other in (twin, loaded):
+        for other in copies(module):
             assert packed_keys(other) == []
             assert torch.equal(other(x, residual), want) and packed_keys(other) == [(torch.float32, x.shape)]
 

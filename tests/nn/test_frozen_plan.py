@@ -1,8 +1,6 @@
 """Recorded plans of a frozen model's CPU forward (cnnkernels/nn/frozen_plan.py): recorded
 on the second call of an input signature, replayed from the third, bit for bit the
 unreplayed forward, and never replayed once the model is not in its recorded state."""
-import copy
-import io
 import subprocess
 import sys
 import weakref
@@ -15,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from cnnkernels import models
 from cnnkernels.nn import freeze, frozen_cpu, frozen_plan, unfreeze
 from cnnkernels.nn.frozen_plan import _Plan
-from helpers import randomize_batchnorm, skip_or_fail
+from helpers import copies, randomize_batchnorm, skip_or_fail
 
 BUILDERS = ["resnet18", "se_resnet50", "resnext50_32x4d", "densenet121", "vgg11_bn", "alexnet", "googlenet",
             "bn_inception", "inception_v3", "preact_resnet18"]
@@ -263,12 +261,7 @@ def test_copies_pickles_unfreeze_and_freeze_start_without_plans(replays):
     with torch.no_grad():
         warm(net, x)
         want = net(x)
-        twin = copy.deepcopy(net)
-        buffer = io.BytesIO()
-        torch.save(net, buffer)
-        buffer.seek(0)
-        loaded = torch.load(buffer, weights_only=False)
-        for other in (twin, loaded):
+        for other in copies(net):
             assert len(frozen_plan.plans(other)) == 0
             assert all(torch.equal(other(x), want) for _ in range(3))
         assert replays[0] == 3
