@@ -296,10 +296,9 @@ class _Plan:
         for index, (_, templates, kw_templates, out_slots, _) in enumerate(steps):
             for slot in _slots_of([*templates, *kw_templates.values()]):
                 last_use[slot] = index
-            for slot in out_slots:
+            for slot in out_slots:  # steps run in order: a slot's latest step is its last use
                 if slot is not None:
-                    last_use.setdefault(slot, index)
-                    last_use[slot] = max(last_use[slot], index)
+                    last_use[slot] = index
         released = [[] for _ in steps]
         for slot, index in last_use.items():
             if slot not in (0, out_slot):
@@ -309,8 +308,7 @@ class _Plan:
             constants = [t[1] if t[0] == "const" else None for t in templates]
             filled = [(i, t[1]) for i, t in enumerate(templates) if t[0] == "slot"]
             nested = [(i, t) for i, t in enumerate(templates) if t[0] == "list"]
-            kwargs = {k: t for k, t in kw_templates.items()}
-            self.steps.append((getattr(func, "_op", func), constants, filled, nested, kwargs, out_slots, multiple,
+            self.steps.append((getattr(func, "_op", func), constants, filled, nested, kw_templates, out_slots, multiple,
                                released[index]))
 
     def valid(self) -> bool:
