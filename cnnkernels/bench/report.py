@@ -44,6 +44,15 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
     return format(value, spec)
 
 
+def _speedup_cell(record: dict, baseline: str) -> str:
+    """The ratio of medians, and on cpu the 95% interval of the per-round paired ratios."""
+    cell = _fmt(record["speedup"].get(baseline), ".2f")
+    paired = (record.get("paired_speedup") or {}).get(baseline)
+    if cell != "-" and paired and paired["ci95"] and record["variant"] != baseline:
+        cell += f" [{paired['ci95'][0]:.2f}, {paired['ci95'][1]:.2f}]"
+    return cell
+
+
 def format_table(document: dict) -> str:
     """The terminal table: per configuration, one row per model and variant with
     throughput, spread, step time, first-call time, peak memory, agreement with the
@@ -78,7 +87,7 @@ def format_table(document: dict) -> str:
                          _fmt(r["median_s"] * 1e3, ".1f"), _fmt(r["first_call_s"], ".2f"),
                          _fmt(memory["peak_bytes"] / MIB, ".0f"), _fmt(r.get("output_rel_err_vs_eager"), ".1e"),
                          backends_text(r)]
-                        + [_fmt(r["speedup"].get(name), ".2f") for name in speedups])
+                        + [_speedup_cell(r, name) for name in speedups])
         lines.append("")
         lines.append(config_title(records[0]))
         lines.extend(_render(headers, rows))
@@ -90,7 +99,9 @@ def format_table(document: dict) -> str:
                  "first call: compilation and one-time work, not in the steady state; out err: "
                  "||logits - eager logits|| / ||eager logits|| on the first batch; ops on: the backends that "
                  "ran the cnnkernels ops (- = none called); x <baseline>: "
-                 "img/s over that baseline's img/s.")
+                 "img/s over that baseline's img/s; [lo, hi] (cpu): 95% confidence interval of the median of "
+                 "the per-round ratios (the baseline's step time over the row's, both timed in the same "
+                 "round), so an interval that holds 1.00 shows no difference at this machine's noise.")
     lines.append(f"peak MiB: {document['methodology']['memory']}")
     return "\n".join(lines)
 

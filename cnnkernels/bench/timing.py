@@ -35,6 +35,10 @@ METHODOLOGY = {
                   "time quartiles; wall_images_per_s = batch_size * iterations / the sum of the variant's "
                   "timed steps (cpu, interleaved) or the wall time of its timed loop (cuda)",
     "speedup": "images_per_s of the row / images_per_s of the baseline variant, same model and configuration",
+    "paired_speedup": "cpu (interleaved rounds) only: per round, the baseline's step time / the row's step time "
+                      "in the same round; their median, a 95% confidence interval of that median (order "
+                      "statistics: distribution-free, exact binomial coverage; null under 6 rounds), the "
+                      "number of rounds and how many of them the row was faster in",
     "output_rel_err_vs_eager": "||out - out_eager|| / ||out_eager|| of the first call's logits, same "
                                "weights and input, float64 (agreement check, not a speed figure)",
     "weights": "every variant of a model loads the same state_dict (ours, seeded), strict=True",
@@ -88,6 +92,34 @@ def timed_rounds(steps: dict[str, Callable[[int], None]], iterations: int,
     return times, errors
 
 
+def median_interval(n: int, confidence: float = 0.95) -> tuple[int, int] | None:
+    """0-based indices (lo, hi) into n sorted values bounding a distribution-free confidence
+    interval of their population median: [x_(k), x_(n-k+1)] for the largest k whose
+    coverage 1 - 2 P(Binomial(n, 1/2) <= k - 1) is at least `confidence`; None when even
+    [min, max] falls short (n < 6 at 95 %)."""
+    alpha = 1.0 - confidence
+    tail, best = 0.0, None
+    for k in range(1, n // 2 + 1):
+        tail += math.comb(n, k - 1) / 2.0 ** n  # P(B <= k - 1)
+        if 2.0 * tail > alpha:
+            break
+        best = k
+    return None if best is None else (best - 1, n - best)
+
+
+def paired_speedup(baseline_times: Sequence[float], times: Sequence[float]) -> dict | None:
+    """The row's speedup over a baseline from steps timed in the same rounds: per round
+    baseline / row step time, their median, its 95% interval (median_interval), the rounds
+    and the rounds the row won. None unless both have the same number of rounds."""
+    if not times or len(times) != len(baseline_times):
+        return None
+    ratios = sorted(b / t for b, t in zip(baseline_times, times))
+    bounds = median_interval(len(ratios))
+    return {"median": statistics.median(ratios),
+            "ci95": None if bounds is None else [ratios[bounds[0]], ratios[bounds[1]]],
+            "rounds": len(ratios), "wins": sum(r > 1.0 for r in ratios)}
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64."""
     out, ref = out.double(), ref.double()
@@ -95,8 +127,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def add_comparisons(records: list[dict]) -> None:
-    """Adds 'speedup' {baseline variant: ratio of images_per_s} and
-    'output_rel_err_vs_eager' to every ok record, within each (model, config)."""
+    """Adds 'speedup' {baseline variant: ratio of images_per_s}, on cpu (interleaved rounds)
+    'paired_speedup' {baseline variant: paired_speedup(...)}, and 'output_rel_err_vs_eager'
+    to every ok record, within each (model, config)."""
     groups: dict[tuple, list[dict]] = {}
     for record in records:
         key = (record["model"], record["device"], record["batch_size"], record["image_size"], record["dtype"],
@@ -109,6 +142,9 @@ def add_comparisons(records: list[dict]) -> None:
                 continue
             record["speedup"] = {name: record["images_per_s"] / base["images_per_s"]
                                  for name, base in baselines.items()}
+            if record["device"] == "cpu":
+                record["paired_speedup"] = {name: paired_speedup(base["times_s"], record["times_s"])
+                                            for name, base in baselines.items()}
             eager = baselines.get("eager")
             record["output_rel_err_vs_eager"] = (rel_err(record["first_output"], eager["first_output"])
                                                  if eager is not None else None)
