@@ -29,7 +29,7 @@ from ._registry import register_model, with_weights
 __all__ = ["AlexNet", "alexnet", "zfnet"]
 
 
-class AlexNet(nn.Module):
+class AlexNet(frozen_plan.ReplaysFrozenForward, nn.Module):
     """AlexNet-style network: five convolutions, three max pools, three linear layers.
 
     Args:
@@ -41,8 +41,6 @@ class AlexNet(nn.Module):
     forward(x [N, 3, H, W]) -> logits [N, num_classes]; any H, W >= 63 works for
     AlexNet's conv1 (the 6x6 adaptive pool fixes the classifier's input size).
     """
-
-    replays_frozen_forward = True  # cnnkernels.nn.freeze enables frozen_plan.run for it
 
     def __init__(self, num_classes: int = 1000, dropout: float = 0.5,
                  widths: Sequence[int] = (64, 192, 384, 256, 256),
@@ -77,11 +75,6 @@ class AlexNet(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(4096, num_classes),
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Frozen (cnnkernels.nn.freeze) on the CPU, replayed from a recorded plan from the
-        third call of an input signature on (cnnkernels/nn/frozen_plan.py)."""
-        return frozen_plan.run(self, x, self._forward)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)

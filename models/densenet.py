@@ -51,7 +51,7 @@ class _Transition(nn.Module):
         return self.pool(bn_act_conv_modules(self.norm, self.conv, x))
 
 
-class DenseNet(nn.Module):
+class DenseNet(frozen_plan.ReplaysFrozenForward, nn.Module):
     """DenseNet-BC.
 
     Args:
@@ -68,8 +68,6 @@ class DenseNet(nn.Module):
     forward(x [N, 3, H, W]) -> [N, num_classes]; H, W >= 29 (torchvision's minimum).
     At 224x224 the blocks run at 56, 28, 14 and 7.
     """
-
-    replays_frozen_forward = True  # cnnkernels.nn.freeze enables frozen_plan.run for it
 
     def __init__(self, growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16),
                  num_init_features: int = 64, bn_size: int = 4, drop_rate: float = 0,
@@ -93,11 +91,6 @@ class DenseNet(nn.Module):
         self.classifier = nn.Linear(num_features, num_classes)
 
         initialize(self, conv=kaiming_fan_in, linear=zero_bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Frozen (cnnkernels.nn.freeze) on the CPU, replayed from a recorded plan from the
-        third call of an input signature on (cnnkernels/nn/frozen_plan.py)."""
-        return frozen_plan.run(self, x, self._forward)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.features(x), inplace=True)

@@ -72,7 +72,7 @@ class InceptionAux(nn.Module):
         return self.fc2(self.dropout(x))
 
 
-class GoogLeNet(nn.Module):
+class GoogLeNet(frozen_plan.ReplaysFrozenForward, nn.Module):
     """GoogLeNet (22 layers, 9 Inception modules), torchvision's keys.
 
     Args:
@@ -87,8 +87,6 @@ class GoogLeNet(nn.Module):
     GoogLeNetOutputs(logits, aux_logits2, aux_logits1) in training with aux_logits.
     224x224 gives 1024x7x7 before the global pool; inputs down to about 32x32 work.
     """
-
-    replays_frozen_forward = True  # cnnkernels.nn.freeze enables frozen_plan.run for it
 
     def __init__(self, num_classes: int = 1000, aux_logits: bool = True, transform_input: bool = False,
                  init_weights: bool = True, dropout: float = 0.2, dropout_aux: float = 0.7) -> None:
@@ -127,11 +125,6 @@ class GoogLeNet(nn.Module):
 
     def _transform_input(self, x: torch.Tensor) -> torch.Tensor:
         return imagenet_to_unit_range(x) if self.transform_input else x
-
-    def forward(self, x: torch.Tensor):
-        """Frozen (cnnkernels.nn.freeze) on the CPU, replayed from a recorded plan from the
-        third call of an input signature on (cnnkernels/nn/frozen_plan.py)."""
-        return frozen_plan.run(self, x, self._forward)
 
     def _forward(self, x: torch.Tensor):
         x = self._transform_input(x)

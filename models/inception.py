@@ -77,14 +77,12 @@ class BNInceptionBlock(nn.Module):
         return torch.cat(branches, 1)
 
 
-class BNInception(nn.Module):
+class BNInception(frozen_plan.ReplaysFrozenForward, nn.Module):
     """BN-Inception (Inception v2 of the BN paper): stem 7x7/2 conv, 3x3/2 max pool,
     1x1 + 3x3 convs, 3x3/2 max pool, ten Inception modules (BN_INCEPTION_BLOCKS), global
     average pool, dropout, linear. Shapes at 224x224: 192x28x28 after the stem, 576x14x14
     after 3c, 1024x7x7 after 5b. forward(x [N, 3, H, W]) -> [N, num_classes]; H, W >= 32.
     """
-
-    replays_frozen_forward = True  # cnnkernels.nn.freeze enables frozen_plan.run for it
 
     def __init__(self, num_classes: int = 1000, dropout: float = 0.0, init_weights: bool = True) -> None:
         super().__init__()
@@ -103,11 +101,6 @@ class BNInception(nn.Module):
         self.fc = nn.Linear(channels, num_classes)
         if init_weights:
             initialize(self, conv=kaiming_fan_out, linear=normal(0.01))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Frozen (cnnkernels.nn.freeze) on the CPU, replayed from a recorded plan from the
-        third call of an input signature on (cnnkernels/nn/frozen_plan.py)."""
-        return frozen_plan.run(self, x, self._forward)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool1(self.conv1(x))
@@ -268,7 +261,7 @@ class InceptionAux(nn.Module):
         return self.fc(x)
 
 
-class Inception3(nn.Module):
+class Inception3(frozen_plan.ReplaysFrozenForward, nn.Module):
     """Inception v3, torchvision's layout and keys.
 
     Args:
@@ -282,8 +275,6 @@ class Inception3(nn.Module):
     InceptionOutputs(logits, aux_logits) in training with aux_logits. 299x299 is the
     design size (2048x8x8 before the pool); H, W >= 75 work without the aux head.
     """
-
-    replays_frozen_forward = True  # cnnkernels.nn.freeze enables frozen_plan.run for it
 
     def __init__(self, num_classes: int = 1000, aux_logits: bool = True, transform_input: bool = False,
                  init_weights: bool = True, dropout: float = 0.5) -> None:
@@ -319,11 +310,6 @@ class Inception3(nn.Module):
 
     def _transform_input(self, x: torch.Tensor) -> torch.Tensor:
         return imagenet_to_unit_range(x) if self.transform_input else x
-
-    def forward(self, x: torch.Tensor):
-        """Frozen (cnnkernels.nn.freeze) on the CPU, replayed from a recorded plan from the
-        third call of an input signature on (cnnkernels/nn/frozen_plan.py)."""
-        return frozen_plan.run(self, x, self._forward)
 
     def _forward(self, x: torch.Tensor):
         x = self._transform_input(x)

@@ -125,7 +125,7 @@ class PreActBottleneck(_PreActBlock):
         return bn_act_conv_modules(self.bn3, self.conv3, bn_act_conv_modules(self.bn2, self.conv2, out))
 
 
-class PreActResNet(nn.Module):
+class PreActResNet(frozen_plan.ReplaysFrozenForward, nn.Module):
     """Pre-activation ResNet for ImageNet-style inputs (see the module docstring).
 
     x [N, 3, H, W] -> logits [N, num_classes]. Keys: conv1, bn1 (stem), layerL.B.{bn1,
@@ -133,8 +133,6 @@ class PreActResNet(nn.Module):
     Initialisation as torchvision's ResNet: kaiming-normal fan_out convolutions, BN
     gamma 1 / beta 0, nn.Linear's default.
     """
-
-    replays_frozen_forward = True  # cnnkernels.nn.freeze enables frozen_plan.run for it
 
     def __init__(self, block: type[PreActBasicBlock | PreActBottleneck], layers: list[int], num_classes: int = 1000,
                  norm_layer: Callable[..., nn.Module] | None = None) -> None:
@@ -169,11 +167,6 @@ class PreActResNet(nn.Module):
         x = self.maxpool(conv_bn_act_modules(self.conv1, self.bn1, x))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return F.relu(self.final_bn(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Frozen (cnnkernels.nn.freeze) on the CPU, replayed from a recorded plan from the
-        third call of an input signature on (cnnkernels/nn/frozen_plan.py)."""
-        return frozen_plan.run(self, x, self._forward)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.forward_features(x))

@@ -159,7 +159,7 @@ class Bottleneck(nn.Module):
         return self.se(out, residual=identity, activation="relu")
 
 
-class ResNet(nn.Module):
+class ResNet(frozen_plan.ReplaysFrozenForward, nn.Module):
     """ResNet / ResNeXt: 7x7/2 Conv-BN-ReLU stem (fused), 3x3/2 max-pool, four stages of
     blocks (64, 128, 256, 512 planes; stride 1, 2, 2, 2), global average pool, fc.
 
@@ -169,8 +169,6 @@ class ResNet(nn.Module):
     zero_init_residual); norm_layer must build nn.BatchNorm2d modules. `block_args`
     (timm's name) is passed to every block, e.g. {"se": True} for SE-ResNet.
     """
-
-    replays_frozen_forward = True  # cnnkernels.nn.freeze enables frozen_plan.run for it
 
     def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int], num_classes: int = 1000,
                  zero_init_residual: bool = False, groups: int = 1, width_per_group: int = 64,
@@ -243,11 +241,6 @@ class ResNet(nn.Module):
         for block in blocks:  # each block's input is this call's own intermediate, read by no one after
             x = block(x, consume_input=True)
         return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Frozen (cnnkernels.nn.freeze) on the CPU, replayed from a recorded plan from the
-        third call of an input signature on (cnnkernels/nn/frozen_plan.py)."""
-        return frozen_plan.run(self, x, self._forward)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.forward_features(x))

@@ -49,7 +49,7 @@ def make_layers(cfg: Sequence[Union[str, int]], batch_norm: bool = False) -> nn.
     return FusedSequential(*layers) if batch_norm else nn.Sequential(*layers)
 
 
-class VGG(nn.Module):
+class VGG(frozen_plan.ReplaysFrozenForward, nn.Module):
     """VGG: `features` (see make_layers), a 7x7 adaptive average pool and a
     512*7*7-4096-4096-num_classes classifier with ReLU and dropout.
 
@@ -57,8 +57,6 @@ class VGG(nn.Module):
     init_weights applies torchvision's initialisation (Kaiming-normal fan_out convs,
     N(0, 0.01) linear layers, zero biases, unit BatchNorm).
     """
-
-    replays_frozen_forward = True  # cnnkernels.nn.freeze enables frozen_plan.run for it
 
     def __init__(self, features: nn.Module, num_classes: int = 1000, init_weights: bool = True,
                  dropout: float = 0.5) -> None:
@@ -76,11 +74,6 @@ class VGG(nn.Module):
         )
         if init_weights:
             initialize(self, conv=kaiming_fan_out_zero_bias, linear=normal(0.01))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Frozen (cnnkernels.nn.freeze) on the CPU, replayed from a recorded plan from the
-        third call of an input signature on (cnnkernels/nn/frozen_plan.py)."""
-        return frozen_plan.run(self, x, self._forward)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)

@@ -31,8 +31,9 @@ pre-activation units (run_frozen_cpu_bn_act_conv): each dense layer's norm2 is f
 into conv1, and a transition pools before its 1x1 convolution; a dense block then replays
 its layers from a recorded plan (frozen_dense.py). A frozen nn.Linear keeps a bfloat16
 copy of its weight for CPU bfloat16 autocast (frozen_linear). A model class declaring
-`replays_frozen_forward` (every model class of cnnkernels.models) gets a plan store: its forward
-then records its CPU calls once per input signature and replays them (frozen_plan.py).
+`replays_frozen_forward` (frozen_plan.ReplaysFrozenForward, the base of every model class of
+cnnkernels.models) gets a plan store: its forward then records its CPU calls once per input
+signature and replays them (frozen_plan.py).
 """
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cnnkernels.nn import frozen_cpu
 
-__all__ = ["run", "enable", "plans", "PLANS_ATTR", "REPLAYS_ATTR"]
+__all__ = ["run", "enable", "plans", "ReplaysFrozenForward", "PLANS_ATTR", "REPLAYS_ATTR"]
 
 PLANS_ATTR = "_cnnkernels_forward_plans"
 REPLAYS_ATTR = "replays_frozen_forward"  # a class attribute: its forward calls run(), freeze enables it
@@ -65,6 +65,19 @@ class _Plans(OrderedDict):
 
     def __reduce__(self):
         return _Plans, ()
+
+
+class ReplaysFrozenForward:
+    """Mixin of a model class (before nn.Module in its bases) whose forward is written as
+    `_forward(x)`: its forward(x) goes through run(), so that once frozen by
+    cnnkernels.nn.freeze its CPU forward is replayed from a recorded plan from the third
+    call of an input signature on. Every cnnkernels.models architecture uses it."""
+
+    replays_frozen_forward = True  # REPLAYS_ATTR: freeze() gives the model a plan store
+
+    def forward(self, x):
+        """self._forward(x), replayed from a plan where one is valid (module docstring)."""
+        return run(self, x, self._forward)
 
 
 def enable(model: nn.Module) -> None:
