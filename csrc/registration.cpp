@@ -11,11 +11,26 @@
 
 #include "common/build_info.h"
 
-// A bare module so that `import cnnkernels._C` loads this library and runs the
-// registrations below; build facts are exposed as ops, not pybind functions.
+// A module so that `import cnnkernels._C` loads this library and runs the registrations
+// below; build facts are exposed as ops. Its one Python attribute is ReplayPlan
+// (csrc/plan_replay.cpp), the frozen-forward replay of cnnkernels/nn/frozen_plan.py.
+namespace cnnkernels {
+void add_plan_replay(PyObject* module);  // csrc/plan_replay.cpp: the ReplayPlan class
+}  // namespace cnnkernels
+
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr) {
+    try {
+      cnnkernels::add_plan_replay(module);
+    } catch (const std::exception& error) {
+      PyErr_SetString(PyExc_ImportError, error.what());
+      Py_DECREF(module);
+      return nullptr;
+    }
+  }
+  return module;
 }
 
 namespace {

@@ -54,12 +54,17 @@ def warm(net, x, calls=2):
         net(x)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["cpp-replay", "python-replay"])
 @pytest.mark.parametrize("builder", BUILDERS)
-def test_replayed_calls_are_bitwise_the_unreplayed_forward(builder, replays):
+def test_replayed_calls_are_bitwise_the_unreplayed_forward(builder, native, replays, monkeypatch):
+    if native and not hasattr(sys.modules.get("cnnkernels._C"), "ReplayPlan"):
+        skip_or_fail("the compiled extension (with cnnkernels._C.ReplayPlan) is not loaded")
+    monkeypatch.setattr(frozen_plan, "NATIVE_REPLAY", native)
     net, x = make(builder, size=SIZES.get(builder, 32))
     with torch.no_grad():
         first, second = net(x), net(x)
         assert replays[0] == 0 and isinstance(frozen_plan.plans(net)[frozen_plan._signature(x)], _Plan)
+        assert (frozen_plan.plans(net)[frozen_plan._signature(x)].native is not None) == native
         other = torch.randn_like(x)
         got, got_other = net(x), net(other)
         assert replays[0] == 2
