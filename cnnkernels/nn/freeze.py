@@ -37,6 +37,8 @@ signature and replays them (frozen_plan.py).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -70,6 +72,15 @@ def freeze(model: nn.Module, retain_freed_memory: bool = True) -> nn.Module:
         raise TypeError(f"retain_freed_memory must be a bool, got {retain_freed_memory!r}")
     if retain_freed_memory and any(t.device.type == "cpu" for t in _tensors(model)):
         cpu_memory.retain_freed_cpu_memory()
+    inference = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_inference()]
+    if inference:
+        warnings.warn(
+            f"cnnkernels.nn.freeze: {len(inference)} parameters and buffers of this model ({inference[0]}, ...) are "
+            "inference tensors (made or copied under torch.inference_mode, e.g. by copy.deepcopy there): they have "
+            "no version counter to key the folded and packed weights on, so no convolution takes the frozen path "
+            "(nor is the forward replayed). Build or copy the model outside inference_mode (torch.no_grad is "
+            "fine).",
+            RuntimeWarning, stacklevel=2)
     for module in model.modules():
         if isinstance(module, (nn.BatchNorm2d, nn.Conv2d, nn.Linear)):
             setattr(module, _ATTR, {})

@@ -1,5 +1,6 @@
 """cnnkernels.nn.freeze: BatchNorm folded into the weights once, same results as unfrozen."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -145,6 +146,22 @@ def test_cache_built_in_inference_mode_serves_no_grad_calls():
     with torch.no_grad():
         second = module(x, residual)
     assert rel_err(first, want) < 1e-6 and rel_err(second, want) < 1e-6
+
+
+def test_freezing_inference_tensors_warns_that_the_frozen_path_cannot_run():
+    """A model copied under inference_mode holds inference tensors (no version counters):
+    freeze says so instead of leaving every call silently on the unfrozen path."""
+    module, x, residual = make("1x1_s2_bias_none")
+    with torch.inference_mode():
+        inference_copy = copy.deepcopy(module)
+    with pytest.warns(RuntimeWarning, match="inference tensors .* no convolution takes the frozen path"):
+        freeze(inference_copy)
+    with torch.no_grad():
+        plain_copy = copy.deepcopy(module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        freeze(plain_copy)
+        freeze(module)
 
 
 def test_frozen_resnet_matches_unfrozen_and_unfreeze_clears_every_cache():
