@@ -38,7 +38,7 @@ from cnnkernels.bench.environment import describe
 from cnnkernels.bench import openvino_engine
 from cnnkernels.bench.memory import MEMORY_METHOD, profiled_peak_bytes, state_bytes
 from cnnkernels.bench.timing import (AUX_WEIGHT, INPUT_POOL, METHODOLOGY, SGD_LR, SGD_MOMENTUM, TIMING_METHOD,
-                                     add_comparisons, summarize, timed_rounds)
+                                     add_comparisons, summarize, timed_rounds, wait_until_idle)
 from cnnkernels.bench.variants import VARIANTS, Variant
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -258,6 +258,7 @@ def first_call(prepared: Prepared, inputs, config: Config, warmup: int, tick: Ca
     the first call: {op: {backend: calls}})}."""
     with forced_backend(prepared.backend):
         synchronize(config.device)
+        settled_s = wait_until_idle() if torch.device(config.device).type == "cpu" else 0.0
         with recording_backends() as backends_used:
             start = time.perf_counter()
             first_output = prepared.step(*inputs[0])
@@ -268,7 +269,8 @@ def first_call(prepared: Prepared, inputs, config: Config, warmup: int, tick: Ca
             prepared.step(*inputs[(i + 1) % len(inputs)])
             tick("warm-up")
         synchronize(config.device)
-    return {"first_call_s": first_call_s, "warmup": warmup, "cnnkernels_backends_used": backends_used,
+    return {"first_call_s": first_call_s, "first_call_settled_s": settled_s, "warmup": warmup,
+            "cnnkernels_backends_used": backends_used,
             "first_output": first_output.detach().to("cpu", torch.float64, copy=True)}
 
 

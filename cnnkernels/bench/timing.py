@@ -26,7 +26,9 @@ METHODOLOGY = {
                       f"SGD(lr={SGD_LR}, momentum={SGD_MOMENTUM}) step"},
     "dtype": "float32 runs plainly; bfloat16 / float16 run under torch.autocast(device, dtype) with "
              "float32 weights (mixed precision)",
-    "order": "first call (timed alone: includes compilation and other one-time work), then the warm-up "
+    "order": "first call (timed alone: includes compilation and other one-time work; on cpu only once the "
+             "process is idle, at most 5 s after the previous variant, whose engine may keep threads busy), "
+             "then the warm-up "
              "steps (untimed), then the timed steps; on cpu the variants of one model and configuration "
              "take their timed steps in rounds (eager, compile, ours, eager, ...), so that a burst of load "
              "from elsewhere hits every variant alike",
@@ -90,6 +92,20 @@ def timed_rounds(steps: dict[str, Callable[[int], None]], iterations: int,
             if tick is not None:
                 tick(name, "timed")
     return times, errors
+
+
+def wait_until_idle(max_s: float = 5.0, window_s: float = 0.05, busy_fraction: float = 0.1) -> float:
+    """Sleeps until this process uses under busy_fraction of one core over a window_s
+    window (its own threads idle: e.g. OpenVINO's compile threads, still busy for seconds
+    after compile_model returns, or torch.compile's workers), at most max_s; returns the
+    seconds waited. A first call timed right after OpenVINO's read 0.54 s instead of 0.21."""
+    start = time.perf_counter()
+    while True:
+        cpu = time.process_time()
+        time.sleep(window_s)
+        waited = time.perf_counter() - start
+        if time.process_time() - cpu < busy_fraction * window_s or waited >= max_s:
+            return waited
 
 
 def median_interval(n: int, confidence: float = 0.95) -> tuple[int, int] | None:

@@ -1,8 +1,11 @@
-"""The paired speedups of cnnkernels-bench on cpu: per-round ratios of steps timed in the
-same round, their median and its distribution-free 95% interval, in the JSON and the table."""
+"""cnnkernels-bench's cpu timing: paired speedups (per-round ratios of steps timed in the
+same round, their median and its distribution-free 95% interval, in the JSON and the
+table), and first calls timed only once the process is idle."""
 import math
 import random
 import statistics
+import threading
+import time
 
 import pytest
 
@@ -87,3 +90,30 @@ def test_the_table_shows_the_interval_beside_the_ratio_of_medians(document):
     assert row.rstrip().endswith(f"{ours['speedup']['eager']:.2f} [{lo:.2f}, {hi:.2f}]")
     eager_row = next(line for line in report.format_table(document).splitlines() if line.startswith("tiny"))
     assert "[" not in eager_row  # a baseline against itself gets no interval
+
+
+def _burn(seconds: float) -> None:
+    end = time.process_time() + seconds
+    while time.process_time() < end and time.perf_counter() < _burn.deadline:
+        sum(range(1000))
+
+
+def test_first_calls_wait_for_the_process_to_be_idle():
+    """A first call is timed only once no thread of the process is busy (OpenVINO's
+    compile threads run on for seconds), at most max_s later."""
+    assert timing.wait_until_idle(max_s=2.0) < 0.5
+    for load_s, max_s, low, high in ((0.4, 5.0, 0.3, 2.0), (10.0, 0.3, 0.3, 1.0)):
+        _burn.deadline = time.perf_counter() + load_s + 0.5
+        thread = threading.Thread(target=_burn, args=(load_s,))
+        thread.start()
+        try:
+            waited = timing.wait_until_idle(max_s=max_s)
+        finally:
+            _burn.deadline = 0.0
+            thread.join()
+        assert low <= waited <= high, (load_s, max_s, waited)
+
+
+def test_the_document_records_how_long_each_first_call_waited(document):
+    for record in document["results"]:
+        assert 0.0 < record["first_call_settled_s"] < 5.5
